@@ -1,0 +1,32 @@
+# The two commands: `make demo` (end-to-end demo on synthetic data) and `make test` (lint + tests).
+# Each first creates or refreshes .venv (tools/bootstrap.sh; a no-op when nothing changed).
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= demo-output
+
+.PHONY: env demo test lint format bench clean
+
+env:
+	@bash tools/bootstrap.sh
+
+demo: env
+	$(BIN)/sarcube demo --out $(DEMO_OUT)
+
+test: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: env
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: env
+	$(BIN)/python benchmarks/synth.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

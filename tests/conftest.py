@@ -1,0 +1,150 @@
+"""The test harness: a real S3 server, a real Dask cluster, and the real-data fixtures.
+
+- ``s3``: a moto S3 HTTP server on 127.0.0.1 (session-scoped ``ThreadedMotoServer``, the way
+  s3fs's own suite runs), reset before every test, with one empty bucket. Everything that talks
+  to S3 in the tests goes to it over HTTP: s3fs, GDAL ``/vsis3/``, WebDataset, worker processes.
+- ``dask_client``: a client of a session-scoped ``LocalCluster`` with 2 worker *processes*.
+- ``realdata``: the real files in ``../shared/realdata`` (tests skip with a reason when absent).
+- ``small_synth``: a small synthetic data set, generated once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = Path(os.environ.get("SARCUBE_REALDATA", REPO.parent / "shared" / "realdata"))
+
+# Dummy credentials: the S3 server accepts any; set before anything creates a boto session, and
+# inherited by subprocesses (torchrun ranks, DataLoader workers, Dask workers).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "sarcube-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "sarcube-test-secret")
+os.environ.pop("AWS_PROFILE", None)
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@dataclass
+class S3Env:
+    """Handle on the test S3 server."""
+
+    endpoint: str
+    bucket: str
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return {
+            "key": os.environ["AWS_ACCESS_KEY_ID"],
+            "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": self.endpoint},
+        }
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *(p.strip("/") for p in parts)])
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
+
+    def gdal_env(self) -> dict[str, Any]:
+        from sarcube.storage import gdal_env
+
+        return gdal_env(self.storage_options)
+
+    def subprocess_env(self) -> dict[str, str]:
+        """Environment for a child process that should reach this server with plain AWS_* vars."""
+        env = dict(os.environ)
+        env["AWS_ENDPOINT_URL"] = self.endpoint
+        return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server) -> S3Env:
+    """A fresh S3 state (server reset) with one empty bucket, ``sarcube-test``."""
+    import s3fs
+
+    req = urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")
+    urllib.request.urlopen(req, timeout=10).read()
+    s3fs.S3FileSystem.clear_instance_cache()
+    env = S3Env(endpoint=s3_server, bucket="sarcube-test")
+    env.fs().mkdir(env.bucket)  # no region: a us-east-1 LocationConstraint is refused
+    return env
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit="3GiB",
+        dashboard_address="127.0.0.1:0",
+        silence_logs=40,
+    )
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def dask_client(dask_cluster):
+    from distributed import Client
+
+    with Client(dask_cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    if not REALDATA.is_dir():
+        pytest.skip(
+            f"real data not found at {REALDATA} (set SARCUBE_REALDATA or check out ../shared)"
+        )
+    return REALDATA
+
+
+@pytest.fixture(scope="session")
+def hrlulc_250m(realdata) -> Path:
+    p = realdata / "hrlulc_japan_v23.12_250m" / "JAXA_HRLULC_Japan_v23.12_250m.tif"
+    if not p.exists():
+        pytest.skip(f"{p} not found")
+    return p
+
+
+# A small area (about 0.09° × 0.07°) around the north shore of Lake Kasumigaura: fast to
+# generate, with water, paddy, cropland, built-up and forest.
+SMALL_BBOX = (140.30, 36.02, 140.30 + 1024 / 12000, 36.02 + 896 / 12000)
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory):
+    """Procedural synthetic data (no template needed): 3 dates, 1 scene each."""
+    from sarcube.synth import synthesize
+
+    out = tmp_path_factory.mktemp("small_synth")
+    return synthesize(str(out), bbox=SMALL_BBOX, seed=3, progress=False)
