@@ -106,7 +106,7 @@ def gdal_path(url: str) -> str:
 
 
 def gdal_env(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """GDAL configuration options for reading ``/vsis3/`` with these storage options.
+    """GDAL configuration options (no credentials) for ``/vsis3/`` with these storage options.
 
     A custom endpoint (``http://127.0.0.1:PORT``) needs AWS_S3_ENDPOINT without the scheme,
     AWS_HTTPS=NO for plain http, and path-style addressing (AWS_VIRTUAL_HOSTING=FALSE).
@@ -120,18 +120,34 @@ def gdal_env(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]
         env["AWS_S3_ENDPOINT"] = parsed.netloc or parsed.path
         env["AWS_HTTPS"] = "NO" if parsed.scheme == "http" else "YES"
         env["AWS_VIRTUAL_HOSTING"] = "FALSE"
-    if so.get("key"):
-        env["AWS_ACCESS_KEY_ID"] = so["key"]
-    if so.get("secret"):
-        env["AWS_SECRET_ACCESS_KEY"] = so["secret"]
-    if so.get("token"):
-        env["AWS_SESSION_TOKEN"] = so["token"]
     if so.get("anon"):
         env["AWS_NO_SIGN_REQUEST"] = "YES"
     region = so.get("client_kwargs", {}).get("region_name")
     if region:
         env["AWS_REGION"] = region
     return env
+
+
+def rasterio_env(storage_options: Mapping[str, Any] | None = None):
+    """A ``rasterio.Env`` that opens ``/vsis3/`` paths with these storage options.
+
+    Credentials go through rasterio's AWSSession (explicit ``key``/``secret``/``token`` or the
+    usual AWS_* variables and profiles); the endpoint and addressing style through GDAL options.
+    """
+    import rasterio
+    from rasterio.session import AWSSession
+
+    so = dict(storage_options or {})
+    env = gdal_env(so)
+    session = AWSSession(
+        aws_unsigned=bool(so.get("anon")) or None,
+        aws_access_key_id=so.get("key"),
+        aws_secret_access_key=so.get("secret"),
+        aws_session_token=so.get("token"),
+        region_name=so.get("client_kwargs", {}).get("region_name"),
+        endpoint_url=env.get("AWS_S3_ENDPOINT"),
+    )
+    return rasterio.Env(session=session, **env)
 
 
 def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:

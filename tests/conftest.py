@@ -53,10 +53,10 @@ class S3Env:
 
         return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
 
-    def gdal_env(self) -> dict[str, Any]:
-        from sarcube.storage import gdal_env
+    def rasterio_env(self):
+        from sarcube.storage import rasterio_env
 
-        return gdal_env(self.storage_options)
+        return rasterio_env(self.storage_options)
 
     def subprocess_env(self) -> dict[str, str]:
         """Environment for a child process that should reach this server with plain AWS_* vars."""

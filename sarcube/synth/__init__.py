@@ -196,7 +196,7 @@ def synthesize(
         except TemplateError as e:
             raise SynthError(str(e)) from None
     else:
-        template = procedural_template(world, seed)
+        template = procedural_template(world, bbox, seed)
     model = LabelModel(template, seed)
 
     total_mpx = (bbox[2] - bbox[0]) * (bbox[3] - bbox[1]) * FINE_PER_DEG**2 / 1e6

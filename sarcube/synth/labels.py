@@ -128,42 +128,46 @@ def read_template(
     return CoarseTemplate(codes, r0, c0, source=Path(path).name)
 
 
-def _rank_assign(score: np.ndarray, codes: list[int], shares: list[float]) -> np.ndarray:
-    """Assign codes to cells in order of increasing score, each getting its share of cells."""
-    order = np.argsort(score, kind="stable")
-    out = np.empty(score.size, dtype=np.uint8)
-    bounds = np.rint(np.cumsum([0.0, *shares]) / sum(shares) * score.size).astype(int)
-    for code, lo, hi in zip(codes, bounds[:-1], bounds[1:], strict=True):
-        out[order[lo:hi]] = code
-    return out
+def _quantile_assign(score: np.ndarray, ref: np.ndarray, codes: list[int], shares: list[float]) -> np.ndarray:
+    """Assign ``codes`` by increasing ``score``, with cut points at the quantiles of ``ref`` (the
+    cells inside the region) so that, inside the region, each code gets its share of cells."""
+    cuts = np.quantile(ref, np.cumsum(shares)[:-1] / sum(shares)) if ref.size else np.zeros(len(codes) - 1)
+    return np.asarray(codes, dtype=np.uint8)[np.searchsorted(cuts, score, side="right")]
 
 
-def procedural_template(world: tuple[float, float, float, float], seed: int) -> CoarseTemplate:
-    """A coarse class map with Japan's land class shares (``JAPAN_LAND_SHARES_PCT``).
+def procedural_template(
+    world: tuple[float, float, float, float],
+    region: tuple[float, float, float, float],
+    seed: int,
+) -> CoarseTemplate:
+    """A coarse class map with Japan's land class shares (``JAPAN_LAND_SHARES_PCT``) in ``region``.
 
     An 'elevation' noise field splits lowland from upland (forest, 70 % of land in Japan); lakes
     take the lowest ground; a second 'urban' field clusters built-up, greenhouses and solar farms
-    apart from paddy and cropland; a third mixes the forest types. Ranks make the shares exact.
+    apart from paddy and cropland; a third mixes the forest types. Cut points are quantiles over
+    the cells inside ``region``, so the shares hold there; the rest of ``world`` (scene margins)
+    follows the same cut points.
     """
     r0, c0, h, w = coarse_window(world)
-    elev = fractal_noise(r0, c0, h, w, (64, 32, 16, 8), seed + 11).ravel()
-    urban = fractal_noise(r0, c0, h, w, (16, 8, 4), seed + 12).ravel()
-    mix = fractal_noise(r0, c0, h, w, (24, 12, 6), seed + 13).ravel()
+    elev = fractal_noise(r0, c0, h, w, (64, 32, 16, 8), seed + 11)
+    urban = fractal_noise(r0, c0, h, w, (16, 8, 4), seed + 12)
+    mix = fractal_noise(r0, c0, h, w, (24, 12, 6), seed + 13)
+    rr0, rc0, rh, rw = coarse_window(region, margin=0)
+    inside = np.zeros((h, w), dtype=bool)
+    inside[rr0 - r0 : rr0 - r0 + rh, rc0 - c0 : rc0 - c0 + rw] = True
     s = JAPAN_LAND_SHARES_PCT
     upland_codes = [11, 6, 8, 9, 7]
     low_codes_by_urban = [13, 10, 5, 3, 4, 12, 14, 2]  # low urban score -> wetland ... built-up
-    upland_share = sum(s[c] for c in upland_codes)
-    total = sum(s.values())
-    out = np.empty(h * w, dtype=np.uint8)
-    order = np.argsort(elev, kind="stable")
-    n_low = round((total - upland_share) / total * elev.size)
-    n_water = round(s[1] / total * elev.size)
-    out[order[:n_water]] = 1
-    low = order[n_water:n_low]
-    out[low] = _rank_assign(urban[low], low_codes_by_urban, [s[c] for c in low_codes_by_urban])
-    up = order[n_low:]
-    out[up] = _rank_assign(mix[up], upland_codes, [s[c] for c in upland_codes])
-    return CoarseTemplate(out.reshape(h, w), r0, c0, source="procedural")
+    up_share = sum(s[c] for c in upland_codes)
+    low_share = sum(s[c] for c in low_codes_by_urban)
+    # 0 water, 1 lowland, 2 upland by elevation
+    zone = _quantile_assign(elev, elev[inside], [0, 1, 2], [s[1], low_share, up_share])
+    out = np.ones((h, w), dtype=np.uint8)  # zone 0 -> water (code 1)
+    low, up = zone == 1, zone == 2
+    out[low] = _quantile_assign(urban[low], urban[low & inside], low_codes_by_urban,
+                                [s[c] for c in low_codes_by_urban])  # fmt: skip
+    out[up] = _quantile_assign(mix[up], mix[up & inside], upland_codes, [s[c] for c in upland_codes])
+    return CoarseTemplate(out, r0, c0, source="procedural")
 
 
 @dataclass
