@@ -26,7 +26,9 @@ def test_design_example_scene_name():
 
 
 def test_real_ceos_product_names(realdata):
-    z = zipfile.ZipFile(realdata / "alos2_ceos_L15_brazil_2014" / "0000022708_001001_ALOS2015976960-140909.zip")
+    z = zipfile.ZipFile(
+        realdata / "alos2_ceos_L15_brazil_2014" / "0000022708_001001_ALOS2015976960-140909.zip"
+    )
     summary = dict(
         line.split("=", 1) for line in z.read("summary.txt").decode().splitlines() if "=" in line
     )

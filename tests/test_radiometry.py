@@ -37,6 +37,11 @@ def test_linear_to_db_nan_for_nonpositive():
 
 
 def test_calibration_table():
-    assert calibration_factor("L2.1") == calibration_factor("L1.5") == calibration_factor("mosaic") == -83.0
+    assert (
+        calibration_factor("L2.1")
+        == calibration_factor("L1.5")
+        == calibration_factor("mosaic")
+        == -83.0
+    )
     with pytest.raises(KeyError, match="no calibration factor"):
         calibration_factor("L9")

@@ -39,7 +39,9 @@ def template_synth(tmp_path_factory, hrlulc_250m):
 
 @pytest.fixture(params=["procedural", "template"])
 def synth(request, small_synth):
-    return small_synth if request.param == "procedural" else request.getfixturevalue("template_synth")
+    return (
+        small_synth if request.param == "procedural" else request.getfixturevalue("template_synth")
+    )
 
 
 def labels_on_scene_grid(lulc_urls, scene_url) -> np.ndarray:
@@ -65,7 +67,12 @@ def test_scene_files_follow_the_naming_rule_and_grid(synth):
     for url, meta in zip(synth.scene_urls, rec["scenes"], strict=True):
         name = parse_scene_name(url)
         assert str(name.date) == meta["date"]
-        assert (name.level, name.processing, name.projection, name.polarization) == ("2.1", "G", "U", "HH")
+        assert (name.level, name.processing, name.projection, name.polarization) == (
+            "2.1",
+            "G",
+            "U",
+            "HH",
+        )
         with rasterio.open(url) as ds:
             assert ds.crs.to_epsg() == 32654  # UTM 54N for 140°E
             assert ds.dtypes == ("uint16",) and ds.count == 1 and ds.nodata == 0
@@ -78,13 +85,15 @@ def test_scene_files_follow_the_naming_rule_and_grid(synth):
 
 
 def test_label_tiles_on_the_hrlulc_grid_named_by_sw_corner(synth):
-    west, south, east, north = synth.record["bbox"]
+    west, _south, east, _north = synth.record["bbox"]
     for url in synth.lulc_urls:
         tile = parse_lulc_name(url)
         with rasterio.open(url) as ds:
             assert ds.crs.to_epsg() == 4326 and ds.dtypes == ("uint8",) and ds.nodata == 0
             t = ds.transform
-            assert t.a == pytest.approx(1 / 12000, abs=1e-15) and t.e == pytest.approx(-1 / 12000, abs=1e-15)
+            assert t.a == pytest.approx(1 / 12000, abs=1e-15) and t.e == pytest.approx(
+                -1 / 12000, abs=1e-15
+            )
             # origin exactly on the national 1/12000° grid
             for v in (t.c * 12000, t.f * 12000):
                 assert abs(v - round(v)) < 1e-6
@@ -113,7 +122,12 @@ def test_per_class_median_sigma0_from_dn(synth):
             if cls.sum() < 2000:
                 continue
             med = float(np.median(db[cls]))
-            assert abs(med - table[str(code)]) <= MEDIAN_TOL_DB, (meta["date"], code, med, table[str(code)])
+            assert abs(med - table[str(code)]) <= MEDIAN_TOL_DB, (
+                meta["date"],
+                code,
+                med,
+                table[str(code)],
+            )
             checked += 1
     assert checked >= 9  # at least 3 classes per date are big enough to check
 
@@ -228,7 +242,9 @@ def test_synth_writes_to_s3(s3):
                      storage_options=s3.storage_options, progress=False)  # fmt: skip
     fs = s3.fs()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{s3.bucket}/synth"))
-    assert names == sorted(["synth.json", *(u.rsplit("/", 1)[-1] for u in res.lulc_urls + res.scene_urls)])
+    assert names == sorted(
+        ["synth.json", *(u.rsplit("/", 1)[-1] for u in res.lulc_urls + res.scene_urls)]
+    )
     from sarcube.storage import gdal_path
 
     with s3.rasterio_env(), rasterio.open(gdal_path(res.scene_urls[0])) as ds:

@@ -128,10 +128,16 @@ def read_template(
     return CoarseTemplate(codes, r0, c0, source=Path(path).name)
 
 
-def _quantile_assign(score: np.ndarray, ref: np.ndarray, codes: list[int], shares: list[float]) -> np.ndarray:
+def _quantile_assign(
+    score: np.ndarray, ref: np.ndarray, codes: list[int], shares: list[float]
+) -> np.ndarray:
     """Assign ``codes`` by increasing ``score``, with cut points at the quantiles of ``ref`` (the
     cells inside the region) so that, inside the region, each code gets its share of cells."""
-    cuts = np.quantile(ref, np.cumsum(shares)[:-1] / sum(shares)) if ref.size else np.zeros(len(codes) - 1)
+    cuts = (
+        np.quantile(ref, np.cumsum(shares)[:-1] / sum(shares))
+        if ref.size
+        else np.zeros(len(codes) - 1)
+    )
     return np.asarray(codes, dtype=np.uint8)[np.searchsorted(cuts, score, side="right")]
 
 
@@ -166,7 +172,9 @@ def procedural_template(
     low, up = zone == 1, zone == 2
     out[low] = _quantile_assign(urban[low], urban[low & inside], low_codes_by_urban,
                                 [s[c] for c in low_codes_by_urban])  # fmt: skip
-    out[up] = _quantile_assign(mix[up], mix[up & inside], upland_codes, [s[c] for c in upland_codes])
+    out[up] = _quantile_assign(
+        mix[up], mix[up & inside], upland_codes, [s[c] for c in upland_codes]
+    )
     return CoarseTemplate(out, r0, c0, source="procedural")
 
 
