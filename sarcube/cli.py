@@ -64,6 +64,28 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import ingest
+    from .storage import parse_storage_options
+
+    report = ingest(
+        scenes=args.scenes,
+        cube=args.cube,
+        lulc=args.lulc or (),
+        bbox=_bbox(args.bbox) if args.bbox else None,
+        resolution=args.resolution,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        strict=args.strict,
+        storage_options=parse_storage_options(args.storage_option),
+        mosaic_date=args.mosaic_date,
+        edge_nodata_pct=args.edge_nodata_pct,
+        memory_limit=args.memory_limit,
+    )
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -89,6 +111,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_synth_options(p)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="ingest ALOS-2 scenes and HR-LULC tiles into the Zarr datacube",
+                       description="Calibrate, resample (one step, average of linear power) and mosaic "
+                                   "ALOS-2 scenes onto the cube grid with Dask; align HR-LULC labels. "
+                                   "Resumable: scenes already in the cube are skipped.")  # fmt: skip
+    p.add_argument("--scenes", nargs="+", default=[], metavar="URL",
+                   help="scene files, globs, directories or s3:// prefixes (IMG-HH-ALOS2…tif, mosaic tiles)")  # fmt: skip
+    p.add_argument(
+        "--lulc",
+        nargs="+",
+        metavar="URL",
+        help="HR-LULC tiles (LC_N..E...tif): files, globs, prefixes",
+    )
+    p.add_argument("--cube", required=True, help="cube URL (local path or s3://bucket/cube.zarr)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    g.add_argument(
+        "--workers", type=int, help="start a LocalCluster with N worker processes (default 2)"
+    )
+    p.add_argument("--memory-limit", help="memory limit per local worker, e.g. 2GB (default: auto)")
+    p.add_argument("--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"),
+                   help="extent of a new cube in degrees (default: the HR-LULC tiles' extent)")  # fmt: skip
+    p.add_argument("--resolution", help="cell size of a new cube, 1/n degree (default 1/6000)")
+    p.add_argument(
+        "--strict", action="store_true", help="fail (exit 2) when any input has a problem"
+    )
+    p.add_argument(
+        "--mosaic-date", help="acquisition date YYYY-MM-DD for mosaic tiles without their XML"
+    )
+    p.add_argument("--edge-nodata-pct", type=float, default=50.0,
+                   help="a cell is no data when more than this %% of its source pixels are (default 50)")  # fmt: skip
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
                        description="The end-to-end demo: synthetic inputs and each pipeline stage "

@@ -1,0 +1,562 @@
+"""``sarcube ingest``: ALOS-2 scenes + HR-LULC tiles -> the calibrated Zarr v3 datacube.
+
+The job, on a Dask cluster (an address, or a LocalCluster it starts):
+
+1. expand the input URLs; inspect every file in parallel (name, georeferencing, dtype, bands,
+   readable pixels, content sha256) — each bad file is one line naming it, the rest go on;
+2. create the cube (grid from ``bbox`` or the label tiles' extent) or open the existing one;
+3. labels: one task per shard merges the HR-LULC tiles and aligns them to the cube grid (GDAL
+   ``mode`` when downsampling, ``nearest`` otherwise, which copies exactly on coinciding grids);
+4. SAR: one task per (date, shard). For each scene of that date it reads only the source window
+   behind the shard, calibrates DN to linear power DN²·10^(CF/10) (no data -> NaN), and resamples
+   it in ONE step to the cube grid by GDAL's area-weighted ``average`` (no data excluded); scenes of
+   one date are averaged in linear power; dB is taken once, at the end. A cube cell at a footprint
+   edge is valid when at most ``edge_nodata_pct`` % (default 50) of the source pixels under it are
+   no data (GDAL's NODATA_VALUES_PCT_THRESHOLD), and then holds the mean of the valid ones.
+   Memory per task is bounded by one shard and one 512-row strip of source pixels, whatever the
+   scene size.
+
+Resumable and idempotent: a date's slice is marked ``writing`` before its tasks run and
+``complete`` after all of them succeeded; a re-run skips complete slices whose scenes (product ids
+and sha256) are unchanged and rewrites any other, so a killed run re-runs to the same cube. New
+dates append time slices without touching existing ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .cube import (
+    CubeError,
+    create_cube,
+    cube_grid,
+    date_to_days,
+    open_group,
+    write_region,
+)
+from .errors import InputError, SarcubeError
+from .grid import DEFAULT_CELLS_PER_DEGREE, CubeGrid, parse_resolution
+from .sources import LulcSource, SceneSource, SourceError, expand_urls, inspect_lulc, inspect_scene
+from .storage import gdal_path, rasterio_env
+
+log = logging.getLogger("sarcube.ingest")
+
+STRIP_ROWS = 512  # cube rows resampled at a time inside a shard task
+EDGE_NODATA_PCT = 50.0
+SOURCE_MARGIN_PX = 2
+
+
+class IngestError(SarcubeError):
+    """The ingest could not run (no usable input, unusable cube)."""
+
+
+@dataclass
+class IngestReport:
+    cube: str
+    ingested: list[str] = field(default_factory=list)  # product ids written in this run
+    skipped: list[str] = field(default_factory=list)  # already in the cube, unchanged
+    problems: list[str] = field(default_factory=list)  # one line per bad input
+    slices: dict[str, str] = field(default_factory=dict)  # date -> status after this run
+    labels: str = "none"
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        lines = [f"ingest summary for {self.cube}:",
+                 f"  scenes ingested: {len(self.ingested)}, skipped (already in the cube): {len(self.skipped)}, "
+                 f"problems: {len(self.problems)}",
+                 f"  labels: {self.labels}",
+                 "  slices: " + (", ".join(f"{d} {s}" for d, s in sorted(self.slices.items())) or "none")]  # fmt: skip
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines.append(f"  time: {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks (run in Dask workers)
+
+
+def _intersects(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def resample_scene_power(
+    scene: SceneSource,
+    grid: CubeGrid,
+    block: tuple[int, int, int, int],
+    storage_options: Mapping[str, Any] | None = None,
+    edge_nodata_pct: float = EDGE_NODATA_PCT,
+) -> np.ndarray:
+    """Linear power of one scene on the cube cells ``block`` = (row0, row1, col0, col1).
+
+    (row1 − row0, col1 − col0) float32, NaN where the scene has no valid data. One resampling
+    step from native pixels: GDAL ``average`` of DN²·10^(CF/10), no data excluded.
+    """
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.warp import Resampling, reproject, transform_bounds
+    from rasterio.windows import Window, from_bounds
+
+    r0, r1, c0, c1 = block
+    out = np.full((r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+    if not _intersects(scene.bounds_4326, grid.window_bounds(r0, r1, c0, c1)):
+        return out
+    scale = np.float32(10.0 ** (scene.cf_db / 10.0))
+    src_crs = CRS.from_wkt(scene.crs_wkt)
+    with rasterio_env(storage_options), rasterio.open(gdal_path(scene.url)) as ds:
+        full = Window(0, 0, ds.width, ds.height)
+        for s0 in range(r0, r1, STRIP_ROWS):
+            s1 = min(s0 + STRIP_ROWS, r1)
+            bounds = grid.window_bounds(s0, s1, c0, c1)
+            if not _intersects(scene.bounds_4326, bounds):
+                continue
+            src_bounds = transform_bounds("EPSG:4326", src_crs, *bounds, densify_pts=21)
+            win = from_bounds(*src_bounds, transform=ds.transform)
+            col_off = math.floor(win.col_off) - SOURCE_MARGIN_PX
+            row_off = math.floor(win.row_off) - SOURCE_MARGIN_PX
+            win = Window(col_off, row_off, math.ceil(win.col_off + win.width) + SOURCE_MARGIN_PX - col_off,
+                         math.ceil(win.row_off + win.height) + SOURCE_MARGIN_PX - row_off)  # fmt: skip
+            try:
+                win = win.intersection(full)
+            except rasterio.errors.WindowError:
+                continue
+            dn = ds.read(1, window=win)
+            power = np.square(dn.astype(np.float32)) * scale
+            power[dn == scene.nodata] = np.nan
+            strip = out[s0 - r0 : s1 - r0]
+            reproject(
+                power, strip,
+                src_transform=ds.window_transform(win), src_crs=src_crs,
+                dst_transform=grid.window_transform(s0, c0), dst_crs="EPSG:4326",
+                resampling=Resampling.average, src_nodata=np.nan, dst_nodata=np.nan,
+                NODATA_VALUES_PCT_THRESHOLD=edge_nodata_pct,
+            )  # fmt: skip
+    return out
+
+
+def ingest_sar_block(
+    cube_url: str,
+    storage_options: Mapping[str, Any] | None,
+    grid: CubeGrid,
+    time_index: int,
+    block: tuple[int, int, int, int],
+    scenes: Sequence[SceneSource],
+    edge_nodata_pct: float = EDGE_NODATA_PCT,
+) -> dict[str, int]:
+    """Mosaic the scenes of one date over one shard and write hh_db[time_index, block].
+
+    Returns the number of valid cube cells each scene contributed.
+    """
+    import zarr
+
+    from .cube import zarr_store
+
+    r0, r1, c0, c1 = block
+    total = np.zeros((r1 - r0, c1 - c0), dtype=np.float64)
+    count = np.zeros((r1 - r0, c1 - c0), dtype=np.int32)
+    contributed = {}
+    for scene in scenes:
+        p = resample_scene_power(scene, grid, block, storage_options, edge_nodata_pct)
+        valid = np.isfinite(p)
+        total[valid] += p[valid]
+        count += valid
+        contributed[scene.product_id] = int(valid.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = (10.0 * np.log10(total / count)).astype(np.float32)
+    db[count == 0] = np.nan
+    root = zarr.open_group(zarr_store(cube_url, storage_options), mode="r+", zarr_format=3)
+    write_region(
+        root["hh_db"], (slice(time_index, time_index + 1), slice(r0, r1), slice(c0, c1)), db[None]
+    )
+    return contributed
+
+
+def label_block(
+    grid: CubeGrid,
+    block: tuple[int, int, int, int],
+    tiles: Sequence[LulcSource],
+    storage_options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """HR-LULC codes on the cube cells ``block``: (rows, cols) uint8, 0 = no data.
+
+    The tiles share the 1/12000° grid, so they are first merged into one array covering the block
+    (plus a margin); GDAL then aligns it: ``mode`` when the cube is coarser (each cell the most
+    frequent code of the HR-LULC pixels under it; no data ignored; on a tie, the code that reached
+    the top count first in row-major order), ``nearest`` otherwise (an exact copy when grids coincide).
+    """
+    import rasterio
+    from rasterio.warp import Resampling, reproject
+    from rasterio.windows import Window
+
+    r0, r1, c0, c1 = block
+    west, south, east, north = grid.window_bounds(r0, r1, c0, c1)
+    n = 12000
+    m = 2
+    lr0 = math.floor((90.0 - north) * n + 1e-6) - m
+    lr1 = math.ceil((90.0 - south) * n - 1e-6) + m
+    lc0 = math.floor((west + 180.0) * n + 1e-6) - m
+    lc1 = math.ceil((east + 180.0) * n - 1e-6) + m
+    mosaic = np.zeros((lr1 - lr0, lc1 - lc0), dtype=np.uint8)
+    with rasterio_env(storage_options):
+        for t in tiles:
+            rr0, rr1 = max(lr0, t.row0), min(lr1, t.row0 + t.height)
+            cc0, cc1 = max(lc0, t.col0), min(lc1, t.col0 + t.width)
+            if rr1 <= rr0 or cc1 <= cc0:
+                continue
+            with rasterio.open(gdal_path(t.url)) as ds:
+                part = ds.read(1, window=Window(cc0 - t.col0, rr0 - t.row0, cc1 - cc0, rr1 - rr0))
+            dst = mosaic[rr0 - lr0 : rr1 - lr0, cc0 - lc0 : cc1 - lc0]
+            np.copyto(dst, part, where=part > 0)
+    out = np.zeros((r1 - r0, c1 - c0), dtype=np.uint8)
+    if not mosaic.any():
+        return out
+    from affine import Affine
+
+    src_transform = Affine(1 / n, 0, -180.0 + lc0 / n, 0, -1 / n, 90.0 - lr0 / n)
+    resampling = Resampling.mode if grid.label_factor() > 1 else Resampling.nearest
+    reproject(mosaic, out, src_transform=src_transform, src_crs="EPSG:4326",
+              dst_transform=grid.window_transform(r0, c0), dst_crs="EPSG:4326",
+              resampling=resampling, src_nodata=0, dst_nodata=0)  # fmt: skip
+    return out
+
+
+def ingest_label_block(cube_url: str, storage_options, grid: CubeGrid, block, tiles) -> int:
+    """Write lulc[block]; returns the number of labelled cells."""
+    import zarr
+
+    from .cube import zarr_store
+
+    r0, r1, c0, c1 = block
+    codes = label_block(grid, block, tiles, storage_options)
+    root = zarr.open_group(zarr_store(cube_url, storage_options), mode="r+", zarr_format=3)
+    write_region(root["lulc"], (slice(r0, r1), slice(c0, c1)), codes)
+    return int((codes > 0).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def _client(scheduler: str | None, workers: int | None, memory_limit: str | None):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
+                               memory_limit=memory_limit or "auto", dashboard_address="127.0.0.1:0",
+                               silence_logs=logging.ERROR)  # fmt: skip
+        client = Client(cluster)
+    print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+    return client
+
+
+def _run_tasks(client, futures: dict, desc: str, progress: bool):
+    """Gather futures with a progress bar; returns {key: result or exception}."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    results = {}
+    if not futures:
+        return results
+    inverse = {f.key: k for k, f in futures.items()}
+    with tqdm(total=len(futures), desc=desc, unit="task", disable=not progress) as bar:
+        for fut in as_completed(list(futures.values())):
+            key = inverse[fut.key]
+            try:
+                results[key] = fut.result()
+            except Exception as e:  # reported per input by the caller
+                results[key] = e
+            bar.update(1)
+    return results
+
+
+def _slice_signature(scenes: Sequence[SceneSource]) -> dict[str, str]:
+    return {s.product_id: s.sha256 for s in sorted(scenes, key=lambda s: s.product_id)}
+
+
+def _source_to_json(s: SceneSource) -> dict[str, Any]:
+    return {**s.__dict__, "date": s.date.isoformat(), "transform": list(s.transform),
+            "bounds_4326": list(s.bounds_4326)}  # fmt: skip
+
+
+def _source_from_json(d: Mapping[str, Any]) -> SceneSource:
+    return SceneSource(**{**d, "date": dt.date.fromisoformat(d["date"]), "transform": tuple(d["transform"]),
+                          "bounds_4326": tuple(d["bounds_4326"])})  # fmt: skip
+
+
+def ingest(
+    scenes: Sequence[str],
+    cube: str,
+    lulc: Sequence[str] = (),
+    bbox: tuple[float, float, float, float] | None = None,
+    resolution: str | float | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    strict: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    mosaic_date: dt.date | str | None = None,
+    edge_nodata_pct: float = EDGE_NODATA_PCT,
+    shard_chunks: int | None = None,
+    memory_limit: str | None = None,
+    progress: bool = True,
+    client=None,
+) -> IngestReport:
+    """Ingest SAR scenes and HR-LULC tiles into the cube at ``cube`` (created if absent).
+
+    Args:
+        scenes: URLs of scenes: files, globs, directories or ``s3://`` prefixes.
+        cube: the cube's URL (local path or ``s3://bucket/prefix.zarr``).
+        lulc: URLs of HR-LULC tiles (optional; without them the cube has no labels).
+        bbox: (W, S, E, N) in degrees for a new cube; default: the label tiles' extent.
+        resolution: cube cell size for a new cube, 1/n degree (default 1/6000).
+        scheduler: address of a running Dask scheduler; else a LocalCluster of ``workers``.
+        strict: raise IngestError when any input had a problem (otherwise report and go on).
+        storage_options: fsspec/s3fs options (endpoint_url, key, secret, ...).
+        mosaic_date: acquisition date for yearly mosaic tiles without their JAXA XML.
+        edge_nodata_pct: a cube cell is no data when more than this % of its source pixels are.
+    Returns an IngestReport; raises IngestError when nothing could be ingested.
+    """
+    t0 = time.perf_counter()
+    so = dict(storage_options or {})
+    report = IngestReport(cube=str(cube))
+    if isinstance(mosaic_date, str):
+        try:
+            mosaic_date = dt.date.fromisoformat(mosaic_date)
+        except ValueError:
+            raise InputError(f"--mosaic-date {mosaic_date!r}: expected YYYY-MM-DD") from None
+    if not (0 <= edge_nodata_pct <= 100):
+        raise InputError(f"edge_nodata_pct must be within 0..100, got {edge_nodata_pct}")
+
+    scene_urls, problems = expand_urls(scenes, so)
+    lulc_urls, lulc_problems = expand_urls(lulc, so) if lulc else ([], [])
+    report.problems += problems + lulc_problems
+    if not scene_urls and not lulc_urls:
+        report.seconds = time.perf_counter() - t0
+        raise IngestError(
+            "nothing to ingest: " + ("; ".join(report.problems) or "no input URL given")
+        )
+
+    own_client = client is None
+    if own_client:
+        client = _client(scheduler, workers, memory_limit)
+    try:
+        # 1. inspect every input in parallel
+        futs = {("scene", u): client.submit(inspect_scene, u, so, mosaic_date, key=f"inspect-{i}-{u}", pure=False)
+                for i, u in enumerate(scene_urls)}  # fmt: skip
+        futs.update({("lulc", u): client.submit(inspect_lulc, u, so, key=f"inspect-lulc-{i}-{u}", pure=False)
+                     for i, u in enumerate(lulc_urls)})  # fmt: skip
+        inspected = _run_tasks(client, futs, "inspect", progress)
+        good_scenes: list[SceneSource] = []
+        tiles: list[LulcSource] = []
+        for (kind, u), res in sorted(inspected.items()):
+            if isinstance(res, SourceError):
+                report.problems.append(str(res))
+            elif isinstance(res, Exception):
+                report.problems.append(
+                    f"{u}: {type(res).__name__}: {str(res).splitlines()[0][:200]}"
+                )
+            elif kind == "scene":
+                good_scenes.append(res)
+            else:
+                tiles.append(res)
+
+        # 2. the cube
+        root, grid = _open_or_create(cube, so, bbox, resolution, shard_chunks, tiles, good_scenes)
+        report.labels = _ingest_labels(client, root, cube, so, grid, tiles, progress)
+        coverage = [t.bounds for t in tiles] or (
+            [tuple(root.attrs["labels"]["coverage"])]
+            if root.attrs.get("labels", {}).get("coverage")
+            else []
+        )
+        by_date: dict[dt.date, list[SceneSource]] = defaultdict(list)
+        for s in good_scenes:
+            if not _intersects(s.bounds_4326, grid.bounds):
+                report.problems.append(
+                    f"{s.url}: outside the cube grid {tuple(round(b, 4) for b in grid.bounds)} (scene covers {tuple(round(b, 4) for b in s.bounds_4326)})"
+                )
+            elif coverage and not any(_intersects(s.bounds_4326, c) for c in coverage):
+                report.problems.append(
+                    f"{s.url}: no HR-LULC coverage under the scene (labels cover {[tuple(round(b, 3) for b in c) for c in coverage]})"
+                )
+            else:
+                by_date[s.date].append(s)
+
+        # 3. SAR slices, one date at a time in the registry, all shards in parallel
+        _ingest_slices(client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress)
+    finally:
+        if own_client:
+            cluster = client.cluster
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+    report.seconds = time.perf_counter() - t0
+    if not report.ingested and not report.skipped and report.labels in ("none", "failed"):
+        raise IngestError("nothing was ingested:\n" + "\n".join(f"  {p}" for p in report.problems))
+    if strict and report.problems:
+        raise IngestError(
+            "--strict: input problems:\n" + "\n".join(f"  {p}" for p in report.problems)
+        )
+    return report
+
+
+def _open_or_create(cube, so, bbox, resolution, shard_chunks, tiles, scenes):
+    try:
+        root = open_group(cube, so, mode="r+")
+    except CubeError:
+        root = None
+    if root is not None:
+        grid = cube_grid(root)
+        if resolution is not None and parse_resolution(resolution) != grid.cells_per_degree:
+            raise InputError(f"{cube}: the cube exists with resolution 1/{grid.cells_per_degree}°; "
+                             f"--resolution {resolution} differs (new scenes are resampled to the cube's grid)")  # fmt: skip
+        if (
+            bbox is not None
+            and CubeGrid.from_bounds(bbox, grid.cells_per_degree, grid.chunk, grid.shard_chunks)
+            != grid
+        ):
+            raise InputError(
+                f"{cube}: the cube exists with bounds {grid.bounds}; --bbox {tuple(bbox)} differs"
+            )
+        return root, grid
+    n = parse_resolution(resolution) if resolution is not None else DEFAULT_CELLS_PER_DEGREE
+    if bbox is None:
+        if not tiles:
+            raise InputError(
+                "a new cube needs --bbox W S E N, or --lulc tiles whose extent defines it"
+            )
+        b = [t.bounds for t in tiles]
+        bbox = (
+            min(x[0] for x in b),
+            min(x[1] for x in b),
+            max(x[2] for x in b),
+            max(x[3] for x in b),
+        )
+    kw = {} if shard_chunks is None else {"shard_chunks": int(shard_chunks)}
+    grid = CubeGrid.from_bounds(tuple(bbox), n, **kw)
+    prov = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "bbox": list(bbox),
+    }
+    return create_cube(cube, grid, so, provenance=prov), grid
+
+
+def _ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
+    if not tiles:
+        return "kept" if root.attrs.get("labels", {}).get("status") == "complete" else "none"
+    sig = {t.name: t.sha256 for t in sorted(tiles, key=lambda t: t.name)}
+    reg = dict(root.attrs.get("labels", {}))
+    if reg.get("status") == "complete" and reg.get("tiles") == sig:
+        return "unchanged"
+    b = [t.bounds for t in tiles]
+    coverage = [
+        min(x[0] for x in b),
+        min(x[1] for x in b),
+        max(x[2] for x in b),
+        max(x[3] for x in b),
+    ]
+    root.attrs["labels"] = {"status": "writing", "tiles": sig, "coverage": coverage}
+    futs = {blk: client.submit(ingest_label_block, cube, so, grid, blk, tiles, key=f"lulc-{blk}", pure=False)
+            for blk in grid.shard_blocks()}  # fmt: skip
+    results = _run_tasks(client, futs, "labels", progress)
+    errors = [r for r in results.values() if isinstance(r, Exception)]
+    if errors:
+        root.attrs["labels"] = {**root.attrs["labels"], "status": "failed"}
+        raise IngestError(f"writing labels failed: {type(errors[0]).__name__}: {errors[0]}")
+    labelled = sum(results.values())
+    root.attrs["labels"] = {
+        "status": "complete",
+        "tiles": sig,
+        "coverage": coverage,
+        "labelled_cells": labelled,
+    }
+    return f"{len(tiles)} tiles, {labelled} labelled cells"
+
+
+def _ingest_slices(
+    client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress
+) -> None:
+    slices = dict(root.attrs.get("slices", {}))
+    pending = {}
+    for date, new in sorted(by_date.items()):
+        key = date.isoformat()
+        entry = slices.get(key)
+        # A date already in the cube keeps its scenes: new ones join them (same id: replaced).
+        merged = {d["product_id"]: _source_from_json(d) for d in (entry or {}).get("sources", [])}
+        merged.update({s.product_id: s for s in new})
+        scenes = sorted(merged.values(), key=lambda s: s.product_id)
+        sig = _slice_signature(scenes)
+        if entry and entry.get("status") in ("complete", "empty") and entry.get("inputs") == sig:
+            report.skipped += list(sig)
+            report.slices[key] = entry["status"]
+            continue
+        if entry is None:
+            t = root["hh_db"].shape[0]
+            root["hh_db"].resize((t + 1, grid.height, grid.width))
+            root["time"].resize((t + 1,))
+            root["time"][t] = date_to_days(date)
+            entry = {"time_index": t}
+        # Mark the slice as being written *before* any shard changes: readers skip it until done.
+        entry = {
+            **entry,
+            "status": "writing",
+            "inputs": sig,
+            "sources": [_source_to_json(x) for x in scenes],
+        }
+        slices[key] = entry
+        root.attrs["slices"] = slices
+        pending[key] = (entry["time_index"], scenes)
+
+    futs = {}
+    for key, (t, scenes) in pending.items():
+        for blk in grid.shard_blocks():
+            here = [s for s in scenes if _intersects(s.bounds_4326, grid.window_bounds(*blk))]
+            futs[(key, blk)] = client.submit(ingest_sar_block, cube, so, grid, t, blk, here, edge_nodata_pct,
+                                             key=f"sar-{key}-{blk}", pure=False)  # fmt: skip
+    results = _run_tasks(client, futs, "sar", progress)
+
+    for key, (_t, scenes) in pending.items():
+        res = {blk: r for (k, blk), r in results.items() if k == key}
+        errors = [r for r in res.values() if isinstance(r, Exception)]
+        if errors:
+            e = errors[0]
+            slices[key] = {**slices[key], "status": "failed"}
+            report.problems.append(
+                f"date {key}: writing the slice failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-run to retry"
+            )
+            report.slices[key] = "failed"
+            continue
+        per_scene = defaultdict(int)
+        for r in res.values():
+            for pid, n in r.items():
+                per_scene[pid] += n
+        for s in scenes:
+            if per_scene[s.product_id] == 0:
+                report.problems.append(
+                    f"{s.url}: no valid pixel inside the cube (all no-data, or only outside the grid)"
+                )
+        used = sorted(pid for pid in per_scene if per_scene[pid] > 0)
+        status = "complete" if used else "empty"
+        slices[key] = {
+            **slices[key],
+            "status": status,
+            "scenes": used,
+            "valid_cells": int(sum(per_scene.values())),
+        }
+        report.ingested += used
+        report.slices[key] = status
+    root.attrs["slices"] = slices
+    log.info("slices: %s", {k: v["status"] for k, v in slices.items()})

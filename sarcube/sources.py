@@ -1,0 +1,297 @@
+"""Ingest inputs: finding SAR scenes and HR-LULC tiles behind URLs, and checking each one.
+
+``expand_urls`` turns paths, globs, directories and ``s3://`` prefixes into file URLs.
+``inspect_scene`` / ``inspect_lulc`` open one file (with GDAL, through ``/vsis3/`` on S3), check it
+against what the cube needs and return a small picklable record — or raise ``SourceError`` with one
+line naming the file and what was expected. They run inside Dask workers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .products import (
+    ProductNameError,
+    parse_lulc_name,
+    parse_mosaic_name,
+    parse_scene_name,
+)
+from .radiometry import calibration_factor
+from .storage import gdal_path, rasterio_env, url_to_fs
+
+GLOB_CHARS = re.compile(r"[*?\[]")
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+class SourceError(InputError):
+    """One input file that cannot be used; the message names it and says what was expected."""
+
+
+@dataclass(frozen=True)
+class SceneSource:
+    """A SAR input (ALOS-2 scene or yearly mosaic tile) that passed inspection."""
+
+    url: str
+    product_id: str
+    kind: str  # "L1.5", "L2.1" or "mosaic"
+    date: dt.date
+    cf_db: float
+    nodata: int
+    crs_wkt: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+    bounds_4326: tuple[float, float, float, float]
+    sha256: str
+    name_fields: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LulcSource:
+    """An HR-LULC tile that passed inspection (on the 1/12000° grid)."""
+
+    url: str
+    name: str
+    row0: int  # global 1/12000° row of the top-left pixel
+    col0: int
+    height: int
+    width: int
+    sha256: str
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        n = 12000
+        return (-180 + self.col0 / n, 90 - (self.row0 + self.height) / n,
+                -180 + (self.col0 + self.width) / n, 90 - self.row0 / n)  # fmt: skip
+
+
+def _describe_fs_error(url: str, e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}"
+    if (
+        isinstance(e, PermissionError)
+        or "AccessDenied" in text
+        or "403" in text
+        or "InvalidAccessKeyId" in text
+    ):
+        return f"{url}: access denied (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-option key=/secret=)"
+    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+        return f"{url}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-option key=/secret=)"
+    if isinstance(e, FileNotFoundError) or "NoSuchBucket" in text or "404" in text:
+        return f"{url}: not found"
+    if (
+        "Could not connect" in text
+        or "ConnectTimeout" in text
+        or "EndpointConnectionError" in text
+        or "Connect" in type(e).__name__
+    ):
+        return f"{url}: cannot reach the storage endpoint (check --storage-option endpoint_url=…)"
+    return f"{url}: cannot list or open ({text.splitlines()[0][:200]})"
+
+
+def expand_urls(
+    urls: Iterable[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[str], list[str]]:
+    """Expand paths/globs/directories/prefixes to GeoTIFF URLs. Returns (urls, problems)."""
+    found: list[str] = []
+    problems: list[str] = []
+    for url in urls:
+        url = str(url)
+        try:
+            fs, path = url_to_fs(url, storage_options)
+            proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+            def to_url(p: str, proto=proto) -> str:
+                return p if proto in ("file", "local") else f"{proto}://{p}"
+
+            if GLOB_CHARS.search(path):
+                hits = sorted(fs.glob(path))
+                if not hits:
+                    problems.append(f"{url}: no file matches this pattern")
+                found.extend(to_url(h) for h in hits if h.lower().endswith(RASTER_SUFFIXES))
+            elif fs.isdir(path):
+                hits = sorted(p for p in fs.find(path) if p.lower().endswith(RASTER_SUFFIXES))
+                if not hits:
+                    problems.append(f"{url}: no .tif file under this directory/prefix")
+                found.extend(to_url(h) for h in hits)
+            elif fs.exists(path):
+                found.append(to_url(path))
+            else:
+                problems.append(f"{url}: not found")
+        except Exception as e:  # any fsspec/botocore failure becomes one line naming the URL
+            problems.append(_describe_fs_error(url, e))
+    return list(dict.fromkeys(found)), problems
+
+
+def file_sha256(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """sha256 of a file's bytes (streamed in 8 MiB blocks)."""
+    fs, path = url_to_fs(url, storage_options)
+    h = hashlib.sha256()
+    with fs.open(path, "rb", block_size=8 << 20) as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mosaic_date(url: str, storage_options) -> dt.date | None:
+    """Acquisition date of a mosaic tile from its JAXA XML beside it (``…_F02DAR.xml``)."""
+    m = re.match(r"^(.*/)?([NS]\d{2}[EW]\d{3}_\d{2})_sl_H[HV]_(\w+)\.tiff?$", url)
+    if not m:
+        return None
+    xml_url = f"{m[1] or ''}{m[2]}_{m[3]}.xml"
+    try:
+        fs, path = url_to_fs(xml_url, storage_options)
+        if not fs.exists(path):
+            return None
+        text = fs.cat_file(path).decode("utf-8", "replace")
+    except Exception:
+        return None
+    # JAXA's XML spells it "FirstAcquistionDate"; accept the correct spelling too.
+    d = re.search(r"<FirstAcquis?i?tionDate>(\d{4}-\d{2}-\d{2})<", text)
+    return dt.date.fromisoformat(d[1]) if d else None
+
+
+def _open_error(url: str, e: Exception) -> SourceError:
+    text = str(e)
+    if (
+        "403" in text
+        or "Access Denied" in text
+        or "AccessDenied" in text
+        or "InvalidAccessKeyId" in text
+    ):
+        return SourceError(f"{url}: access denied (check the S3 credentials)")
+    if "404" in text or "No such file" in text or "does not exist" in text:
+        return SourceError(f"{url}: not found")
+    if "not recognized as" in text or "not a supported file format" in text:
+        return SourceError(f"{url}: not a GeoTIFF (GDAL cannot read it)")
+    return SourceError(
+        f"{url}: cannot read as a GeoTIFF (corrupt or truncated?): {text.splitlines()[0][:200]}"
+    )
+
+
+def _check_readable(ds, url: str) -> None:
+    """Read the first and last blocks: a truncated file fails here, not half-way through ingest."""
+    from rasterio.windows import Window
+
+    bh, bw = ds.block_shapes[0]
+    try:
+        ds.read(1, window=Window(0, 0, min(bw, ds.width), min(bh, ds.height)))
+        ds.read(1, window=Window(max(0, ds.width - bw), max(0, ds.height - bh),
+                                 min(bw, ds.width), min(bh, ds.height)))  # fmt: skip
+    except Exception as e:
+        raise SourceError(
+            f"{url}: pixel data cannot be read (truncated or corrupt file): {str(e).splitlines()[0][:160]}"
+        ) from None
+
+
+def inspect_scene(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    mosaic_date: dt.date | None = None,
+) -> SceneSource:
+    """Check one SAR input and describe it; raises SourceError naming the problem."""
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    name_fields: dict[str, Any]
+    try:
+        name = parse_scene_name(url)
+        if name.level == "1.1":
+            raise SourceError(
+                f"{url}: level 1.1 (single-look complex) is not supported; expected a geocoded L1.5/L2.1 amplitude GeoTIFF"
+            )
+        if name.polarization != "HH":
+            raise SourceError(f"{url}: polarization {name.polarization}; the cube holds HH")
+        kind, product_id, date, nodata = f"L{name.level}", name.product_id, name.date, 0
+        name_fields = {"mode": name.mode, "look": name.look, "level": name.level, "direction": name.direction,
+                       "orbit": name.orbit, "frame": name.frame}  # fmt: skip
+    except ProductNameError as scene_err:
+        try:
+            tile = parse_mosaic_name(url)
+        except ProductNameError:
+            raise scene_err from None
+        if tile.polarization != "HH":
+            raise SourceError(
+                f"{url}: polarization {tile.polarization}; the cube holds HH"
+            ) from None
+        date = _mosaic_date(url, storage_options) or mosaic_date
+        if date is None:
+            raise SourceError(f"{url}: no acquisition date: expected the JAXA XML beside it "
+                              "(FirstAcquisitionDate) or --mosaic-date YYYY-MM-DD") from None  # fmt: skip
+        kind, product_id, nodata = "mosaic", tile.product_id, 1  # mosaics mark no data with DN 1
+        name_fields = {"year": tile.year, "version": tile.version}
+    try:
+        cf = calibration_factor(kind)
+    except KeyError as e:
+        raise SourceError(f"{url}: {e.args[0]}") from None
+
+    with rasterio_env(storage_options):
+        try:
+            ds = rasterio.open(gdal_path(url))
+        except Exception as e:
+            raise _open_error(url, e) from None
+        with ds:
+            if ds.count != 1:
+                raise SourceError(f"{url}: expected 1 band (HH amplitude DN), found {ds.count}")
+            if ds.dtypes[0] != "uint16":
+                raise SourceError(f"{url}: expected uint16 amplitude DN, found {ds.dtypes[0]}")
+            if ds.crs is None:
+                raise SourceError(
+                    f"{url}: the GeoTIFF has no CRS (expected UTM or EPSG:4326 georeferencing)"
+                )
+            if ds.transform.is_identity:
+                raise SourceError(f"{url}: the GeoTIFF has no geotransform")
+            _check_readable(ds, url)
+            bounds = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
+            src = SceneSource(url=url, product_id=product_id, kind=kind, date=date, cf_db=cf, nodata=nodata,
+                              crs_wkt=ds.crs.to_wkt(), transform=tuple(ds.transform)[:6], width=ds.width,
+                              height=ds.height, bounds_4326=tuple(float(b) for b in bounds),
+                              sha256="", name_fields=name_fields)  # fmt: skip
+    try:
+        digest = file_sha256(url, storage_options)
+    except Exception as e:
+        raise SourceError(_describe_fs_error(url, e)) from None
+    return SceneSource(**{**src.__dict__, "sha256": digest})
+
+
+def inspect_lulc(url: str, storage_options: Mapping[str, Any] | None = None) -> LulcSource:
+    """Check one HR-LULC tile: name, uint8, one band, EPSG:4326 on the 1/12000° grid."""
+    import rasterio
+
+    try:
+        parse_lulc_name(url)
+    except ProductNameError as e:
+        raise SourceError(str(e)) from None
+    with rasterio_env(storage_options):
+        try:
+            ds = rasterio.open(gdal_path(url))
+        except Exception as e:
+            raise _open_error(url, e) from None
+        with ds:
+            if ds.count != 1 or ds.dtypes[0] != "uint8":
+                raise SourceError(
+                    f"{url}: expected 1 band of uint8 JAXA codes, found {ds.count} × {ds.dtypes[0]}"
+                )
+            if ds.crs is None or ds.crs.to_epsg() != 4326:
+                raise SourceError(f"{url}: expected EPSG:4326, found {ds.crs}")
+            t = ds.transform
+            r0, c0 = (90.0 - t.f) * 12000, (t.c + 180.0) * 12000
+            if not (np.isclose(t.a * 12000, 1, atol=1e-9) and np.isclose(-t.e * 12000, 1, atol=1e-9)
+                    and abs(r0 - round(r0)) < 1e-4 and abs(c0 - round(c0)) < 1e-4):  # fmt: skip
+                raise SourceError(
+                    f"{url}: expected the HR-LULC 1/12000° grid, found pixel {t.a:.9f}° at origin ({t.c}, {t.f})"
+                )
+            _check_readable(ds, url)
+            h, w = ds.height, ds.width
+    try:
+        digest = file_sha256(url, storage_options)
+    except Exception as e:
+        raise SourceError(_describe_fs_error(url, e)) from None
+    return LulcSource(url, url.rsplit("/", 1)[-1], round(r0), round(c0), h, w, digest)
