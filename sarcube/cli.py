@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mosaic-date", help="acquisition date YYYY-MM-DD for mosaic tiles without their XML"
     )
     p.add_argument("--edge-nodata-pct", type=float, default=50.0,
-                   help="a cell is no data when more than this %% of its source pixels are (default 50)")  # fmt: skip
+                   help="a cell is no data when at least this %% of its source pixels are (default 50)")  # fmt: skip
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_ingest)

@@ -11,8 +11,9 @@ The job, on a Dask cluster (an address, or a LocalCluster it starts):
    behind the shard, calibrates DN to linear power DN²·10^(CF/10) (no data -> NaN), and resamples
    it in ONE step to the cube grid by GDAL's area-weighted ``average`` (no data excluded); scenes of
    one date are averaged in linear power; dB is taken once, at the end. A cube cell at a footprint
-   edge is valid when at most ``edge_nodata_pct`` % (default 50) of the source pixels under it are
-   no data (GDAL's NODATA_VALUES_PCT_THRESHOLD), and then holds the mean of the valid ones.
+   edge is no data when at least ``edge_nodata_pct`` % (default 50) of the source pixels under it
+   are no data (GDAL's NODATA_VALUES_PCT_THRESHOLD); otherwise — a strict majority valid — it holds
+   the mean of the valid ones. So no-data never bleeds in, and half-covered cells are dropped.
    Memory per task is bounded by one shard and one 512-row strip of source pixels, whatever the
    scene size.
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from affine import Affine
 
 from .cube import (
     CubeError,
@@ -88,6 +90,25 @@ class IngestReport:
 # Tasks (run in Dask workers)
 
 
+def local_frame(src: Affine, dst: Affine, cells_per_degree: int) -> tuple[Affine, Affine]:
+    """Re-express two north-up EPSG:4326 transforms in cube-cell units with ``dst`` at (0, 0).
+
+    In degrees, grid edges such as 140.5 − 2/12000 are not exact in binary, so GDAL sees a
+    neighbouring source pixel overlap a cell by ~1e-12 of its width: ``mode`` then counts it and
+    the no-data threshold tips on cells exactly half covered. In cube-cell units the nested
+    grids' edges are small exact binary fractions (0.5, 2.0 …); values within 1e-9 are snapped.
+    """
+    n = cells_per_degree
+    o = 1024.0  # GDAL takes a geotransform with origin (0, 0) and unit pixels for "none"
+
+    def snap(v: float) -> float:
+        return round(v * 1e9) / 1e9
+
+    local_src = Affine(snap(src.a * n), 0.0, o + snap((src.c - dst.c) * n),
+                       0.0, snap(src.e * n), o + snap((src.f - dst.f) * n))  # fmt: skip
+    return local_src, Affine(snap(dst.a * n), 0.0, o, 0.0, snap(dst.e * n), o)
+
+
 def _intersects(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
@@ -115,6 +136,7 @@ def resample_scene_power(
         return out
     scale = np.float32(10.0 ** (scene.cf_db / 10.0))
     src_crs = CRS.from_wkt(scene.crs_wkt)
+    geographic = src_crs.to_epsg() == 4326 and scene.transform[1] == 0 and scene.transform[3] == 0
     with rasterio_env(storage_options), rasterio.open(gdal_path(scene.url)) as ds:
         full = Window(0, 0, ds.width, ds.height)
         for s0 in range(r0, r1, STRIP_ROWS):
@@ -136,10 +158,13 @@ def resample_scene_power(
             power = np.square(dn.astype(np.float32)) * scale
             power[dn == scene.nodata] = np.nan
             strip = out[s0 - r0 : s1 - r0]
+            src_t, dst_t = ds.window_transform(win), grid.window_transform(s0, c0)
+            if geographic:  # same CRS as the cube: warp in exact cube-cell units
+                src_t, dst_t = local_frame(src_t, dst_t, grid.cells_per_degree)
             reproject(
                 power, strip,
-                src_transform=ds.window_transform(win), src_crs=src_crs,
-                dst_transform=grid.window_transform(s0, c0), dst_crs="EPSG:4326",
+                src_transform=src_t, src_crs=src_crs,
+                dst_transform=dst_t, dst_crs=src_crs if geographic else "EPSG:4326",
                 resampling=Resampling.average, src_nodata=np.nan, dst_nodata=np.nan,
                 NODATA_VALUES_PCT_THRESHOLD=edge_nodata_pct,
             )  # fmt: skip
@@ -222,13 +247,11 @@ def label_block(
     out = np.zeros((r1 - r0, c1 - c0), dtype=np.uint8)
     if not mosaic.any():
         return out
-    from affine import Affine
-
-    src_transform = Affine(1 / n, 0, -180.0 + lc0 / n, 0, -1 / n, 90.0 - lr0 / n)
+    src_t = Affine(1 / n, 0, -180.0 + lc0 / n, 0, -1 / n, 90.0 - lr0 / n)
+    src_t, dst_t = local_frame(src_t, grid.window_transform(r0, c0), grid.cells_per_degree)
     resampling = Resampling.mode if grid.label_factor() > 1 else Resampling.nearest
-    reproject(mosaic, out, src_transform=src_transform, src_crs="EPSG:4326",
-              dst_transform=grid.window_transform(r0, c0), dst_crs="EPSG:4326",
-              resampling=resampling, src_nodata=0, dst_nodata=0)  # fmt: skip
+    reproject(mosaic, out, src_transform=src_t, src_crs="EPSG:4326", dst_transform=dst_t,
+              dst_crs="EPSG:4326", resampling=resampling, src_nodata=0, dst_nodata=0)  # fmt: skip
     return out
 
 
@@ -326,7 +349,7 @@ def ingest(
         strict: raise IngestError when any input had a problem (otherwise report and go on).
         storage_options: fsspec/s3fs options (endpoint_url, key, secret, ...).
         mosaic_date: acquisition date for yearly mosaic tiles without their JAXA XML.
-        edge_nodata_pct: a cube cell is no data when more than this % of its source pixels are.
+        edge_nodata_pct: a cube cell is no data when at least this % of its source pixels are.
     Returns an IngestReport; raises IngestError when nothing could be ingested.
     """
     t0 = time.perf_counter()
