@@ -86,10 +86,35 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import SamplingParams, sample_patches
+    from .storage import parse_storage_options
+
+    params = SamplingParams(
+        n_anchors=args.n_anchors,
+        seed=args.seed,
+        exclude_full=tuple(args.exclude_full),
+        pretrain_months=tuple(args.pretrain_months),
+        finetune_months=tuple(args.finetune_months),
+        split=tuple(args.split),
+        max_nodata=args.max_nodata,
+        block=args.block,
+    )
+    res = sample_patches(args.cube, args.out, params, parse_storage_options(args.storage_option))
+    counts = res.index.groupby("split").size().to_dict()
+    print(
+        f"wrote {args.out}: {len(res.index)} patches ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+    )
+    for k, v in res.files.items():
+        if k != "index":
+            print(f"  {k}: {v}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, **_synth_kwargs(args))
+    run_demo(args.out, workers=args.workers, **_synth_kwargs(args))
     return 0
 
 
@@ -146,10 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_ingest)
 
+    from .classes import FOREST_CODES
+
+    p = sub.add_parser("sample", help="category-aware patch sampling -> patch index (Parquet) + report",
+                       description="Class-balanced sampling of 256² patches (inverse-frequency anchors), "
+                                   "splits by month (pretrain / fine-tuning) and spatial blocks "
+                                   "(train/val/test), written as a Parquet patch index with a report.")  # fmt: skip
+    p.add_argument("--cube", required=True, help="cube URL")
+    p.add_argument(
+        "--out", required=True, help="patch index URL (.parquet); the report goes beside it"
+    )
+    p.add_argument(
+        "--n-anchors", type=int, default=1_000_000, help="anchors to draw (paper: 1,000,000)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-full", type=int, nargs="*", default=list(FOREST_CODES),
+                   help="drop patches made only of these codes (default: forest %(default)s)")  # fmt: skip
+    p.add_argument("--pretrain-months", type=int, nargs="+", default=[10, 11])
+    p.add_argument("--finetune-months", type=int, nargs="+", default=[9])
+    p.add_argument(
+        "--split", type=float, nargs=3, default=[0.65, 0.18, 0.17], metavar=("TRAIN", "VAL", "TEST")
+    )
+    p.add_argument(
+        "--max-nodata", type=float, default=0.0, help="max no-data share of a patch (default 0)"
+    )
+    p.add_argument("--block", type=int, default=4, help="split block size in patches (default 4)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_sample)
+
     p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
                        description="The end-to-end demo: synthetic inputs and each pipeline stage "
                                    "built so far, with a summary of what was produced and where.")  # fmt: skip
     p.add_argument("--out", default="demo-output", help="output directory (default %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
     _add_synth_options(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -193,7 +193,11 @@ def ingest_sar_block(
     count = np.zeros((r1 - r0, c1 - c0), dtype=np.int32)
     contributed = {}
     for scene in scenes:
-        p = resample_scene_power(scene, grid, block, storage_options, edge_nodata_pct)
+        try:
+            p = resample_scene_power(scene, grid, block, storage_options, edge_nodata_pct)
+        except Exception as e:  # e.g. a damaged tile that the inspection did not read
+            raise SourceError(f"{scene.url}: pixel data cannot be read (corrupt file?): "
+                              f"{str(e).splitlines()[0][:160]}") from None  # fmt: skip
         valid = np.isfinite(p)
         total[valid] += p[valid]
         count += valid
@@ -284,6 +288,20 @@ def _client(scheduler: str | None, workers: int | None, memory_limit: str | None
         client = Client(cluster)
     print(f"Dask dashboard: {client.dashboard_link}", flush=True)
     return client
+
+
+def _bad_input_as_value(fn, *args, **kwargs):
+    """Run ``fn`` in a worker; a bad input (SarcubeError) comes back as a SourceError *value*.
+
+    Raised, it would be logged by the worker with a traceback, and distributed would pickle its
+    exception chain, in which GDAL's errors do not unpickle: the client would get a generic
+    Exception holding a repr instead of the one-line message.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except SarcubeError as e:
+        msg = str(e)
+    return SourceError(msg)
 
 
 def _run_tasks(client, futures: dict, desc: str, progress: bool):
@@ -377,9 +395,11 @@ def ingest(
         client = _client(scheduler, workers, memory_limit)
     try:
         # 1. inspect every input in parallel
-        futs = {("scene", u): client.submit(inspect_scene, u, so, mosaic_date, key=f"inspect-{i}-{u}", pure=False)
+        futs = {("scene", u): client.submit(_bad_input_as_value, inspect_scene, u, so, mosaic_date,
+                                            key=f"inspect-{i}-{u}", pure=False)
                 for i, u in enumerate(scene_urls)}  # fmt: skip
-        futs.update({("lulc", u): client.submit(inspect_lulc, u, so, key=f"inspect-lulc-{i}-{u}", pure=False)
+        futs.update({("lulc", u): client.submit(_bad_input_as_value, inspect_lulc, u, so,
+                                                key=f"inspect-lulc-{i}-{u}", pure=False)
                      for i, u in enumerate(lulc_urls)})  # fmt: skip
         inspected = _run_tasks(client, futs, "inspect", progress)
         good_scenes: list[SceneSource] = []
@@ -395,6 +415,10 @@ def ingest(
                 good_scenes.append(res)
             else:
                 tiles.append(res)
+        if not good_scenes and not tiles:
+            raise IngestError(
+                "nothing was ingested:\n" + "\n".join(f"  {p}" for p in report.problems)
+            )
 
         # 2. the cube
         root, grid = _open_or_create(cube, so, bbox, resolution, shard_chunks, tiles, good_scenes)
@@ -509,6 +533,10 @@ def _ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
     return f"{len(tiles)} tiles, {labelled} labelled cells"
 
 
+def _no_valid_pixel(s: SceneSource) -> str:
+    return f"{s.url}: no valid pixel inside the cube (all no-data, or only outside the grid)"
+
+
 def _ingest_slices(
     client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress
 ) -> None:
@@ -523,7 +551,10 @@ def _ingest_slices(
         scenes = sorted(merged.values(), key=lambda s: s.product_id)
         sig = _slice_signature(scenes)
         if entry and entry.get("status") in ("complete", "empty") and entry.get("inputs") == sig:
-            report.skipped += list(sig)
+            # scenes that gave no valid pixel are reported again, not counted as in the cube
+            used = set(entry.get("scenes", []))
+            report.skipped += [pid for pid in sig if pid in used]
+            report.problems += [_no_valid_pixel(s) for s in scenes if s.product_id not in used]
             report.slices[key] = entry["status"]
             continue
         if entry is None:
@@ -547,8 +578,8 @@ def _ingest_slices(
     for key, (t, scenes) in pending.items():
         for blk in grid.shard_blocks():
             here = [s for s in scenes if _intersects(s.bounds_4326, grid.window_bounds(*blk))]
-            futs[(key, blk)] = client.submit(ingest_sar_block, cube, so, grid, t, blk, here, edge_nodata_pct,
-                                             key=f"sar-{key}-{blk}", pure=False)  # fmt: skip
+            futs[(key, blk)] = client.submit(_bad_input_as_value, ingest_sar_block, cube, so, grid, t, blk,
+                                             here, edge_nodata_pct, key=f"sar-{key}-{blk}", pure=False)  # fmt: skip
     results = _run_tasks(client, futs, "sar", progress)
 
     for key, (_t, scenes) in pending.items():
@@ -557,20 +588,19 @@ def _ingest_slices(
         if errors:
             e = errors[0]
             slices[key] = {**slices[key], "status": "failed"}
-            report.problems.append(
-                f"date {key}: writing the slice failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-run to retry"
-            )
+            if isinstance(e, SourceError):  # names the file
+                report.problems.append(f"{e} (slice {key} not written)")
+            else:
+                report.problems.append(
+                    f"date {key}: writing the slice failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-run to retry"
+                )
             report.slices[key] = "failed"
             continue
         per_scene = defaultdict(int)
         for r in res.values():
             for pid, n in r.items():
                 per_scene[pid] += n
-        for s in scenes:
-            if per_scene[s.product_id] == 0:
-                report.problems.append(
-                    f"{s.url}: no valid pixel inside the cube (all no-data, or only outside the grid)"
-                )
+        report.problems += [_no_valid_pixel(s) for s in scenes if per_scene[s.product_id] == 0]
         used = sorted(pid for pid in per_scene if per_scene[pid] > 0)
         status = "complete" if used else "empty"
         slices[key] = {

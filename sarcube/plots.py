@@ -66,3 +66,35 @@ def plot_synth_overview(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def plot_cube_overview(cube, path: str | Path, max_px: int = 900) -> Path:
+    """The cube at a glance: hh_db for each date (dB, grey) and the labels (JAXA palette)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = max(1, max(cube.sizes["y"], cube.sizes["x"]) // max_px)
+    nt = cube.sizes["time"]
+    fig, axes = plt.subplots(1, nt + 1, figsize=(4.2 * (nt + 1), 4.4), squeeze=False)
+    extent = [float(cube.x[0]), float(cube.x[-1]), float(cube.y[-1]), float(cube.y[0])]
+    for i in range(nt):
+        db = cube.hh_db.isel(time=i, y=slice(None, None, step), x=slice(None, None, step)).values
+        im = axes[0][i].imshow(db, cmap="gray", vmin=DB_RANGE[0], vmax=DB_RANGE[1], extent=extent)
+        axes[0][i].set_title(f"hh_db {str(cube.time.values[i])[:10]}", fontsize=9)
+    fig.colorbar(im, ax=axes[0][nt - 1] if nt else axes[0][0], fraction=0.04, label="HH [dB]")
+    cmap, norm = lulc_colormap()
+    lab = cube.lulc.isel(y=slice(None, None, step), x=slice(None, None, step)).values
+    axes[0][nt].imshow(
+        np.ma.masked_equal(lab, 0), cmap=cmap, norm=norm, interpolation="nearest", extent=extent
+    )
+    axes[0][nt].set_title("lulc (JAXA codes)", fontsize=9)
+    for ax in axes[0]:
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

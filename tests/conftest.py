@@ -136,9 +136,9 @@ def hrlulc_250m(realdata) -> Path:
     return p
 
 
-# A small area (about 0.09° × 0.07°) around the north shore of Lake Kasumigaura: fast to
-# generate, with water, paddy, cropland, built-up and forest.
-SMALL_BBOX = (140.30, 36.02, 140.30 + 1024 / 12000, 36.02 + 896 / 12000)
+# A small area (0.17° a side, 4 × 4 patches of 256² at 1/6000°): fast to generate, enough
+# patches for sampling and splits.
+SMALL_BBOX = (140.30, 36.00, 140.30 + 2048 / 12000, 36.00 + 2048 / 12000)
 
 
 @pytest.fixture(scope="session")
@@ -148,3 +148,18 @@ def small_synth(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("small_synth")
     return synthesize(str(out), bbox=SMALL_BBOX, seed=3, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_cube(small_synth, tmp_path_factory, dask_cluster) -> str:
+    """``small_synth`` ingested (3 dates, labels) into a local cube; its URL."""
+    from distributed import Client
+
+    from sarcube.ingest import ingest
+
+    url = str(tmp_path_factory.mktemp("cubes") / "small.zarr")
+    with Client(dask_cluster) as client:
+        report = ingest([f"{small_synth.out}/scenes"], url, lulc=[f"{small_synth.out}/lulc"], client=client,
+                        progress=False)  # fmt: skip
+    assert report.ok, report.problems
+    return url

@@ -28,18 +28,6 @@ from sarcube.ingest import ingest
 MOSAIC = "alos2_mosaic_N23W161_2020/N23W161_20_sl_HH_F02DAR.tif"
 
 
-@pytest.fixture(scope="module")
-def small_cube(small_synth, tmp_path_factory, dask_cluster):
-    from distributed import Client
-
-    url = str(tmp_path_factory.mktemp("cubes") / "small.zarr")
-    with Client(dask_cluster) as client:
-        report = ingest([f"{small_synth.out}/scenes"], url, lulc=[f"{small_synth.out}/lulc"], client=client,
-                        progress=False)  # fmt: skip
-    assert report.ok, report.problems
-    return url
-
-
 def reference_db(scene_url: str, grid: CubeGrid) -> np.ndarray:
     """GDAL warp of the whole scene's linear power onto the whole cube grid, then dB."""
     with rasterio.open(scene_url) as ds:

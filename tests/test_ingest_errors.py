@@ -65,13 +65,16 @@ def _truncated(src: str, dst: Path, keep: int) -> str:
 
 
 def _corrupt_middle(src: str, dst: Path) -> str:
-    """A deflate-compressed copy whose first and last tiles are fine but a middle one is garbage."""
+    """A deflate-compressed copy whose first and last tiles are fine but one in between is garbage.
+
+    Opening it and reading its corner tiles works; the damage shows only when the pixels under
+    the cube are read (during the SAR tasks, not the inspection).
+    """
     tmp = dst.with_name("tmp-" + dst.name)
     _rewrite(src, tmp, compress="deflate")
     with rasterio.open(tmp) as ds:
-        nrow = -(-ds.height // ds.block_shapes[0][0])
-        ncol = -(-ds.width // ds.block_shapes[0][1])
-        r, c = nrow // 2, ncol // 2
+        assert ds.height > 2 * 512 and ds.width > 2 * 512
+        r, c = 1, 0  # tile row 1, column 0: away from the first and the last tile
         off = int(ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=1))
         size = int(ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=1))
     raw = bytearray(tmp.read_bytes())
@@ -133,13 +136,13 @@ def _cases():
 
     return [
         ("truncated-tail", "220913", truncated_tail,
-         ["truncated or corrupt"]),
+         ["cannot be read", "truncated or corrupt"]),
         ("truncated-header", "220914", truncated_header,
-         ["GeoTIFF"]),
+         ["cannot read as a GeoTIFF", "Failed to read directory"]),
         ("not-a-tiff", "220915", not_a_tiff,
          ["not a GeoTIFF"]),
         ("corrupt-middle-tile", "220916", corrupt_middle,
-         ["truncated or corrupt"]),
+         ["cannot be read", "corrupt"]),
         ("no-crs", "220917", no_crs,
          ["no CRS", "expected UTM or EPSG:4326"]),
         ("float32", "220918", float32,
@@ -187,8 +190,11 @@ def assert_good_dates_ingested(cube: str, dates) -> None:
 
 
 def assert_one_line(problem: str, path: str, expected: list[str]) -> None:
+    """One plain line: the file, then what is wrong (no repr of an exception, no cut-off)."""
     assert "\n" not in problem
-    assert problem.startswith(path), problem
+    assert problem.startswith(f"{path}: "), problem
+    assert problem.count(path) == 1, problem
+    assert "Exception" not in problem and "Error(" not in problem, problem
     for part in expected:
         assert part in problem, f"{part!r} not in {problem!r}"
 
@@ -329,7 +335,7 @@ def s3_auth(s3):
 
     def set_auth(count: str) -> None:
         req = urllib.request.Request(f"{s3.endpoint}/moto-api/reset-auth", data=count.encode(),
-                                     method="POST")  # fmt: skip
+                                     method="POST", headers={"Content-Type": "text/plain"})  # fmt: skip
         urllib.request.urlopen(req, timeout=10).read()
 
     set_auth("0")
@@ -383,7 +389,6 @@ def test_cli_strict_exits_nonzero_one_line_per_problem(good, bad_files, tmp_path
     assert out.returncode != 0, text
     assert "Traceback" not in text
     for cid, path in zip(chosen, bad, strict=True):
-        lines = [ln for ln in text.splitlines() if path in ln and "problem" not in ln.lower()[:12]]
         lines = [ln for ln in text.splitlines() if ln.strip().startswith(path)]
         assert len(lines) == 1, (path, text)
         for part in cases[cid][3]:

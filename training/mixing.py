@@ -32,6 +32,7 @@ row-major inside a patch with the channel last (``nhwpqc``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -209,7 +210,7 @@ def patchify(x: Tensor, patch: int) -> Tensor:
 def unpatchify(tokens: Tensor, patch: int, channels: int) -> Tensor:
     """Inverse of :func:`patchify`: ``(B, L, p*p*C) -> (B, C, H, W)`` for a square grid."""
     b, n, d = tokens.shape
-    g = int(round(n**0.5))
+    g = math.isqrt(n)
     if g * g != n or d != patch * patch * channels:
         raise ValueError(f"tokens {tuple(tokens.shape)} do not match patch {patch}, C {channels}")
     x = tokens.reshape(b, g, g, patch, patch, channels)

@@ -282,12 +282,23 @@ class MixMAE(nn.Module):
         """One ``(g, g)`` bool mask for a batch, ``g = img_size / mask_unit`` (True = partner)."""
         return mixmae_mask(self.img_size, self.mask_unit, self.mask_ratio, generator, device)
 
-    def stage_attn_masks(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> list[Tensor]:
-        """Per-stage ``(num_windows, N, N)`` isolation masks for a ``(g, g)`` unit mask."""
-        out = []
-        for g, stage in zip(self.stage_grids, self.encoder.layers, strict=True):
+    def stage_attn_masks(
+        self, mask: Tensor, dtype: torch.dtype = torch.float32
+    ) -> list[Tensor | None]:
+        """Per-stage ``(num_windows, N, N)`` isolation masks for a ``(g, g)`` unit mask.
+
+        ``None`` for a stage whose windows each lie inside one mask unit (unit side in tokens a
+        multiple of the window, e.g. stage 0 at 32-px units and window 8): nothing to separate
+        there, and unmasked attention can use the faster kernels.
+        """
+        out: list[Tensor | None] = []
+        for i, (g, stage) in enumerate(zip(self.stage_grids, self.encoder.layers, strict=True)):
             ws = stage.blocks[0].window_size if len(stage.blocks) else (g, g)
-            out.append(isolation_attn_mask(mask_to_grid(mask, g), ws, dtype))
+            unit = self.mask_unit // self.encoder.reductions[i]  # mask unit side in tokens
+            if unit % ws[0] == 0 and unit % ws[1] == 0:
+                out.append(None)
+            else:
+                out.append(isolation_attn_mask(mask_to_grid(mask, g), ws, dtype))
         return out
 
     # -- named stages ------------------------------------------------------------------------------
