@@ -60,13 +60,35 @@ def baseline(scene_urls: list[str], grid: CubeGrid, out: Path, threads: int) -> 
     return time.perf_counter() - t0
 
 
-def worker_peak_rss(client) -> list[float]:
-    def rss() -> float:
-        import resource
+def _start_rss_sampler(interval: float = 0.05) -> None:
+    """In a worker: a daemon thread that records the process's peak RSS (psutil, every 50 ms).
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru_maxrss cannot be used: Linux keeps it across fork and exec, so a spawned worker reports
+    its parent's peak.
+    """
+    import os
+    import threading
 
-    return sorted(client.run(rss).values())
+    import psutil
+
+    proc = psutil.Process(os.getpid())
+    state = {"peak": 0}
+
+    def loop() -> None:
+        while True:
+            state["peak"] = max(state["peak"], proc.memory_info().rss)
+            threading.Event().wait(interval)
+
+    threading.Thread(target=loop, daemon=True).start()
+    import builtins
+
+    builtins._sarcube_rss_state = state  # read back by _read_rss_peak
+
+
+def _read_rss_peak() -> float:
+    import builtins
+
+    return builtins._sarcube_rss_state["peak"] / 2**20
 
 
 def run_sarcube(scenes: list[str], cube: Path, bbox, workers: int, memory_limit: str | None = None):
@@ -75,10 +97,11 @@ def run_sarcube(scenes: list[str], cube: Path, bbox, workers: int, memory_limit:
     shutil.rmtree(cube, ignore_errors=True)
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit or "auto",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:  # fmt: skip
+        client.run(_start_rss_sampler)
         t0 = time.perf_counter()
         report = ingest(scenes, str(cube), bbox=bbox, client=client, progress=False)
         seconds = time.perf_counter() - t0
-        rss = worker_peak_rss(client)
+        rss = sorted(client.run(_read_rss_peak).values())
     assert report.ok, report.problems
     return seconds, rss
 

@@ -7,6 +7,7 @@ regenerated only when missing, and ingest skips scenes already in the cube.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,37 @@ from typing import Any
 from .cube import open_cube
 from .ingest import ingest
 from .plots import plot_cube_overview, plot_synth_overview
+from .sampling import SamplingParams, sample_patches
+from .shards import write_shards
 from .synth import synthesize
 
-STAGES = ("synth", "ingest")
+STAGES = ("synth", "ingest", "sample", "shards")
+# The paper draws 1,000,000 anchors over Japan (~4·10⁹ cells per slice); the demo area has
+# 6.6·10⁶ cells, so ~2,000 anchors keep a comparable density (and leave room for balancing).
+DEMO_ANCHORS = 2000
+DEMO_SPLIT_BLOCK = 2
+
+
+def _synth_is_current(record_path: Path, synth_kwargs: dict[str, Any]) -> bool:
+    """True when synth.json exists and was made with the same settings."""
+    import datetime as dt
+
+    from .synth import DEFAULT_BBOX, DEFAULT_DATES
+
+    if not record_path.exists():
+        return False
+    rec = json.loads(record_path.read_text())
+    want = {
+        "bbox": [float(v) for v in synth_kwargs.get("bbox", DEFAULT_BBOX)],
+        "dates": sorted(
+            str(dt.date.fromisoformat(str(d))) for d in synth_kwargs.get("dates", DEFAULT_DATES)
+        ),
+        "seed": int(synth_kwargs.get("seed", 0)),
+        "scenes_per_date": int(synth_kwargs.get("scenes_per_date", 1)),
+        "looks": float(synth_kwargs.get("looks", 3.0)),
+        "lulc_template": Path(t).name if (t := synth_kwargs.get("lulc_template")) else "procedural",
+    }
+    return all(rec.get(k) == v for k, v in want.items())
 
 
 def run_demo(
@@ -30,14 +59,13 @@ def run_demo(
 
     t0 = time.perf_counter()
     print(f"[1/{n}] synth: synthetic HR-LULC tiles and ALOS-2 scenes", flush=True)
-    record = out / "synth" / "synth.json"
-    if record.exists() and json.loads(record.read_text())["bbox"] == list(
-        synth_kwargs.get("bbox") or json.loads(record.read_text())["bbox"]
-    ):
+    if _synth_is_current(out / "synth" / "synth.json", synth_kwargs):
         res_lulc = sorted(str(p) for p in (out / "synth" / "lulc").glob("*.tif"))
         res_scenes = sorted(str(p) for p in (out / "synth" / "scenes").glob("*.tif"))
-        print("  synthetic inputs already there; delete demo-output/synth to regenerate")
+        print(f"  synthetic inputs for these settings are already in {out / 'synth'}")
     else:
+        for stale in ("synth", "cube.zarr"):  # outputs of other settings: start clean
+            shutil.rmtree(out / stale, ignore_errors=True)
         res = synthesize(str(out / "synth"), **synth_kwargs)
         res_lulc, res_scenes = res.lulc_urls, res.scene_urls
     overview = plot_synth_overview(res_lulc, res_scenes, out / "synth_overview.png")
@@ -59,6 +87,30 @@ def run_demo(
                                    "slices": report.slices, "problems": report.problems,
                                    "overview_png": str(cube_png)}  # fmt: skip
 
+    t0 = time.perf_counter()
+    print(f"[3/{n}] sample: category-aware patch sampling, month and block splits", flush=True)
+    res = sample_patches(
+        cube_url,
+        str(out / "index.parquet"),
+        SamplingParams(n_anchors=DEMO_ANCHORS, block=DEMO_SPLIT_BLOCK),
+    )
+    counts = res.index.groupby("split").size().to_dict()
+    print("  patches per split: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    summary["stages"]["sample"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "patches": counts,
+        **res.files,
+    }
+
+    t0 = time.perf_counter()
+    print(f"[4/{n}] shards: WebDataset shards per split and manifest.json", flush=True)
+    manifest = write_shards(cube_url, str(out / "index.parquet"), str(out / "shards"), min_shards_per_split=4,
+                            workers=workers)  # fmt: skip
+    shard_counts = {k: len(v["shards"]) for k, v in manifest["splits"].items()}
+    print("  shards per split: " + ", ".join(f"{k} {v}" for k, v in shard_counts.items()))
+    summary["stages"]["shards"] = {"seconds": round(time.perf_counter() - t0, 1), "shards": shard_counts,
+                                   "manifest": str(out / "shards" / "manifest.json")}  # fmt: skip
+
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\ndemo outputs under {out}/:")
     print(
@@ -67,5 +119,9 @@ def run_demo(
     print("  synth_overview.png          labels and scenes at a glance")
     print(f"  cube.zarr                   the datacube: sarcube.open_cube('{cube_url}')")
     print("  cube_overview.png           the cube: SAR dB per date and the labels")
+    print(
+        "  index.parquet               the patch index; index_report.{md,json,png}: class shares, anchors, α"
+    )
+    print("  shards/                     WebDataset shards ({split}-NNNNNN.tar) and manifest.json")
     print("  summary.json                what each stage wrote and how long it took")
     return summary

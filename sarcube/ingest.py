@@ -29,6 +29,7 @@ import datetime as dt
 import logging
 import math
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -290,8 +291,14 @@ def _client(scheduler: str | None, workers: int | None, memory_limit: str | None
     return client
 
 
+def _task_key(name: str) -> str:
+    """A readable Dask key unique to this submission. Dask treats equal keys as the same task: a
+    fixed key would hand another ingest on the same scheduler this one's result (or vice versa)."""
+    return f"{name}-{uuid.uuid4().hex[:12]}"
+
+
 def _bad_input_as_value(fn, *args, **kwargs):
-    """Run ``fn`` in a worker; a bad input (SarcubeError) comes back as a SourceError *value*.
+    """Run ``fn`` in a worker; a bad input (InputError) comes back as a SourceError *value*.
 
     Raised, it would be logged by the worker with a traceback, and distributed would pickle its
     exception chain, in which GDAL's errors do not unpickle: the client would get a generic
@@ -299,7 +306,7 @@ def _bad_input_as_value(fn, *args, **kwargs):
     """
     try:
         return fn(*args, **kwargs)
-    except SarcubeError as e:
+    except InputError as e:
         msg = str(e)
     return SourceError(msg)
 
@@ -314,7 +321,7 @@ def _run_tasks(client, futures: dict, desc: str, progress: bool):
         return results
     inverse = {f.key: k for k, f in futures.items()}
     with tqdm(total=len(futures), desc=desc, unit="task", disable=not progress) as bar:
-        for fut in as_completed(list(futures.values())):
+        for fut in as_completed(list(futures.values()), loop=client.loop):  # not the default client
             key = inverse[fut.key]
             try:
                 results[key] = fut.result()
@@ -396,10 +403,10 @@ def ingest(
     try:
         # 1. inspect every input in parallel
         futs = {("scene", u): client.submit(_bad_input_as_value, inspect_scene, u, so, mosaic_date,
-                                            key=f"inspect-{i}-{u}", pure=False)
+                                            key=_task_key(f"inspect-{i}-{u}"), pure=False)
                 for i, u in enumerate(scene_urls)}  # fmt: skip
         futs.update({("lulc", u): client.submit(_bad_input_as_value, inspect_lulc, u, so,
-                                                key=f"inspect-lulc-{i}-{u}", pure=False)
+                                                key=_task_key(f"inspect-lulc-{i}-{u}"), pure=False)
                      for i, u in enumerate(lulc_urls)})  # fmt: skip
         inspected = _run_tasks(client, futs, "inspect", progress)
         good_scenes: list[SceneSource] = []
@@ -516,7 +523,8 @@ def _ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
         max(x[3] for x in b),
     ]
     root.attrs["labels"] = {"status": "writing", "tiles": sig, "coverage": coverage}
-    futs = {blk: client.submit(ingest_label_block, cube, so, grid, blk, tiles, key=f"lulc-{blk}", pure=False)
+    futs = {blk: client.submit(ingest_label_block, cube, so, grid, blk, tiles,
+                               key=_task_key(f"lulc-{blk}"), pure=False)
             for blk in grid.shard_blocks()}  # fmt: skip
     results = _run_tasks(client, futs, "labels", progress)
     errors = [r for r in results.values() if isinstance(r, Exception)]
@@ -578,8 +586,9 @@ def _ingest_slices(
     for key, (t, scenes) in pending.items():
         for blk in grid.shard_blocks():
             here = [s for s in scenes if _intersects(s.bounds_4326, grid.window_bounds(*blk))]
-            futs[(key, blk)] = client.submit(_bad_input_as_value, ingest_sar_block, cube, so, grid, t, blk,
-                                             here, edge_nodata_pct, key=f"sar-{key}-{blk}", pure=False)  # fmt: skip
+            futs[(key, blk)] = client.submit(_bad_input_as_value, ingest_sar_block, cube, so, grid, t,
+                                             blk, here, edge_nodata_pct,
+                                             key=_task_key(f"sar-{key}-{blk}"), pure=False)  # fmt: skip
     results = _run_tasks(client, futs, "sar", progress)
 
     for key, (_t, scenes) in pending.items():

@@ -53,7 +53,8 @@ bytes (same index rows, same cube fingerprint) and whose arrays decode with the 
 dtype (and labels match the index histograms); otherwise it rewrites the shard. Kept shards are
 hashed and their statistics recomputed from their payload, so the manifest equals that of an
 uninterrupted run. Files named like shards of the written splits that are not in the plan (left
-by an earlier run with other parameters) are deleted before the manifest is written.
+by an earlier run with other parameters), and temporary files of killed local writes, are
+deleted before the manifest is written. Memory per task: about twice the shard size.
 
 The index: the patch index with its ``shard`` column filled (file names of the shards) is written
 next to the shards as ``index.parquet`` (metadata preserved, plus ``shards_url``), and — when the
@@ -103,6 +104,7 @@ INDEX_COPY = "index.parquet"
 CRS = "EPSG:4326"
 MIB = 2**20
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<n>\d{6})\.tar$")
+PARTIAL_RE = re.compile(r"^\.(?P<split>[a-z]+)-\d{6}\.tar\..+\.partial$")  # a killed local write
 TAR_BLOCK = 512
 
 
@@ -146,13 +148,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def _tar_member_bytes(size: int) -> int:
     return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
-
-
-def _tar_total_bytes(member_bytes: int) -> int:
-    """Size of a tar holding members of ``member_bytes`` (headers + padding) in total."""
-    body = member_bytes + 2 * TAR_BLOCK  # end-of-archive marker
-    record = tarfile.RECORDSIZE
-    return -(-body // record) * record
 
 
 def sample_json(row: Mapping[str, Any], split: str, fingerprint: str) -> bytes:
@@ -408,8 +403,9 @@ def _load_index(
     )
 
 
+# fmt: off
 def _check_index(df: pd.DataFrame, meta: Mapping[str, Any], root, cube_url: str, index_name: str,
-                 splits: Sequence[str]) -> dict[str, int]:  # fmt: skip
+                 splits: Sequence[str]) -> dict[str, int]:
     """Validate the index against the cube; returns date -> raw time index of the dates used."""
     from .cube import cube_grid
 
@@ -460,16 +456,13 @@ def _check_index(df: pd.DataFrame, meta: Mapping[str, Any], root, cube_url: str,
         )
     if {"lon_min", "lat_min", "lon_max", "lat_max"} <= set(used.columns):
         c = grid.chunk
-        for r in used.head(1000).to_dict(
-            "records"
-        ):  # a sample of rows is enough to catch a wrong grid
-            expect = grid.window_bounds(
-                r["row"] * c, (r["row"] + 1) * c, r["col"] * c, (r["col"] + 1) * c
-            )
+        for r in used.head(1000).to_dict("records"):  # enough rows to catch a wrong grid
+            expect = grid.window_bounds(r["row"] * c, (r["row"] + 1) * c, r["col"] * c, (r["col"] + 1) * c)
             got = (r["lon_min"], r["lat_min"], r["lon_max"], r["lat_max"])
             if not np.allclose(got, expect, rtol=0, atol=1e-9):
                 raise InputError(f"index {index_name}: patch {r['patch_id']} has bounds {got}, "
-                                 f"the cube grid puts it at {expect}")  # fmt: skip
+                                 f"the cube grid puts it at {expect}")
+    # fmt: on
     slices = root.attrs.get("slices") or {}
     complete = {d: int(v["time_index"]) for d, v in slices.items() if v.get("status") == "complete"}
     dates = sorted({pd.Timestamp(t).strftime("%Y-%m-%d") for t in used["time"]})
@@ -511,7 +504,7 @@ def _remove_stale(
     removed = []
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        m = SHARD_RE.match(name)
+        m = SHARD_RE.match(name) or PARTIAL_RE.match(name)
         if m and m["split"] in plans and name not in keep:
             fs.rm_file(entry)
             removed.append(name)
@@ -544,8 +537,8 @@ def _db_stats(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         s += r["sum"]
         ss += r["sumsq"]
         n += r["count"]
-    mean = s / n if n else float("nan")
-    std = math.sqrt(max(ss / n - mean * mean, 0.0)) if n else float("nan")
+    mean = s / n if n else None  # None (JSON null): no finite pixel at all
+    std = math.sqrt(max(ss / n - s / n * (s / n), 0.0)) if n else None
     return {"mean": mean, "std": std, "pixels": n, "sum": s, "sum_sq": ss,
             "of": "float16 dB payload, finite pixels"}  # fmt: skip
 
@@ -598,6 +591,7 @@ def write_shards(
         out_url = os.path.abspath(out_url.removeprefix("file://"))
 
     df, meta, index_url = _load_index(index_url_or_df, so)
+    meta.pop("shards_url", None)  # set by an earlier run of this function
     index_name = index_url or "(DataFrame)"
     root = open_group(cube_url, so)
     patch = int(root.attrs["grid"].get("chunk", 256))

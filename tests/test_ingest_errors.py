@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.warp import transform_bounds
 
 from sarcube.cube import open_cube, open_group
 from sarcube.ingest import IngestError, ingest
@@ -229,12 +230,16 @@ def test_scene_without_lulc_coverage(good, tmp_path, dask_client):
     scenes, lulc, dates = good
     src = scenes[0]
     with rasterio.open(src) as ds:
-        t = ds.transform
-    south = Affine(t.a, t.b, t.c, t.d, t.e, t.f - 13_000.0)  # 13 km south: below the labels
+        t, height_m = ds.transform, ds.height * -ds.transform.e
+    # one scene height + 1 km south: entirely below the original scene, hence below the labels
+    south = Affine(t.a, t.b, t.c, t.d, t.e, t.f - height_m - 1000.0)
     bad = _rewrite(src, tmp_path / _with_date(src, "220923"), transform=south)
+    with rasterio.open(bad) as ds:
+        _, bad_south, _, bad_north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
     with rasterio.open(lulc[0]) as ds:
         lw, ls, le, ln = ds.bounds
-    bbox = (lw, ls - 0.15, le, ln)  # the cube reaches 0.15° south of the labels
+    assert bad_north < ls
+    bbox = (lw, bad_south, le, ln)  # the cube reaches down over the moved scene
     cube = str(tmp_path / "cube.zarr")
     report = ingest([*scenes, bad], cube, lulc=lulc, bbox=bbox, client=dask_client, progress=False)
     assert len(report.problems) == 1, report.problems
@@ -246,7 +251,7 @@ def test_scene_without_lulc_coverage(good, tmp_path, dask_client):
 
 def test_all_nodata_scene_is_reported_again_on_rerun(good, bad_files, tmp_path, dask_client):
     """A re-run with the same inputs does not hide the problem behind 'skipped'."""
-    scenes, lulc, dates = good
+    scenes, lulc, _ = good
     bad = bad_files["all-nodata"]
     cube = str(tmp_path / "cube.zarr")
     first = ingest([*scenes, bad], cube, lulc=lulc, client=dask_client, progress=False)
@@ -377,7 +382,8 @@ def test_wrong_credentials(good, s3, s3_auth, tmp_path, dask_client):
 def test_cli_strict_exits_nonzero_one_line_per_problem(good, bad_files, tmp_path):
     scenes, lulc, dates = good
     cases = {c[0]: c for c in CASES}
-    chosen = ["truncated-tail", "no-crs", "float32", "unparseable-name"]
+    # found by the inspection, and one found only while writing its slice
+    chosen = ["truncated-tail", "no-crs", "float32", "unparseable-name", "corrupt-middle-tile"]
     bad = [bad_files[c] for c in chosen]
     cube = str(tmp_path / "cube.zarr")
     out = subprocess.run(
@@ -389,8 +395,8 @@ def test_cli_strict_exits_nonzero_one_line_per_problem(good, bad_files, tmp_path
     assert out.returncode != 0, text
     assert "Traceback" not in text
     for cid, path in zip(chosen, bad, strict=True):
-        lines = [ln for ln in text.splitlines() if ln.strip().startswith(path)]
-        assert len(lines) == 1, (path, text)
+        lines = [ln for ln in text.splitlines() if path in ln]  # no worker log naming it either
+        assert len(lines) == 1 and lines[0].strip().startswith(f"{path}: "), (path, text)
         for part in cases[cid][3]:
             assert part in lines[0], lines[0]
     # what was written is valid: only complete slices show, and they are the good dates

@@ -59,7 +59,9 @@ def test_hand_built_label_cube():
     kept = bal["kept"]
     assert kept[0, 0] and kept[0, 1] and kept[1, 0]
     assert not kept[1, 1]  # only forest (ENF): dropped although it has anchors
-    assert not kept[0, 2] and not kept[1, 2] or lab[0:8, 8:12].any()  # empty patches get no anchor
+    assert (not kept[0, 2] and not kept[1, 2]) or lab[
+        0:8, 8:12
+    ].any()  # empty patches get no anchor
     # with N = 10 the paddy allocation rounds to 0 -> no paddy patch is kept
     small = balance_patches(hist, 10, seed=0)
     assert small["allocation"][3] == 0 and not small["kept"][2].any()
