@@ -29,7 +29,6 @@ import datetime as dt
 import logging
 import math
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 from affine import Affine
 
+from .cluster import dask_client, run_tasks, task_key
 from .cube import (
     CubeError,
     create_cube,
@@ -277,26 +277,6 @@ def ingest_label_block(cube_url: str, storage_options, grid: CubeGrid, block, ti
 # The driver
 
 
-def _client(scheduler: str | None, workers: int | None, memory_limit: str | None):
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
-                               memory_limit=memory_limit or "auto", dashboard_address="127.0.0.1:0",
-                               silence_logs=logging.ERROR)  # fmt: skip
-        client = Client(cluster)
-    print(f"Dask dashboard: {client.dashboard_link}", flush=True)
-    return client
-
-
-def _task_key(name: str) -> str:
-    """A readable Dask key unique to this submission. Dask treats equal keys as the same task: a
-    fixed key would hand another ingest on the same scheduler this one's result (or vice versa)."""
-    return f"{name}-{uuid.uuid4().hex[:12]}"
-
-
 def _bad_input_as_value(fn, *args, **kwargs):
     """Run ``fn`` in a worker; a bad input (InputError) comes back as a SourceError *value*.
 
@@ -309,26 +289,6 @@ def _bad_input_as_value(fn, *args, **kwargs):
     except InputError as e:
         msg = str(e)
     return SourceError(msg)
-
-
-def _run_tasks(client, futures: dict, desc: str, progress: bool):
-    """Gather futures with a progress bar; returns {key: result or exception}."""
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    results = {}
-    if not futures:
-        return results
-    inverse = {f.key: k for k, f in futures.items()}
-    with tqdm(total=len(futures), desc=desc, unit="task", disable=not progress) as bar:
-        for fut in as_completed(list(futures.values()), loop=client.loop):  # not the default client
-            key = inverse[fut.key]
-            try:
-                results[key] = fut.result()
-            except Exception as e:  # reported per input by the caller
-                results[key] = e
-            bar.update(1)
-    return results
 
 
 def _slice_signature(scenes: Sequence[SceneSource]) -> dict[str, str]:
@@ -397,18 +357,15 @@ def ingest(
             "nothing to ingest: " + ("; ".join(report.problems) or "no input URL given")
         )
 
-    own_client = client is None
-    if own_client:
-        client = _client(scheduler, workers, memory_limit)
-    try:
+    with dask_client(client, scheduler, workers, memory_limit) as client:
         # 1. inspect every input in parallel
         futs = {("scene", u): client.submit(_bad_input_as_value, inspect_scene, u, so, mosaic_date,
-                                            key=_task_key(f"inspect-{i}-{u}"), pure=False)
+                                            key=task_key(f"inspect-{i}-{u}"), pure=False)
                 for i, u in enumerate(scene_urls)}  # fmt: skip
         futs.update({("lulc", u): client.submit(_bad_input_as_value, inspect_lulc, u, so,
-                                                key=_task_key(f"inspect-lulc-{i}-{u}"), pure=False)
+                                                key=task_key(f"inspect-lulc-{i}-{u}"), pure=False)
                      for i, u in enumerate(lulc_urls)})  # fmt: skip
-        inspected = _run_tasks(client, futs, "inspect", progress)
+        inspected = run_tasks(client, futs, "inspect", progress)
         good_scenes: list[SceneSource] = []
         tiles: list[LulcSource] = []
         for (kind, u), res in sorted(inspected.items()):
@@ -450,12 +407,6 @@ def ingest(
 
         # 3. SAR slices, one date at a time in the registry, all shards in parallel
         _ingest_slices(client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress)
-    finally:
-        if own_client:
-            cluster = client.cluster
-            client.close()
-            if cluster is not None:
-                cluster.close()
 
     report.seconds = time.perf_counter() - t0
     if not report.ingested and not report.skipped and report.labels in ("none", "failed"):
@@ -524,9 +475,9 @@ def _ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
     ]
     root.attrs["labels"] = {"status": "writing", "tiles": sig, "coverage": coverage}
     futs = {blk: client.submit(ingest_label_block, cube, so, grid, blk, tiles,
-                               key=_task_key(f"lulc-{blk}"), pure=False)
+                               key=task_key(f"lulc-{blk}"), pure=False)
             for blk in grid.shard_blocks()}  # fmt: skip
-    results = _run_tasks(client, futs, "labels", progress)
+    results = run_tasks(client, futs, "labels", progress)
     errors = [r for r in results.values() if isinstance(r, Exception)]
     if errors:
         root.attrs["labels"] = {**root.attrs["labels"], "status": "failed"}
@@ -588,8 +539,8 @@ def _ingest_slices(
             here = [s for s in scenes if _intersects(s.bounds_4326, grid.window_bounds(*blk))]
             futs[(key, blk)] = client.submit(_bad_input_as_value, ingest_sar_block, cube, so, grid, t,
                                              blk, here, edge_nodata_pct,
-                                             key=_task_key(f"sar-{key}-{blk}"), pure=False)  # fmt: skip
-    results = _run_tasks(client, futs, "sar", progress)
+                                             key=task_key(f"sar-{key}-{blk}"), pure=False)  # fmt: skip
+    results = run_tasks(client, futs, "sar", progress)
 
     for key, (_t, scenes) in pending.items():
         res = {blk: r for (k, blk), r in results.items() if k == key}

@@ -575,8 +575,8 @@ def write_shards(
         update_index: write the index URL back with its ``shard`` column filled.
     Returns the manifest (also written to ``{out_url}/manifest.json``, last).
     """
+    from .cluster import dask_client, run_tasks, task_key
     from .cube import open_group
-    from .ingest import _client, _run_tasks
 
     so = dict(storage_options or {})
     splits = tuple(splits)
@@ -603,20 +603,11 @@ def write_shards(
     _prepare_destination(out_url, so)
 
     all_plans = [p for s in splits for p in plans[s]]
-    own_client = client is None
-    if own_client:
-        client = _client(scheduler, workers, None)
-    try:
+    with dask_client(client, scheduler, workers) as client:
         futures = {p.name: client.submit(write_shard, cube_url, so, out_url, p, patch,
-                                         key=f"shard-{p.name}-{os.urandom(4).hex()}", pure=False)
+                                         key=task_key(f"shard-{p.name}"), pure=False)
                    for p in all_plans}  # fmt: skip
-        results = _run_tasks(client, futures, "shards", progress)
-    finally:
-        if own_client:
-            cluster = client.cluster
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        results = run_tasks(client, futures, "shards", progress)
     failed = {k: v for k, v in results.items() if isinstance(v, BaseException)}
     if failed:
         first = sorted(failed)[:5]

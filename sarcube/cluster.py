@@ -1,0 +1,72 @@
+"""The Dask side of the data jobs (ingest, shards): connect or start a cluster, run tasks with a
+progress bar, and report each task's result or exception by key."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Hashable, Iterator, Mapping
+from typing import Any
+
+log = logging.getLogger("sarcube.cluster")
+
+
+@contextlib.contextmanager
+def dask_client(
+    client=None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_limit: str | None = None,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: the given one, one connected to ``scheduler``, or one of a
+    LocalCluster with ``workers`` single-threaded worker processes (default 2) closed afterwards.
+    The dashboard link is printed."""
+    if client is not None:
+        yield client
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        own = Client(scheduler)
+        cluster = None
+    else:
+        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
+                               memory_limit=memory_limit or "auto", dashboard_address="127.0.0.1:0",
+                               silence_logs=logging.ERROR)  # fmt: skip
+        own = Client(cluster)
+    print(f"Dask dashboard: {own.dashboard_link}", flush=True)
+    try:
+        yield own
+    finally:
+        own.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def task_key(name: str) -> str:
+    """A readable Dask key unique to this submission. Dask treats equal keys as the same task: a
+    fixed key would hand another job on the same scheduler this one's result (or vice versa)."""
+    return f"{name}-{uuid.uuid4().hex[:12]}"
+
+
+def run_tasks(
+    client, futures: Mapping[Hashable, Any], desc: str, progress: bool = True
+) -> dict[Hashable, Any]:
+    """Wait for futures with a progress bar; returns {key: result, or the exception it raised}."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    results: dict[Hashable, Any] = {}
+    if not futures:
+        return results
+    by_future_key = {f.key: k for k, f in futures.items()}
+    with tqdm(total=len(futures), desc=desc, unit="task", disable=not progress) as bar:
+        for fut in as_completed(list(futures.values()), loop=client.loop):  # not the default client
+            key = by_future_key[fut.key]
+            try:
+                results[key] = fut.result()
+            except Exception as e:  # reported per input by the caller
+                results[key] = e
+            bar.update(1)
+    return results

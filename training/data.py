@@ -1,0 +1,830 @@
+"""Streaming training batches from sarcube's WebDataset shards (DESIGN.md §5–6).
+
+``ShardStream(manifest_url, split, batch_size=..., rank=..., world_size=..., num_workers=...)``
+reads the shards a ``manifest.json`` lists for one split (nothing else: the manifest is the commit
+point), through WebDataset's tar iterators and, for object stores, an fsspec-backed ``gopen``
+handler with retries (``register_fsspec_opener``). It yields batch dicts::
+
+    image   (B, 1, P, P) float32   z-scored dB: (x - mean) / std, no-data filled with the mean (0)
+    weight  (B, 1, P, P) float32   sar_intensity_weight of the augmented dB (or of ``image`` when
+                                   weight_domain="normalized"), no-data pixels as filled
+    valid   (B, 1, P, P) bool      finite SAR pixel (False: no data in the shard, filled above)
+    label   (B, P, P)    int64     task "lulc": 9-class ids (nine_class_lut), "water": 0/1;
+                                   255 = ignore (JAXA code 0 or no SAR data); absent for "pretrain"
+    key     list[str]              patch ids (the samples' ``__key__``)
+
+Statistics: ``task="pretrain"`` z-scores with the manifest's ``pretrain`` split ``db_stats``;
+the fine-tuning tasks use the ``train`` split's statistics for train, val and test alike
+(``stats_split`` overrides).
+
+Epoch plan (a pure function of the manifest, ``seed``, ``epoch``, ``world_size``, ``num_workers``):
+
+1. The split's shards are permuted by a generator seeded with ``(seed, epoch)`` — the same on
+   every rank.
+2. Rank ``r`` takes ``perm[r::world_size]``; within the rank, logical loader worker ``w`` takes
+   ``rank_shards[w::W]`` (``W = max(num_workers, 1)``). A rank or worker left with no shard (fewer
+   shards than slots — avoid it: ≥ 4 × ranks × workers shards) reuses shard ``r mod N`` of the
+   level above, and a warning is logged.
+3. ``steps_per_epoch = floor(split samples / (world_size × batch_size))``, identical on every rank
+   (≥ 1, else ``ValueError``). Global step ``i`` of a rank comes from logical worker ``i mod W``,
+   which is exactly how ``torch.utils.data.DataLoader`` interleaves the batches of its worker
+   processes (round-robin, in order); worker ``w``'s quota is the number of such steps,
+   ``ceil((steps - w) / W)``. ``batches()`` runs the W logical workers in-process in the same
+   interleaving, so it yields the same sequence as ``loader()``; the sequence depends on
+   ``(seed, epoch, num_workers)``, not on timing.
+4. A worker streams its shard list in order, one *pass* at a time, each pass through a shuffle
+   buffer of ``shuffle_buffer`` raw (undecoded) samples whose generator is seeded with
+   ``(seed, epoch, rank, worker)``; the buffer is drained at the end of a pass, so a pass emits
+   every sample of the worker's shards exactly once before anything repeats.
+   **Remainder policy:** a worker whose pass runs short of its quota *wraps around* to the start
+   of its own shard list (pass 2, 3, …: same shards, same order, the shuffle generator continuing),
+   and it stops exactly at its quota. Samples beyond the quota are left out of this epoch; the
+   next epoch's permutation leaves out others. So every rank runs exactly ``steps_per_epoch``
+   steps (no DDP hang), and when every worker's quota covers its shards, the union over ranks is
+   the whole split (some samples then appear twice in the epoch).
+5. Augmentation (``augment=True``): ``rot90`` by ``k`` ∈ {0..3}, then a horizontal flip, then a
+   vertical flip, applied jointly to SAR and labels, drawn from a hash of
+   ``(seed, epoch, sample key)`` (``augmentation()``): independent of worker count and of
+   position; a sample that appears twice in an epoch gets the same transform.
+   The weight map is computed after augmentation from the un-normalised dB (see
+   ``training.sar_weight``).
+
+Mid-epoch resume: ``batches(epoch, start_step=k)`` (or ``loader(epoch, k)``) yields exactly the
+batches ``k, k+1, …`` of the uninterrupted sequence. Each logical worker ``w`` starts at its local
+step ``ceil((k - w) / W)``; it re-reads its shard stream from the start of the epoch and passes
+the first ``local_step × batch_size`` samples through the shuffle buffer *undecoded* (no npy
+decode, augmentation or weight), then decodes from there. Cost: the I/O of the skipped part
+of the epoch (up to one epoch of the rank's shards) plus tar parsing; no GPU time is lost. With
+``num_workers > 0`` the DataLoader worker process ``d`` plays logical worker ``(d + k) mod W`` so
+that the first batch (step ``k``) comes from the right one.
+
+Errors:
+
+- ``SampleError``: a malformed sample (undecodable npy, wrong shape or dtype, no ``sar.npy``,
+  or no ``lulc.npy`` for a fine-tuning task), naming the sample key and the shard URL.
+- ``ShardReadError``: a shard that cannot be read (absent, not a tar, or a transient error that
+  outlasted the opener's retries while ``skip_errors`` is spent), naming the shard URL.
+- Transient object-store errors (connection refused/reset, timeouts, HTTP 5xx/429) are retried by
+  the opener with exponential backoff (``retries``, ``backoff``): each read fetches one byte range
+  and a retry re-requests that range, so a shard resumes where it stopped. When the retries are
+  spent and ``skip_errors > 0``, the rest of that shard is skipped (samples already emitted from
+  it stay), the skip is logged and counted in ``stats`` and the quota is met by wrapping around.
+  ``skip_errors`` is a budget per logical worker per epoch (with ``num_workers = 0``: per rank).
+
+``stats`` (cumulative over the object's life, merged from the workers with every batch):
+``shards_read`` (shards streamed to their end), ``shards_skipped`` and ``skipped_urls``,
+``read_retries`` (transient errors retried by the opener), ``failed_reads`` (reads that failed
+after all retries), ``samples_decoded``, ``samples_fast_forwarded`` (skipped for a resume) and
+``wraps`` (passes started after a worker's first one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sarcube.classes import IGNORE_INDEX, nine_class_lut, water_lut
+from sarcube.shards import read_manifest, shard_urls
+
+from .sar_weight import WEIGHT_DOMAINS, sar_intensity_weight
+
+__all__ = [
+    "TASKS",
+    "DataError",
+    "SampleError",
+    "ShardReadError",
+    "ShardStream",
+    "TransientReadError",
+    "apply_augmentation",
+    "augmentation",
+    "is_transient",
+    "register_fsspec_opener",
+]
+
+log = logging.getLogger("training.data")
+
+TASKS = ("pretrain", "lulc", "water")
+MIB = 2**20
+# WebDataset's own handlers that stay in place (everything else fsspec knows goes through ours)
+_NATIVE_SCHEMES = frozenset({"pipe", "http", "https", "ais", "sftp", "ftps", "scp", "htgs", "hf"})
+_LOCAL_SCHEMES = frozenset({"", "file", "local"})
+_TAG_SHARDS, _TAG_SHUFFLE = 0x5A4D, 0x5B0F  # separate generator streams for the two draws
+_STAT_KEYS = ("shards_read", "shards_skipped", "read_retries", "failed_reads", "samples_decoded",
+              "samples_fast_forwarded", "wraps")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class DataError(Exception):
+    """A training-data problem; ``str()`` is the message (WebDataset appends to ``args``)."""
+
+    def __init__(self, message: str, *, key: str | None = None, shard: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.key = key
+        self.shard = shard
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SampleError(DataError):
+    """A malformed sample in a shard (names the sample key and the shard URL)."""
+
+
+class ShardReadError(DataError):
+    """A shard that could not be read (names the shard URL)."""
+
+
+class TransientReadError(DataError):
+    """A transient storage error that outlasted the opener's retries."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The fsspec opener for WebDataset
+
+
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                               errno.ETIMEDOUT, errno.EPIPE, errno.EBUSY, errno.EAGAIN,
+                               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+                               errno.EHOSTDOWN})  # fmt: skip
+
+
+def _third_party_transient() -> tuple[type[BaseException], ...]:
+    out: list[type[BaseException]] = []
+    try:
+        from botocore import exceptions as bx
+
+        out += [bx.ConnectionError, bx.HTTPClientError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
+                getattr(bx, "ResponseStreamingError", bx.HTTPClientError),
+                getattr(bx, "IncompleteReadError", bx.HTTPClientError)]  # fmt: skip
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        pass
+    try:
+        import aiohttp
+
+        out += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    import http.client
+
+    out += [http.client.IncompleteRead, http.client.RemoteDisconnected]
+    return tuple(out)
+
+
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError, asyncio.TimeoutError, socket.timeout,
+                    *_third_party_transient())  # fmt: skip
+
+
+def _http_status(exc: BaseException) -> int | None:
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, Mapping):
+        code = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if isinstance(code, int):
+            return code
+    for attr in ("status", "status_code", "code"):
+        v = getattr(exc, attr, None)
+        if isinstance(v, int) and 100 <= v < 600:
+            return v
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: connection refused/reset/closed, timeouts, HTTP 5xx or 429
+    (anywhere in the ``__cause__``/``__context__`` chain); False for missing objects, denied
+    access and everything else."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return False  # already the verdict of a retry loop
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+            return False
+        if isinstance(e, _TRANSIENT_TYPES):
+            return True
+        status = _http_status(e)
+        if status is not None and (status >= 500 or status == 429):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class _OpenerConfig:
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    retries: int = 3
+    timeout: float = 60.0
+    backoff: float = 0.5
+    block_size: int = 8 * MIB
+
+
+_OPENERS: dict[str, _OpenerConfig] = {}  # URL prefix -> config ("" matches every URL)
+_FS_CACHE: dict[tuple, Any] = {}  # (pid, protocol, options) -> filesystem, created lazily
+_COUNTERS = {"read_retries": 0, "failed_reads": 0}  # this process's opener counters
+
+
+def register_fsspec_opener(storage_options: Mapping[str, Any] | None = None, retries: int = 3,
+                           timeout: float = 60.0, *, backoff: float = 0.5, block_size: int = 8 * MIB,
+                           prefix: str = "", protocols: Sequence[str] | None = None) -> None:  # fmt: skip
+    """Make WebDataset's ``gopen`` open ``s3://`` (and every other fsspec protocol it has no
+    handler of its own for: ``gs``, ``az``, ``memory`` …) through fsspec, with retries.
+
+    Args:
+        storage_options: fsspec options (for s3fs: key, secret, client_kwargs.endpoint_url …).
+        retries: retries of one read after a transient error (so ``retries + 1`` attempts),
+            sleeping ``backoff × 2**attempt`` seconds in between; then ``TransientReadError``.
+        timeout: seconds; for S3, botocore's connect and read timeouts (unless the options set
+            ``config_kwargs`` of their own; botocore's and s3fs's own retries are turned off, so
+            that this opener is the one retry layer).
+        backoff: first sleep in seconds.
+        block_size: bytes fetched per ranged GET (the unit that is retried).
+        prefix: the settings apply to URLs starting with it (longest prefix wins; "" = all).
+        protocols: protocols to register (default: all fsspec protocols except local files and
+            WebDataset's native http/https/pipe/… handlers).
+
+    Filesystem objects are created lazily, in the process that reads (s3fs is not fork-safe):
+    once per (process, protocol, options), so DataLoader workers each make their own.
+    """
+    from webdataset import gopen as wds_gopen
+
+    if retries < 0:
+        raise ValueError(f"retries must be ≥ 0, got {retries}")
+    if not timeout or timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be ≥ 1 byte, got {block_size}")
+    _OPENERS[str(prefix)] = _OpenerConfig(dict(storage_options or {}), int(retries), float(timeout),
+                                          float(backoff), int(block_size))  # fmt: skip
+    if protocols is None:
+        protocols = [p for p in fsspec.available_protocols()
+                     if p not in _NATIVE_SCHEMES and p not in _LOCAL_SCHEMES]  # fmt: skip
+    for p in protocols:
+        wds_gopen.gopen_schemes[p] = gopen_fsspec
+
+
+def _config_for(url: str) -> _OpenerConfig:
+    best = None
+    for prefix in _OPENERS:
+        if url.startswith(prefix) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return _OPENERS[best] if best is not None else _OpenerConfig()
+
+
+def _fs_options(protocol: str, cfg: _OpenerConfig) -> dict[str, Any]:
+    opts = dict(cfg.storage_options)
+    if protocol in ("s3", "s3a"):
+        ck = dict(opts.get("config_kwargs") or {})
+        ck.setdefault("connect_timeout", cfg.timeout)
+        ck.setdefault("read_timeout", cfg.timeout)
+        ck.setdefault("retries", {"total_max_attempts": 1})
+        opts["config_kwargs"] = ck
+    opts["skip_instance_cache"] = True
+    return opts
+
+
+def _filesystem(url: str, cfg: _OpenerConfig, fresh: bool = False):
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    key = (os.getpid(), protocol, json.dumps(cfg.storage_options, sort_keys=True, default=str),
+           cfg.timeout)  # fmt: skip
+    fs = None if fresh else _FS_CACHE.get(key)
+    if fs is None:
+        fs = fsspec.filesystem(protocol, **_fs_options(protocol, cfg))
+        if protocol in ("s3", "s3a"):
+            fs.retries = 1  # s3fs's own retry loop: off (this module retries)
+        _FS_CACHE[key] = fs
+    return fs, fs._strip_protocol(url)
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only, sequential file over an fsspec URL: ranged GETs of ``block_size`` bytes, each
+    retried on transient errors (so a stream survives a server restart mid-shard)."""
+
+    def __init__(self, url: str, cfg: _OpenerConfig | None = None):
+        super().__init__()
+        self.url = url
+        self.cfg = cfg or _config_for(url)
+        self._fs, self._path = _filesystem(url, self.cfg)
+        self.size = int(self._retry(lambda: self._fs.size(self._path), "size"))
+        self.pos = 0
+        self._buf = memoryview(b"")
+        self._buf_start = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _retry(self, fn, what: str):
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                if attempt == self.cfg.retries:
+                    _COUNTERS["failed_reads"] += 1
+                    raise TransientReadError(
+                        f"{self.url}: {what} failed after {attempt + 1} attempts "
+                        f"({type(e).__name__}: {e})", shard=self.url) from e  # fmt: skip
+                _COUNTERS["read_retries"] += 1
+                wait = self.cfg.backoff * 2**attempt
+                log.info("%s: %s: transient %s (%s); retry %d/%d in %.2f s", self.url, what,
+                         type(e).__name__, e, attempt + 1, self.cfg.retries, wait)  # fmt: skip
+                time.sleep(wait)
+                # a new filesystem (new connection pool) for the next attempt
+                self._fs, self._path = _filesystem(self.url, self.cfg, fresh=True)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fill(self) -> None:
+        start, end = self.pos, min(self.pos + self.cfg.block_size, self.size)
+
+        def get() -> bytes:
+            data = self._fs.cat_file(self._path, start=start, end=end)
+            if len(data) != end - start:
+                raise ConnectionError(f"short read: {len(data)} of {end - start} bytes")
+            return data
+
+        self._buf = memoryview(self._retry(get, f"bytes {start}-{end - 1}"))
+        self._buf_start = start
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.size - self.pos
+        out = []
+        while n > 0 and self.pos < self.size:
+            off = self.pos - self._buf_start
+            if not 0 <= off < len(self._buf):
+                self._fill()
+                off = 0
+            chunk = self._buf[off : off + n]
+            out.append(chunk.tobytes())
+            self.pos += len(chunk)
+            n -= len(chunk)
+        return b"".join(out)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> RetryingReader:
+    """WebDataset ``gopen`` handler: a ``RetryingReader`` with the settings registered for ``url``."""
+    if mode != "rb":
+        raise ValueError(f"{url}: the fsspec opener reads only (mode 'rb'), got {mode!r}")
+    return RetryingReader(url)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def augmentation(seed: int, epoch: int, key: str) -> tuple[int, bool, bool]:
+    """``(k, flip_h, flip_v)`` for one sample: ``rot90`` by ``k`` quarter turns, then a left-right
+    flip, then an up-down flip; from a hash of ``(seed, epoch, key)`` (worker-count independent)."""
+    d = hashlib.blake2b(f"{int(seed)}:{int(epoch)}:{key}".encode(), digest_size=8).digest()
+    return d[0] & 3, bool(d[1] & 1), bool(d[2] & 1)
+
+
+def apply_augmentation(a: np.ndarray, k: int, flip_h: bool, flip_v: bool) -> np.ndarray:
+    """Apply ``augmentation()``'s transform to the last two axes of ``a`` (a view, no copy)."""
+    a = np.rot90(a, k, axes=(-2, -1))
+    if flip_h:
+        a = a[..., :, ::-1]
+    if flip_v:
+        a = a[..., ::-1, :]
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {**dict.fromkeys(_STAT_KEYS, 0), "skipped_urls": []}
+
+
+def _merge_stats(base: Mapping[str, Any], parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out = {k: base.get(k, 0) + sum(p.get(k, 0) for p in parts) for k in _STAT_KEYS}
+    out["skipped_urls"] = list(base.get("skipped_urls", [])) + [
+        u for p in parts for u in p.get("skipped_urls", [])
+    ]
+    return out
+
+
+class _WorkerState:
+    """Counters of one logical worker in one epoch (opener counters as deltas of this process's)."""
+
+    def __init__(self) -> None:
+        self.counts = _empty_stats()
+        self._opener0 = dict(_COUNTERS)
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = dict(self.counts)
+        snap["skipped_urls"] = list(self.counts["skipped_urls"])
+        for k in _COUNTERS:
+            snap[k] = _COUNTERS[k] - self._opener0[k]
+        return snap
+
+
+class ShardStream:
+    """Deterministic, rank- and worker-split batches from a split's shards (see the module doc).
+
+    Args:
+        manifest_url: ``manifest.json`` (or its directory), local or any fsspec URL.
+        split: ``pretrain``, ``train``, ``val`` or ``test``.
+        batch_size: samples per batch per rank.
+        rank, world_size: this process's place in the data-parallel group.
+        num_workers: DataLoader worker processes of ``loader()`` (0: in the calling process);
+            ``batches()`` reproduces the same sequence in-process.
+        seed: seeds shard order, shuffle buffers and augmentation (with the epoch).
+        task: ``pretrain`` (no labels), ``lulc`` (9 classes) or ``water`` (0/1).
+        augment: random rot90 / flips (training); off for evaluation.
+        weight_domain, weight_k: passed to ``sar_intensity_weight``.
+        shuffle_buffer: raw samples held by each worker's shuffle buffer (≤ 1: no shuffle).
+        storage_options: fsspec options for the manifest and the shards.
+        skip_errors: transient shard failures each worker may skip per epoch (0: raise).
+        stats_split: split whose ``db_stats`` z-score the input (default per task, see above).
+        retries, timeout, backoff, block_size: the opener's settings (``register_fsspec_opener``).
+        pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader.
+    """
+
+    def __init__(
+        self,
+        manifest_url: str,
+        split: str,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        task: str = "pretrain",
+        augment: bool = True,
+        weight_domain: str = "db",
+        weight_k: float = 1.0,
+        shuffle_buffer: int = 256,
+        storage_options: Mapping[str, Any] | None = None,
+        skip_errors: int = 0,
+        stats_split: str | None = None,
+        retries: int = 3,
+        timeout: float = 60.0,
+        backoff: float = 0.5,
+        block_size: int = 8 * MIB,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+        multiprocessing_context: Any = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if weight_domain not in WEIGHT_DOMAINS:
+            raise ValueError(f"weight_domain must be one of {WEIGHT_DOMAINS}, got {weight_domain!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"need 0 ≤ rank < world_size, got rank {rank}, world_size {world_size}")
+        if int(num_workers) < 0 or int(skip_errors) < 0 or int(seed) < 0:
+            raise ValueError("num_workers, skip_errors and seed must be ≥ 0")
+        self.manifest_url = str(manifest_url)
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.task = task
+        self.augment = bool(augment)
+        self.weight_domain, self.weight_k = weight_domain, float(weight_k)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.storage_options = dict(storage_options or {})
+        self.skip_errors = int(skip_errors)
+        self.pin_memory, self.prefetch_factor = bool(pin_memory), prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self.stats: dict[str, Any] = _empty_stats()
+
+        manifest = read_manifest(self.manifest_url, self.storage_options)
+        splits = manifest["splits"]
+        urls = shard_urls(self.manifest_url, split, self.storage_options, manifest)
+        entries = splits[split]["shards"]
+        self.shards: list[str] = list(urls)
+        self.shard_samples: list[int] = [int(e["samples"]) for e in entries]
+        self.total_samples = sum(self.shard_samples)
+        self.patch = int(manifest.get("patch_size", 256))
+        if not self.shards:
+            raise ValueError(f"{self.manifest_url}: split {split!r} lists no shards")
+        members = splits[split].get("members") or []
+        self.with_labels = task != "pretrain"
+        if self.with_labels and members and "lulc.npy" not in members:
+            raise ValueError(f"task {task!r} needs labels but split {split!r} has none "
+                             f"(members {members}); fine-tune on train/val/test")  # fmt: skip
+        self.stats_split = stats_split or ("pretrain" if task == "pretrain" else "train")
+        if self.stats_split not in splits:
+            raise ValueError(f"{self.manifest_url}: no split {self.stats_split!r} for the "
+                             f"normalisation statistics (splits {sorted(splits)}); pass stats_split")  # fmt: skip
+        db = splits[self.stats_split].get("db_stats") or {}
+        mean, std = db.get("mean"), db.get("std")
+        if mean is None or std is None or not np.isfinite([mean, std]).all() or std <= 0:
+            raise ValueError(f"{self.manifest_url}: split {self.stats_split!r} has unusable dB "
+                             f"statistics (mean {mean}, std {std})")  # fmt: skip
+        self.mean, self.std = float(mean), float(std)
+        self.lut = {"lulc": nine_class_lut(), "water": water_lut()}.get(task)
+
+        self.steps_per_epoch = self.total_samples // (self.world_size * self.batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"split {split!r} has {self.total_samples} samples, fewer than world_size × "
+                f"batch_size = {self.world_size} × {self.batch_size}: not one full step per epoch"
+            )
+        slots = self.world_size * max(self.num_workers, 1)
+        if len(self.shards) < slots:
+            log.warning("split %s: %d shards for %d rank×worker slots; some shards are read by "
+                        "several slots (write ≥ %d shards)", split, len(self.shards), slots, 4 * slots)  # fmt: skip
+        base = self.shards[0].rsplit("/", 1)[0] + "/"
+        self._opener = {"storage_options": self.storage_options, "retries": int(retries),
+                        "timeout": float(timeout), "backoff": float(backoff),
+                        "block_size": int(block_size), "prefix": base}  # fmt: skip
+        register_fsspec_opener(**self._opener)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __repr__(self) -> str:
+        return (f"ShardStream({self.manifest_url!r}, {self.split!r}, task={self.task!r}, "
+                f"rank={self.rank}/{self.world_size}, workers={self.num_workers}, "
+                f"batch={self.batch_size}, steps/epoch={self.steps_per_epoch})")  # fmt: skip
+
+    # --- the plan -------------------------------------------------------------------------
+
+    @property
+    def _nw(self) -> int:
+        return max(self.num_workers, 1)
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Indices into ``shards`` in this epoch's order (same on every rank)."""
+        rng = np.random.default_rng([self.seed, int(epoch), _TAG_SHARDS])
+        return [int(i) for i in rng.permutation(len(self.shards))]
+
+    def rank_shards(self, epoch: int, rank: int | None = None) -> list[int]:
+        rank = self.rank if rank is None else int(rank)
+        perm = self.shard_order(epoch)
+        return perm[rank :: self.world_size] or [perm[rank % len(perm)]]
+
+    def worker_shards(self, epoch: int, worker: int, rank: int | None = None) -> list[int]:
+        mine = self.rank_shards(epoch, rank)
+        return mine[worker :: self._nw] or [mine[worker % len(mine)]]
+
+    def worker_quota(self, worker: int, steps: int | None = None) -> int:
+        """Batches logical worker ``worker`` yields among the first ``steps`` (default: all)."""
+        steps = self.steps_per_epoch if steps is None else steps
+        return max(0, (steps - worker + self._nw - 1) // self._nw)
+
+    def plan(self, epoch: int) -> dict[int, list[dict[str, Any]]]:
+        """Every rank's workers: shard URLs, samples in one pass and quota (batches)."""
+        out = {}
+        for r in range(self.world_size):
+            out[r] = []
+            for w in range(self._nw):
+                idx = self.worker_shards(epoch, w, r)
+                out[r].append({"worker": w, "shards": [self.shards[i] for i in idx],
+                               "samples": sum(self.shard_samples[i] for i in idx),
+                               "quota": self.worker_quota(w)})  # fmt: skip
+        return out
+
+    # --- streaming ------------------------------------------------------------------------
+
+    def _ensure_opener(self) -> None:
+        cfg = _OPENERS.get(self._opener["prefix"])
+        if cfg is None or cfg.storage_options != self._opener["storage_options"]:
+            register_fsspec_opener(**self._opener)  # a spawned worker process
+
+    def _shard_raw(self, url: str, state: _WorkerState) -> Iterator[dict[str, Any]]:
+        """Raw samples ({__key__, __url__, ext: bytes}) of one shard via WebDataset's tar
+        iterators; transient failures are skipped within the budget."""
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+        src = [{"url": url}]
+        try:
+            for sample in group_by_keys(tar_file_expander(url_opener(src))):
+                yield sample
+            state.counts["shards_read"] += 1
+        except TransientReadError as e:
+            if state.counts["shards_skipped"] < self.skip_errors:
+                state.counts["shards_skipped"] += 1
+                state.counts["skipped_urls"].append(url)
+                log.warning("skipping the rest of shard %s after a transient read error "
+                            "(%d of skip_errors=%d this epoch): %s", url,
+                            state.counts["shards_skipped"], self.skip_errors, e.message)  # fmt: skip
+                return
+            raise ShardReadError(f"shard {url}: {e.message} (skip_errors={self.skip_errors} "
+                                 "spent; raise it to skip such shards)", shard=url) from e  # fmt: skip
+        except DataError:
+            raise
+        except Exception as e:
+            raise ShardReadError(f"shard {url}: cannot read it as a WebDataset tar "
+                                 f"({type(e).__name__}: {e})", shard=url) from e  # fmt: skip
+        finally:
+            stream = src[0].get("stream")
+            if stream is not None:
+                stream.close()
+
+    def _shuffled(self, it: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        size = self.shuffle_buffer
+        if size <= 1:
+            yield from it
+            return
+        buf: list[dict] = []
+        for s in it:
+            if len(buf) < size:
+                buf.append(s)
+                continue
+            i = int(rng.integers(size))
+            out, buf[i] = buf[i], s
+            yield out
+        while buf:
+            i = int(rng.integers(len(buf)))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+
+    def _worker_samples(self, epoch: int, worker: int, state: _WorkerState) -> Iterator[dict]:
+        """Endless raw samples of one logical worker: shuffled passes over its shard list."""
+        shards = [self.shards[i] for i in self.worker_shards(epoch, worker)]
+        rng = np.random.default_rng([self.seed, int(epoch), self.rank, worker, _TAG_SHUFFLE])
+        passes = 0
+        while True:
+            if passes:
+                state.counts["wraps"] += 1
+            n = 0
+            one_pass = (s for url in shards for s in self._shard_raw(url, state))
+            for s in self._shuffled(one_pass, rng):
+                n += 1
+                yield s
+            if n == 0:
+                raise ShardReadError(f"rank {self.rank} worker {worker}, epoch {epoch}: its shards "
+                                     f"{shards} gave no sample in a whole pass")  # fmt: skip
+            passes += 1
+
+    def _worker_batches(self, epoch: int, worker: int, start_step: int) -> Iterator[dict]:
+        """Logical worker ``worker``'s batches from global step ``start_step`` on."""
+        state = _WorkerState()
+        first, quota = self.worker_quota(worker, start_step), self.worker_quota(worker)
+        stream = self._worker_samples(epoch, worker, state)
+        try:
+            for _ in range(first * self.batch_size):  # fast-forward: no decode
+                next(stream)
+                state.counts["samples_fast_forwarded"] += 1
+            for _ in range(first, quota):
+                raw = [next(stream) for _ in range(self.batch_size)]
+                batch = self.collate(epoch, raw)
+                state.counts["samples_decoded"] += len(raw)
+                batch["_stats"] = (worker, state.snapshot())
+                yield batch
+        finally:
+            stream.close()
+
+    # --- decoding -------------------------------------------------------------------------
+
+    def _npy(self, sample: Mapping[str, Any], ext: str, dtype: np.dtype) -> np.ndarray:
+        key, url = sample.get("__key__"), sample.get("__url__")
+        where = f"sample {key!r} in shard {url}"
+        if ext not in sample:
+            have = sorted(k for k in sample if not k.startswith("__"))
+            need = "" if ext == "sar.npy" else f" (task {self.task!r} needs labels)"
+            raise SampleError(f"{where}: no {ext} member{need}; members {have}", key=key, shard=url)
+        try:
+            arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+        except Exception as e:
+            raise SampleError(f"{where}: {ext} is not a readable .npy array ({type(e).__name__}: {e})",
+                              key=key, shard=url) from None  # fmt: skip
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != (self.patch, self.patch):
+            raise SampleError(f"{where}: {ext} is {getattr(arr, 'dtype', type(arr).__name__)} "
+                              f"{getattr(arr, 'shape', '')}, expected {np.dtype(dtype)} "
+                              f"({self.patch}, {self.patch})", key=key, shard=url)  # fmt: skip
+        return arr
+
+    def collate(self, epoch: int, raw: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Decode, augment, normalise and weight raw samples into one batch dict."""
+        n, p = len(raw), self.patch
+        sar = np.empty((n, p, p), np.float16)
+        lab = np.empty((n, p, p), np.uint8) if self.with_labels else None
+        keys = []
+        for i, s in enumerate(raw):
+            key = s.get("__key__")
+            x = self._npy(s, "sar.npy", np.dtype(np.float16))
+            y = self._npy(s, "lulc.npy", np.dtype(np.uint8)) if lab is not None else None
+            if self.augment:
+                t = augmentation(self.seed, epoch, key)
+                x = apply_augmentation(x, *t)
+                y = None if y is None else apply_augmentation(y, *t)
+            sar[i] = x
+            if lab is not None:
+                lab[i] = y
+            keys.append(key)
+        x = torch.from_numpy(sar).unsqueeze(1).float()  # (B, 1, P, P) dB
+        valid = torch.isfinite(x)
+        x.masked_fill_(~valid, self.mean)
+        image = (x - self.mean) / self.std
+        weight = sar_intensity_weight(x if self.weight_domain == "db" else image, self.weight_k,
+                                      self.weight_domain)  # fmt: skip
+        out: dict[str, Any] = {"image": image, "weight": weight, "valid": valid, "key": keys}
+        if lab is not None:
+            label = torch.from_numpy(self.lut[lab]).long()  # (B, P, P)
+            label.masked_fill_(~valid[:, 0], IGNORE_INDEX)
+            out["label"] = label
+        return out
+
+    # --- public iteration -----------------------------------------------------------------
+
+    def _check(self, epoch: int, start_step: int) -> None:
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be ≥ 0, got {epoch}")
+        if not 0 <= int(start_step) <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
+        """This rank's batches ``start_step … steps_per_epoch - 1`` of ``epoch``, in the calling
+        process (the logical workers interleaved as the DataLoader does)."""
+        self._check(epoch, start_step)
+        self._ensure_opener()
+        gens = [self._worker_batches(epoch, w, start_step) for w in range(self._nw)]
+        base, latest = self.stats, {}
+        try:
+            for i in range(start_step, self.steps_per_epoch):
+                batch = next(gens[i % self._nw])
+                w, snap = batch.pop("_stats")
+                latest[w] = snap
+                self.stats = _merge_stats(base, list(latest.values()))
+                yield batch
+        finally:
+            for g in gens:
+                g.close()
+
+    def loader(self, epoch: int, start_step: int = 0) -> EpochLoader:
+        """An iterable of the same batches as ``batches()``, made by ``num_workers`` DataLoader
+        processes (in-process when 0); ``len()`` is the number of batches it yields."""
+        self._check(epoch, start_step)
+        return EpochLoader(self, int(epoch), int(start_step))
+
+
+class _EpochDataset(IterableDataset):
+    def __init__(self, stream: ShardStream, epoch: int, start_step: int):
+        self.stream, self.epoch, self.start_step = stream, epoch, start_step
+
+    def __iter__(self):
+        info = get_worker_info()
+        d, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if nw != self.stream._nw:
+            raise RuntimeError(f"DataLoader has {nw} workers, the stream plans {self.stream._nw}")
+        self.stream._ensure_opener()
+        yield from self.stream._worker_batches(self.epoch, (d + self.start_step) % nw, self.start_step)
+
+
+class EpochLoader:
+    """One epoch of a ``ShardStream`` through a ``torch.utils.data.DataLoader``."""
+
+    def __init__(self, stream: ShardStream, epoch: int, start_step: int):
+        self.stream, self.epoch, self.start_step = stream, epoch, start_step
+
+    def __len__(self) -> int:
+        return self.stream.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        s = self.stream
+        if s.num_workers == 0:
+            yield from s.batches(self.epoch, self.start_step)
+            return
+        dl = DataLoader(_EpochDataset(s, self.epoch, self.start_step), batch_size=None,
+                        num_workers=s.num_workers, pin_memory=s.pin_memory,
+                        prefetch_factor=s.prefetch_factor,
+                        multiprocessing_context=s.multiprocessing_context)  # fmt: skip
+        base, latest, n = s.stats, {}, 0
+        for batch in dl:
+            w, snap = batch.pop("_stats")
+            latest[w] = snap
+            s.stats = _merge_stats(base, list(latest.values()))
+            n += 1
+            yield batch
+        if n != len(self):
+            raise RuntimeError(f"the DataLoader gave {n} batches, expected {len(self)}")
