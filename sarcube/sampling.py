@@ -291,9 +291,17 @@ def sample_patches(
     if patch != grid.chunk:
         raise InputError(f"patch size {patch} differs from the cube's chunk {grid.chunk}")
 
-    hist = patch_histograms(cube.lulc.data, patch)
-    bal = balance_patches(hist, p.n_anchors, p.seed, p.exclude_full)
-    nodata = patch_nodata_counts(cube.hh_db.data, cube.lulc.data, patch) / float(patch * patch)
+    from contextlib import nullcontext
+
+    from dask.diagnostics import ProgressBar
+
+    say = print if progress else (lambda *a, **k: None)
+    with ProgressBar(minimum=1.0) if progress else nullcontext():  # Dask blocks of 8 × 8 patches
+        say("sample: class histograms per patch", flush=True)
+        hist = patch_histograms(cube.lulc.data, patch)
+        bal = balance_patches(hist, p.n_anchors, p.seed, p.exclude_full)
+        say("sample: no-data per date and patch", flush=True)
+        nodata = patch_nodata_counts(cube.hh_db.data, cube.lulc.data, patch) / float(patch * patch)
 
     rows_out = []
     kr, kc = np.nonzero(bal["kept"])
