@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results
 
 from sarcube.grid import CubeGrid
-from sarcube.ingest import ingest
+from sarcube.ingestion import ingest
 from sarcube.synth import synthesize
 from sarcube.synth.scenes import PIXEL_M
 

@@ -32,7 +32,7 @@ from common import print_table, write_results
 
 from sarcube.cube import open_cube, open_group
 from sarcube.index import CODES, COLUMNS, HIST_COLUMNS, cube_fingerprint, patch_id, write_index
-from sarcube.ingest import ingest
+from sarcube.ingestion import ingest
 from sarcube.shards import write_shards
 from sarcube.synth import DEFAULT_BBOX, synthesize
 

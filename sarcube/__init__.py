@@ -13,4 +13,25 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+# The public API, imported on first use so that `import sarcube` (and the CLI) stay fast.
+_API = {
+    "open_cube": ".cube",
+    "ingest": ".ingestion",
+    "synthesize": ".synth",
+    "sample_patches": ".sampling",
+    "SamplingParams": ".sampling",
+    "write_shards": ".shards",
+    "iter_samples": ".shards",
+    "recut_patch": ".shards",
+    "read_manifest": ".shards",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from importlib import import_module
+
+        return getattr(import_module(_API[name], __name__), name)
+    raise AttributeError(f"module 'sarcube' has no attribute {name!r}")

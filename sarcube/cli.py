@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import SarcubeError
+from .errors import InputError, SarcubeError
 
 
 def _bbox(values: Sequence[str]) -> tuple[float, float, float, float]:
@@ -65,7 +65,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import ingest
+    from .ingestion import ingest
     from .storage import parse_storage_options
 
     report = ingest(
@@ -131,6 +131,30 @@ def cmd_shards(args: argparse.Namespace) -> int:
         print(f"  {split}: {len(info['shards'])} shards, {n} samples")
     print(f"manifest: {join_url(args.out, 'manifest.json')}")
     return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """In-process for one process; ``torch.distributed.run`` with ``--nproc`` local ranks."""
+    argv = ["--config", args.config, "--manifest", args.manifest, "--out", args.out]
+    if args.method:
+        argv += ["--method", args.method]
+    if args.resume:
+        argv.append("--resume")
+    for so in args.storage_option:
+        argv += ["--storage-option", so]
+    argv += list(args.overrides)
+    if args.nproc < 1:
+        raise InputError(f"--nproc must be ≥ 1, got {args.nproc}")
+    if args.nproc == 1:
+        from training.pretrain import main as pretrain_main  # the model side, imported lazily
+
+        return pretrain_main(argv)
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.nproc}", "-m", "training.pretrain", *argv]  # fmt: skip
+    print("launching: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -241,6 +265,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="LocalCluster worker processes (default 2)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("pretrain", help="pretrain the Swin encoder (SAR-W-SimMIM / SAR-W-MixMAE) on shards",
+                       description="Stream the manifest's pretrain split and train SAR-W-SimMIM or "
+                                   "SAR-W-MixMAE; checkpoints, encoder.pth, metrics and a reconstruction "
+                                   "figure go to --out. --nproc N > 1 runs N local DDP ranks (torchrun; "
+                                   "gloo on CPU, NCCL on GPUs).")  # fmt: skip
+    p.add_argument("--config", default="tiny",
+                   help="profile (simmim_tiny, simmim_paper, mixmae_tiny, mixmae_paper; 'tiny' or "
+                        "'paper' with --method) or a YAML file (default: %(default)s)")  # fmt: skip
+    p.add_argument("--method", choices=("simmim", "mixmae"), default=None,
+                   help="pretraining method (default: the config's; completes 'tiny'/'paper': simmim)")  # fmt: skip
+    p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
+    p.add_argument(
+        "--out", required=True, help="output directory or URL (local, s3://bucket/prefix)"
+    )
+    p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. optim.base_lr=1e-3 schedule.epochs=10")  # fmt: skip
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
                        description="The end-to-end demo: synthetic inputs and each pipeline stage "

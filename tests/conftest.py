@@ -155,7 +155,7 @@ def small_cube(small_synth, tmp_path_factory, dask_cluster) -> str:
     """``small_synth`` ingested (3 dates, labels) into a local cube; its URL."""
     from distributed import Client
 
-    from sarcube.ingest import ingest
+    from sarcube.ingestion import ingest
 
     url = str(tmp_path_factory.mktemp("cubes") / "small.zarr")
     with Client(dask_cluster) as client:

@@ -51,9 +51,11 @@ def test_synth_cli_writes_readable_files(tmp_path):
 
 
 def test_demo_on_a_small_area(tmp_path):
-    out = run(
-        "demo", "--out", str(tmp_path / "demo"), "--bbox", "140.30", "36.02", "140.32", "36.035"
-    )
+    from conftest import SMALL_BBOX
+
+    out = run("demo", "--out", str(tmp_path / "demo"), "--bbox", *map(str, SMALL_BBOX))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "demo" / "summary.json").exists()
-    assert (tmp_path / "demo" / "synth_overview.png").stat().st_size > 10_000
+    for png in ("synth_overview.png", "cube_overview.png", "index_report.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 10_000
+    assert (tmp_path / "demo" / "shards" / "manifest.json").exists()

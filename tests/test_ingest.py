@@ -23,7 +23,7 @@ from rasterio.warp import Resampling, reproject
 
 from sarcube.cube import MisalignedWriteError, open_cube, open_group, write_region
 from sarcube.grid import CubeGrid
-from sarcube.ingest import ingest
+from sarcube.ingestion import ingest
 
 MOSAIC = "alos2_mosaic_N23W161_2020/N23W161_20_sl_HH_F02DAR.tif"
 

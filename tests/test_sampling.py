@@ -186,7 +186,7 @@ def test_bad_parameters(small_cube, kwargs, message):
 
 def test_cube_without_labels_or_valid_patches(small_synth, tmp_path, dask_client):
     from sarcube.cube import CubeError
-    from sarcube.ingest import ingest
+    from sarcube.ingestion import ingest
 
     url = str(tmp_path / "nolabels.zarr")
     ingest(

@@ -29,7 +29,7 @@ from sarcube.index import (
     read_index,
     write_index,
 )
-from sarcube.ingest import ingest
+from sarcube.ingestion import ingest
 from sarcube.shards import (
     MANIFEST,
     ShardError,

@@ -51,7 +51,7 @@ from .grid import DEFAULT_CELLS_PER_DEGREE, CubeGrid, parse_resolution
 from .sources import LulcSource, SceneSource, SourceError, expand_urls, inspect_lulc, inspect_scene
 from .storage import gdal_path, rasterio_env
 
-log = logging.getLogger("sarcube.ingest")
+log = logging.getLogger("sarcube.ingestion")
 
 STRIP_ROWS = 512  # cube rows resampled at a time inside a shard task
 EDGE_NODATA_PCT = 50.0
@@ -517,12 +517,13 @@ def _ingest_slices(
             report.slices[key] = entry["status"]
             continue
         if entry is None:
-            t = root["hh_db"].shape[0]
-            root["hh_db"].resize((t + 1, grid.height, grid.width))
-            root["time"].resize((t + 1,))
-            root["time"][t] = date_to_days(date)
+            # The next free slot: past every registered slice and both arrays (a crash may have
+            # left one array longer than the other).
+            used = [v["time_index"] for v in slices.values()]
+            t = max(root["hh_db"].shape[0], root["time"].shape[0], max(used, default=-1) + 1)
             entry = {"time_index": t}
-        # Mark the slice as being written *before* any shard changes: readers skip it until done.
+        # Register the slice as being written *before* touching the arrays: readers skip it until
+        # it is complete, and a re-run after a crash at any point finds its slot here.
         entry = {
             **entry,
             "status": "writing",
@@ -531,7 +532,13 @@ def _ingest_slices(
         }
         slices[key] = entry
         root.attrs["slices"] = slices
-        pending[key] = (entry["time_index"], scenes)
+        t = entry["time_index"]
+        if root["hh_db"].shape[0] <= t:
+            root["hh_db"].resize((t + 1, grid.height, grid.width))
+        if root["time"].shape[0] <= t:
+            root["time"].resize((t + 1,))
+        root["time"][t] = date_to_days(date)
+        pending[key] = (t, scenes)
 
     futs = {}
     for key, (t, scenes) in pending.items():
