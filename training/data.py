@@ -8,6 +8,8 @@ handler with retries (``register_fsspec_opener``). It yields batch dicts::
     image   (B, 1, P, P) float32   z-scored dB: (x - mean) / std, no-data filled with the mean (0)
     weight  (B, 1, P, P) float32   sar_intensity_weight of the augmented dB (or of ``image`` when
                                    weight_domain="normalized"), no-data pixels as filled
+                                   (computed by ``intensity_weight``: the same formula, equal
+                                   within float32 rounding, ~3× faster on CPU)
     valid   (B, 1, P, P) bool      finite SAR pixel (False: no data in the shard, filled above)
     label   (B, P, P)    int64     task "lulc": 9-class ids (nine_class_lut), "water": 0/1;
                                    255 = ignore (JAXA code 0 or no SAR data); absent for "pretrain"
@@ -22,9 +24,9 @@ Epoch plan (a pure function of the manifest, ``seed``, ``epoch``, ``world_size``
 1. The split's shards are permuted by a generator seeded with ``(seed, epoch)`` — the same on
    every rank.
 2. Rank ``r`` takes ``perm[r::world_size]``; within the rank, logical loader worker ``w`` takes
-   ``rank_shards[w::W]`` (``W = max(num_workers, 1)``). A rank or worker left with no shard (fewer
-   shards than slots — avoid it: ≥ 4 × ranks × workers shards) reuses shard ``r mod N`` of the
-   level above, and a warning is logged.
+   ``rank_shards[w::W]`` (``W = max(num_workers, 1)``). With fewer shards than slots (avoid it:
+   write ≥ 4 × ranks × workers shards; a warning is logged) a rank left empty takes
+   ``perm[r mod N]`` and a worker left empty ``rank_shards[w mod n]``: shared shards.
 3. ``steps_per_epoch = floor(split samples / (world_size × batch_size))``, identical on every rank
    (≥ 1, else ``ValueError``). Global step ``i`` of a rank comes from logical worker ``i mod W``,
    which is exactly how ``torch.utils.data.DataLoader`` interleaves the batches of its worker
@@ -49,8 +51,9 @@ Epoch plan (a pure function of the manifest, ``seed``, ``epoch``, ``world_size``
    The weight map is computed after augmentation from the un-normalised dB (see
    ``training.sar_weight``).
 
-Mid-epoch resume: ``batches(epoch, start_step=k)`` (or ``loader(epoch, k)``) yields exactly the
-batches ``k, k+1, …`` of the uninterrupted sequence. Each logical worker ``w`` starts at its local
+Mid-epoch resume: a checkpoint needs only ``(epoch, next step)`` (and the constructor arguments);
+``batches(epoch, start_step=k)`` (or ``loader(epoch, k)``) yields exactly the batches
+``k, k+1, …`` of the uninterrupted sequence. Each logical worker ``w`` starts at its local
 step ``ceil((k - w) / W)``; it re-reads its shard stream from the start of the epoch and passes
 the first ``local_step × batch_size`` samples through the shuffle buffer *undecoded* (no npy
 decode, augmentation or weight), then decodes from there. Cost: the I/O of the skipped part
@@ -58,7 +61,8 @@ of the epoch (up to one epoch of the rank's shards) plus tar parsing; no GPU tim
 ``num_workers > 0`` the DataLoader worker process ``d`` plays logical worker ``(d + k) mod W`` so
 that the first batch (step ``k``) comes from the right one.
 
-Errors:
+Decoding: ``np.load(io.BytesIO(b), allow_pickle=False)`` (``load_npy``: repeated, byte-identical
+headers are parsed once). Malformed input:
 
 - ``SampleError``: a malformed sample (undecodable npy, wrong shape or dtype, no ``sar.npy``,
   or no ``lulc.npy`` for a fine-tuning task), naming the sample key and the shard URL.
@@ -83,9 +87,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import importlib
 import io
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -101,7 +107,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sarcube.classes import IGNORE_INDEX, nine_class_lut, water_lut
 from sarcube.shards import read_manifest, shard_urls
 
-from .sar_weight import WEIGHT_DOMAINS, sar_intensity_weight
+from .sar_weight import WEIGHT_DOMAINS
 
 __all__ = [
     "TASKS",
@@ -112,7 +118,9 @@ __all__ = [
     "TransientReadError",
     "apply_augmentation",
     "augmentation",
+    "intensity_weight",
     "is_transient",
+    "load_npy",
     "register_fsspec_opener",
 ]
 
@@ -124,6 +132,7 @@ MIB = 2**20
 _NATIVE_SCHEMES = frozenset({"pipe", "http", "https", "ais", "sftp", "ftps", "scp", "htgs", "hf"})
 _LOCAL_SCHEMES = frozenset({"", "file", "local"})
 _TAG_SHARDS, _TAG_SHUFFLE = 0x5A4D, 0x5B0F  # separate generator streams for the two draws
+_CHUNK = 8  # samples per element-wise pass in collate (8 × 256² float32 = 2 MiB)
 _STAT_KEYS = ("shards_read", "shards_skipped", "read_retries", "failed_reads", "samples_decoded",
               "samples_fast_forwarded", "wraps")  # fmt: skip
 
@@ -180,7 +189,11 @@ def _third_party_transient() -> tuple[type[BaseException], ...]:
     try:
         import aiohttp
 
-        out += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+        out += [
+            aiohttp.ClientConnectionError,
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerTimeoutError,
+        ]
     except ImportError:  # pragma: no cover
         pass
     import http.client
@@ -216,7 +229,9 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, DataError):
             return False  # already the verdict of a retry loop
-        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        if isinstance(
+            e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+        ):
             return False
         if isinstance(e, _TRANSIENT_TYPES):
             return True
@@ -265,8 +280,7 @@ def register_fsspec_opener(storage_options: Mapping[str, Any] | None = None, ret
     Filesystem objects are created lazily, in the process that reads (s3fs is not fork-safe):
     once per (process, protocol, options), so DataLoader workers each make their own.
     """
-    from webdataset import gopen as wds_gopen
-
+    wds_gopen = _wds_gopen()
     if retries < 0:
         raise ValueError(f"retries must be ≥ 0, got {retries}")
     if not timeout or timeout <= 0:
@@ -280,6 +294,11 @@ def register_fsspec_opener(storage_options: Mapping[str, Any] | None = None, ret
                      if p not in _NATIVE_SCHEMES and p not in _LOCAL_SCHEMES]  # fmt: skip
     for p in protocols:
         wds_gopen.gopen_schemes[p] = gopen_fsspec
+
+
+def _wds_gopen():
+    """The ``webdataset.gopen`` module (``webdataset.gopen`` the attribute is the function)."""
+    return importlib.import_module("webdataset.gopen")
 
 
 def _config_for(url: str) -> _OpenerConfig:
@@ -400,6 +419,37 @@ def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> Retry
 
 
 # ---------------------------------------------------------------------------------------------
+# Decoding .npy members
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # header -> parsed
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``np.load(io.BytesIO(data), allow_pickle=False)``, faster for repeated headers.
+
+    Every distinct header goes through ``np.load``; when it yields a C-ordered, non-object array
+    whose payload fills the rest of ``data``, the header bytes are remembered, and later members
+    with a byte-identical header and the same payload size are read with ``np.frombuffer``
+    (read-only, no copy, no header parse: ~0.2 ms saved per 256² member). Anything else — a new
+    header, a size mismatch, a truncated or foreign payload — goes to ``np.load``, whose errors
+    and pickle refusal are unchanged."""
+    off = -1
+    if data[:6] == _NPY_MAGIC and len(data) >= 12:
+        end = 10 if data[6] == 1 else 12  # header length: uint16 (v1) or uint32 (v2, v3)
+        off = end + int.from_bytes(data[8:end], "little")
+        hit = _NPY_HEADERS.get(data[:off])
+        if hit is not None and len(data) - off == hit[2]:
+            return np.frombuffer(data, dtype=hit[0], offset=off).reshape(hit[1])
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if (off > 0 and isinstance(arr, np.ndarray) and not arr.dtype.hasobject
+            and arr.flags.c_contiguous and len(data) - off == arr.nbytes
+            and len(_NPY_HEADERS) < 256):  # fmt: skip
+        _NPY_HEADERS[data[:off]] = (arr.dtype, arr.shape, arr.nbytes)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
 # Augmentation
 
 
@@ -421,6 +471,42 @@ def apply_augmentation(a: np.ndarray, k: int, flip_h: bool, flip_v: bool) -> np.
 
 
 # ---------------------------------------------------------------------------------------------
+# The SAR intensity weight, fast
+
+_LN10_OVER_10 = float(np.log(10.0) / 10.0)
+
+
+def intensity_weight(
+    v: torch.Tensor, k: float = 1.0, eps: float = 1e-6, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``training.sar_weight.sar_intensity_weight(v, k)`` for finite float32 ``(..., H, W)``,
+    equal to it within float32 rounding but about 3× faster on CPU: ``10^(v/10)`` is evaluated
+    as ``exp(v · ln10/10)`` (torch's ``pow`` with a scalar base is slow) and the rest in place
+    (in ``out`` when given). Used in the loader, where every sample's weight is computed; the
+    tests compare the two.
+    """
+    p = torch.mul(v, _LN10_OVER_10, out=out).exp_()  # (..., H, W) linear power
+    p_min = p.amin(dim=(-2, -1), keepdim=True)
+    p_max = p.amax(dim=(-2, -1), keepdim=True)
+    p.sub_(p_min).div_(p_max - p_min + eps)  # n in [0, 1)
+    return p.neg_().add_(1.0).mul_(k).exp_()  # exp(k (1 - n))
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory when ``shared`` (a DataLoader worker: the batch
+    then crosses to the main process without the copy torch makes of non-shared tensors, the
+    way ``default_collate`` allocates its output in workers)."""
+    if shared:
+        try:
+            numel = math.prod(shape)
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+            return torch.empty(0, dtype=dtype).new(storage).view(shape)
+        except (AttributeError, RuntimeError):  # private API moved: the copy it is
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # The stream
 
 
@@ -437,17 +523,19 @@ def _merge_stats(base: Mapping[str, Any], parts: Sequence[Mapping[str, Any]]) ->
 
 
 class _WorkerState:
-    """Counters of one logical worker in one epoch (opener counters as deltas of this process's)."""
+    """Counters of one logical worker in one epoch; with ``opener`` also the opener's counters of
+    this process (deltas), which only one logical worker per process may report."""
 
-    def __init__(self) -> None:
+    def __init__(self, opener: bool = True) -> None:
         self.counts = _empty_stats()
-        self._opener0 = dict(_COUNTERS)
+        self._opener0 = dict(_COUNTERS) if opener else None
 
     def snapshot(self) -> dict[str, Any]:
         snap = dict(self.counts)
         snap["skipped_urls"] = list(self.counts["skipped_urls"])
-        for k in _COUNTERS:
-            snap[k] = _COUNTERS[k] - self._opener0[k]
+        if self._opener0 is not None:
+            for k in _COUNTERS:
+                snap[k] = _COUNTERS[k] - self._opener0[k]
         return snap
 
 
@@ -464,7 +552,8 @@ class ShardStream:
         seed: seeds shard order, shuffle buffers and augmentation (with the epoch).
         task: ``pretrain`` (no labels), ``lulc`` (9 classes) or ``water`` (0/1).
         augment: random rot90 / flips (training); off for evaluation.
-        weight_domain, weight_k: passed to ``sar_intensity_weight``.
+        weight_domain, weight_k: the weight's input (``db`` or ``normalized``) and contrast ``k``
+            (see ``training.sar_weight``).
         shuffle_buffer: raw samples held by each worker's shuffle buffer (≤ 1: no shuffle).
         storage_options: fsspec options for the manifest and the shards.
         skip_errors: transient shard failures each worker may skip per epoch (0: raise).
@@ -502,11 +591,15 @@ class ShardStream:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if weight_domain not in WEIGHT_DOMAINS:
-            raise ValueError(f"weight_domain must be one of {WEIGHT_DOMAINS}, got {weight_domain!r}")
+            raise ValueError(
+                f"weight_domain must be one of {WEIGHT_DOMAINS}, got {weight_domain!r}"
+            )
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
-            raise ValueError(f"need 0 ≤ rank < world_size, got rank {rank}, world_size {world_size}")
+            raise ValueError(
+                f"need 0 ≤ rank < world_size, got rank {rank}, world_size {world_size}"
+            )
         if int(num_workers) < 0 or int(skip_errors) < 0 or int(seed) < 0:
             raise ValueError("num_workers, skip_errors and seed must be ≥ 0")
         self.manifest_url = str(manifest_url)
@@ -623,12 +716,15 @@ class ShardStream:
     def _shard_raw(self, url: str, state: _WorkerState) -> Iterator[dict[str, Any]]:
         """Raw samples ({__key__, __url__, ext: bytes}) of one shard via WebDataset's tar
         iterators; transient failures are skipped within the budget."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        src = [{"url": url}]
+        src: dict[str, Any] = {"url": url}
         try:
-            for sample in group_by_keys(tar_file_expander(url_opener(src))):
-                yield sample
+            if "://" not in url or url.startswith("file://"):  # 1 MiB buffer: fewer syscalls
+                src["stream"] = open(url.removeprefix("file://"), "rb", buffering=MIB)
+            else:  # WebDataset's gopen: our fsspec opener (register_fsspec_opener)
+                src["stream"] = _wds_gopen().gopen(url, "rb")
+            yield from group_by_keys(tar_file_expander([src]))
             state.counts["shards_read"] += 1
         except TransientReadError as e:
             if state.counts["shards_skipped"] < self.skip_errors:
@@ -646,7 +742,7 @@ class ShardStream:
             raise ShardReadError(f"shard {url}: cannot read it as a WebDataset tar "
                                  f"({type(e).__name__}: {e})", shard=url) from e  # fmt: skip
         finally:
-            stream = src[0].get("stream")
+            stream = src.get("stream")
             if stream is not None:
                 stream.close()
 
@@ -686,9 +782,11 @@ class ShardStream:
                                      f"{shards} gave no sample in a whole pass")  # fmt: skip
             passes += 1
 
-    def _worker_batches(self, epoch: int, worker: int, start_step: int) -> Iterator[dict]:
+    def _worker_batches(
+        self, epoch: int, worker: int, start_step: int, opener_stats: bool = True
+    ) -> Iterator[dict]:
         """Logical worker ``worker``'s batches from global step ``start_step`` on."""
-        state = _WorkerState()
+        state = _WorkerState(opener_stats)
         first, quota = self.worker_quota(worker, start_step), self.worker_quota(worker)
         stream = self._worker_samples(epoch, worker, state)
         try:
@@ -714,11 +812,15 @@ class ShardStream:
             need = "" if ext == "sar.npy" else f" (task {self.task!r} needs labels)"
             raise SampleError(f"{where}: no {ext} member{need}; members {have}", key=key, shard=url)
         try:
-            arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+            arr = load_npy(sample[ext])
         except Exception as e:
             raise SampleError(f"{where}: {ext} is not a readable .npy array ({type(e).__name__}: {e})",
                               key=key, shard=url) from None  # fmt: skip
-        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != (self.patch, self.patch):
+        if (
+            not isinstance(arr, np.ndarray)
+            or arr.dtype != dtype
+            or arr.shape != (self.patch, self.patch)
+        ):
             raise SampleError(f"{where}: {ext} is {getattr(arr, 'dtype', type(arr).__name__)} "
                               f"{getattr(arr, 'shape', '')}, expected {np.dtype(dtype)} "
                               f"({self.patch}, {self.patch})", key=key, shard=url)  # fmt: skip
@@ -742,16 +844,29 @@ class ShardStream:
             if lab is not None:
                 lab[i] = y
             keys.append(key)
-        x = torch.from_numpy(sar).unsqueeze(1).float()  # (B, 1, P, P) dB
-        valid = torch.isfinite(x)
-        x.masked_fill_(~valid, self.mean)
-        image = (x - self.mean) / self.std
-        weight = sar_intensity_weight(x if self.weight_domain == "db" else image, self.weight_k,
-                                      self.weight_domain)  # fmt: skip
+        # finite <=> exponent bits not all ones (much faster than isfinite on float16)
+        valid_np = (sar.view(np.uint16) & 0x7C00) != 0x7C00  # (B, P, P)
+        all_valid = bool(valid_np.all())
+        shared = get_worker_info() is not None
+        image = _empty((n, 1, p, p), torch.float32, shared)
+        weight = _empty((n, 1, p, p), torch.float32, shared)
+        valid = _empty((n, 1, p, p), torch.bool, shared)
+        valid.copy_(torch.from_numpy(valid_np).unsqueeze(1))
+        # in chunks of a few samples, so that the chain of element-wise passes stays in cache
+        for a in range(0, n, _CHUNK):
+            b = min(a + _CHUNK, n)
+            x = torch.from_numpy(sar[a:b]).unsqueeze(1).float()  # (c, 1, P, P) dB
+            if not all_valid:
+                x.masked_fill_(~valid[a:b], self.mean)
+            torch.sub(x, self.mean, out=image[a:b]).div_(self.std)
+            src = x if self.weight_domain == "db" else image[a:b]
+            intensity_weight(src, self.weight_k, out=weight[a:b])
         out: dict[str, Any] = {"image": image, "weight": weight, "valid": valid, "key": keys}
         if lab is not None:
-            label = torch.from_numpy(self.lut[lab]).long()  # (B, P, P)
-            label.masked_fill_(~valid[:, 0], IGNORE_INDEX)
+            label = _empty((n, p, p), torch.int64, shared)
+            label.copy_(torch.from_numpy(np.take(self.lut, lab)))  # (B, P, P)
+            if not all_valid:
+                label.masked_fill_(~valid[:, 0], IGNORE_INDEX)
             out["label"] = label
         return out
 
@@ -768,7 +883,8 @@ class ShardStream:
         process (the logical workers interleaved as the DataLoader does)."""
         self._check(epoch, start_step)
         self._ensure_opener()
-        gens = [self._worker_batches(epoch, w, start_step) for w in range(self._nw)]
+        # all logical workers share this process: worker 0 reports the opener's counters
+        gens = [self._worker_batches(epoch, w, start_step, w == 0) for w in range(self._nw)]
         base, latest = self.stats, {}
         try:
             for i in range(start_step, self.steps_per_epoch):
@@ -798,7 +914,9 @@ class _EpochDataset(IterableDataset):
         if nw != self.stream._nw:
             raise RuntimeError(f"DataLoader has {nw} workers, the stream plans {self.stream._nw}")
         self.stream._ensure_opener()
-        yield from self.stream._worker_batches(self.epoch, (d + self.start_step) % nw, self.start_step)
+        yield from self.stream._worker_batches(
+            self.epoch, (d + self.start_step) % nw, self.start_step
+        )
 
 
 class EpochLoader:
@@ -820,11 +938,19 @@ class EpochLoader:
                         prefetch_factor=s.prefetch_factor,
                         multiprocessing_context=s.multiprocessing_context)  # fmt: skip
         base, latest, n = s.stats, {}, 0
-        for batch in dl:
-            w, snap = batch.pop("_stats")
-            latest[w] = snap
-            s.stats = _merge_stats(base, list(latest.values()))
-            n += 1
-            yield batch
+        it = iter(dl)
+        try:
+            for batch in it:
+                w, snap = batch.pop("_stats")
+                latest[w] = snap
+                s.stats = _merge_stats(base, list(latest.values()))
+                n += 1
+                yield batch
+        finally:
+            # stop the workers now: left to the garbage collector after an error (the traceback
+            # holds the iterator), torch's shutdown waits out its 5 s join timeout per worker
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if n != len(self):
             raise RuntimeError(f"the DataLoader gave {n} batches, expected {len(self)}")

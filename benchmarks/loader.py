@@ -1,0 +1,364 @@
+"""Training-loader throughput: WebDataset shards (local disk, S3) vs TorchGeo on GeoTIFFs.
+
+    python benchmarks/loader.py [--work DIR] [--quick] [--batch 32]
+
+1. Data, made with sarcube and kept under ``--work`` between runs: ``synthesize`` (default: the
+   10 × 10-patch demo area, 3 dates; ``--quick``: a small area) → ``ingest`` → ``sample_patches``
+   → ``write_shards`` (8+ shards a split). For long enough epochs a second manifest,
+   ``manifest-bench.json``, lists every shard of the split several times (the loader reads only
+   what a manifest lists; repeated shards just repeat samples).
+2. The same patches of the pretraining split as GeoTIFFs, one 256 × 256 float32 file per patch
+   (``hh_YYYYMMDD_<patch id>.tif``, EPSG:4326, its bounds from the sample's JSON): the input a
+   ``torchgeo.datasets.RasterDataset`` indexes.
+3. Loaders, each producing the same batches of ``--batch`` patches: image (z-scored with the
+   manifest's statistics), SAR intensity weight, random rot90/flips, as float32 tensors:
+
+   - ``training.data.ShardStream`` (task "pretrain") over local shards and over an S3 server
+     (moto ``ThreadedMotoServer`` started here, in this process: it shares the 2 cores with the
+     loader workers, so the S3 rows are a lower bound for a real endpoint);
+   - TorchGeo 0.8.1: ``RasterDataset`` + ``RandomGeoSampler(size=256)`` + ``stack_samples`` with
+     the same per-sample transform, when TorchGeo is installed (it is not a dependency: the row
+     is skipped with the command that installs it);
+   - a reference without TorchGeo: rasterio reading the same GeoTIFFs (one file per sample, the
+     read TorchGeo's RasterDataset does underneath, without its index query and merge), same
+     transform. It bounds TorchGeo's throughput from above.
+
+   with ``num_workers`` 1 and 2 (DataLoader worker processes; the epoch's start-up included).
+Throughput = samples / wall seconds; "per process" = total / loader processes; "per CPU-s" =
+samples / CPU seconds of the loader processes (the DataLoader workers, or this process with 0
+workers): the per-process rate on a core of its own, the fair figure on a shared machine. The
+ratios compare per-CPU-second rates at the same worker count. Local files are read from the
+page cache (they were just written or read). Writes benchmarks/results/loader.json
+(loader-quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_results
+
+from training.data import ShardStream, apply_augmentation, augmentation, intensity_weight
+
+QUICK_BBOX = (140.30, 36.02, 140.30 + 1024 / 6000, 36.02 + 1024 / 6000)  # 4 × 4 patches
+TORCHGEO_HINT = (
+    "TorchGeo is not installed (it is not a sarcube dependency). To add its row, install it "
+    "into this environment without letting it change torch:\n"
+    "    uv pip install torchgeo==0.8.1 \"torch==$(python -c 'import torch; print(torch.__version__)')\"\n"
+    "(or: python -m pip install torchgeo==0.8.1 --constraint <(pip freeze | grep '^torch=='))"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare(work: Path, quick: bool) -> Path:
+    """Synthesize → ingest → sample → shards (cached); returns the shard directory."""
+    from sarcube.ingestion import ingest
+    from sarcube.sampling import SamplingParams, sample_patches
+    from sarcube.shards import MANIFEST, write_shards
+    from sarcube.synth import DEFAULT_BBOX, synthesize
+
+    tag = "quick" if quick else "default"
+    bbox = QUICK_BBOX if quick else DEFAULT_BBOX
+    synth_dir, cube = work / f"synth-{tag}", work / f"cube-{tag}.zarr"
+    index, shards = work / f"index-{tag}.parquet", work / f"shards-{tag}"
+    if (shards / MANIFEST).exists():
+        return shards
+    if not (synth_dir / "synth.json").exists():
+        print(f"synthesising {bbox} ...", flush=True)
+        synthesize(str(synth_dir), bbox=bbox, seed=1, progress=True)
+    if not (cube / "zarr.json").exists():
+        print("ingesting ...", flush=True)
+        report = ingest([str(synth_dir / "scenes")], str(cube), lulc=[str(synth_dir / "lulc")],
+                        progress=True)  # fmt: skip
+        assert report.ok, report.problems
+    print("sampling ...", flush=True)
+    # every patch with valid SAR (the benchmark needs many, not a balanced few)
+    params = SamplingParams(block=1 if quick else 2, max_nodata=0.05, exclude_full=())
+    sample_patches(str(cube), str(index), params, progress=False)
+    print("writing shards ...", flush=True)
+    write_shards(str(cube), str(index), str(shards), shard_size_mb=4, min_shards_per_split=8,
+                 splits=("pretrain",), progress=True)  # fmt: skip
+    return shards
+
+
+def bench_manifest(shards: Path, split: str, min_samples: int) -> tuple[Path, int]:
+    """``manifest-bench.json``: the manifest with the split's shard list repeated; (path, reps)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = manifest["splits"][split]
+    reps = max(1, math.ceil(min_samples / entry["samples"]))
+    entry["shards"] = entry["shards"] * reps
+    entry["samples"] *= reps
+    entry["bytes"] *= reps
+    path = shards / "manifest-bench.json"
+    path.write_text(json.dumps(manifest, indent=1))
+    return path, reps
+
+
+def write_geotiffs(shards: Path, split: str, out: Path) -> list[Path]:
+    """One float32 GeoTIFF per patch of ``split`` (cached)."""
+    import rasterio
+    from rasterio.transform import from_bounds
+
+    from sarcube.shards import iter_samples
+
+    done = out / "done.json"
+    if done.exists():
+        return sorted(out.glob("hh_*.tif"))
+    out.mkdir(parents=True, exist_ok=True)
+    for s in iter_samples(str(shards), split):
+        meta = s["meta"]
+        w, south, e, n = meta["bounds"]
+        sar = s["sar"].astype(np.float32)
+        path = out / f"hh_{meta['time'].replace('-', '')}_{s['key']}.tif"
+        profile = {"driver": "GTiff", "width": sar.shape[1], "height": sar.shape[0], "count": 1,
+                   "dtype": "float32", "crs": meta["crs"], "nodata": float("nan"),
+                   "transform": from_bounds(w, south, e, n, sar.shape[1], sar.shape[0]),
+                   "tiled": True, "blockxsize": 256, "blockysize": 256}  # fmt: skip
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(sar, 1)
+    done.write_text("{}")
+    return sorted(out.glob("hh_*.tif"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same per-sample transform for the GeoTIFF loaders
+
+
+class Transform:
+    """rot90/flips keyed by a counter, z-score, no-data fill, weight: as ``ShardStream`` does."""
+
+    def __init__(self, mean: float, std: float):
+        self.mean, self.std = mean, std
+        self.n = 0
+
+    def tensors(self, db: np.ndarray) -> dict[str, torch.Tensor]:
+        self.n += 1
+        db = np.ascontiguousarray(apply_augmentation(db, *augmentation(0, 0, str(self.n))))
+        x = torch.from_numpy(db).float()[None]  # (1, H, W)
+        valid = torch.isfinite(x)
+        x.masked_fill_(~valid, self.mean)
+        return {"image": (x - self.mean) / self.std, "weight": intensity_weight(x), "valid": valid}
+
+    def __call__(self, sample: dict) -> dict:  # TorchGeo transforms take and return the dict
+        out = self.tensors(sample["image"][0].numpy())
+        sample.update(out)
+        return sample
+
+
+class RasterioPatches(torch.utils.data.Dataset):
+    """Random patch files read with rasterio (the reading layer under TorchGeo)."""
+
+    def __init__(self, paths: list[Path], length: int, transform: Transform):
+        self.paths, self.length, self.transform = [str(p) for p in paths], length, transform
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        import rasterio
+        from rasterio.windows import Window
+
+        rng = np.random.default_rng(i)
+        path = self.paths[rng.integers(len(self.paths))]
+        with rasterio.open(path) as src:
+            r = rng.integers(src.height - 256 + 1)
+            c = rng.integers(src.width - 256 + 1)
+            db = src.read(1, window=Window(c, r, 256, 256))
+        return self.transform.tensors(db)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(loader, workers: int) -> tuple[int, float, float]:
+    """(samples, wall seconds, CPU seconds of the loader processes): this process's CPU when
+    ``workers`` is 0, else that of the DataLoader workers (children, counted once they exit)."""
+    who = resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF
+    c0, t0 = _cpu(who), time.perf_counter()
+    n = 0
+    for b in loader:
+        n += len(b["image"])
+        assert b["image"].shape[1:] == (1, 256, 256) and b["weight"].dtype == torch.float32
+    seconds = time.perf_counter() - t0
+    del loader  # workers joined (DataLoader iterators shut down at the end of the epoch)
+    return n, seconds, _cpu(who) - c0
+
+
+def run_shards(manifest: str, workers: int, batch: int, so=None) -> tuple[int, float]:
+    s = ShardStream(manifest, "pretrain", batch_size=batch, num_workers=workers, task="pretrain",
+                    storage_options=so, shuffle_buffer=256)  # fmt: skip
+    return timed(s.loader(0), workers)
+
+
+def run_rasterio(paths, workers: int, batch: int, n: int, mean: float, std: float):
+    ds = RasterioPatches(paths, n, Transform(mean, std))
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                     drop_last=True)  # fmt: skip
+    return timed(dl, workers)
+
+
+def run_torchgeo(tiff_dir: Path, workers: int, batch: int, n: int, mean: float, std: float):
+    try:
+        import torchgeo
+        from torchgeo.datasets import RasterDataset, stack_samples
+        from torchgeo.samplers import RandomGeoSampler
+    except ImportError:
+        return None
+    version = torchgeo.__version__
+
+    class SarPatches(RasterDataset):
+        filename_glob = "hh_*.tif"
+        filename_regex = r"^hh_(?P<date>\d{8})_"
+        date_format = "%Y%m%d"
+        is_image = True
+
+    ds = SarPatches(paths=str(tiff_dir), transforms=Transform(mean, std))
+    sampler = RandomGeoSampler(ds, size=256, length=n)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                                     collate_fn=stack_samples, drop_last=True)  # fmt: skip
+    return (*timed(dl, workers), version)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/sarcube-bench-loader")
+    ap.add_argument("--quick", action="store_true", help="a small area (a smoke run)")
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # DataLoader workers use 1 thread; the in-process row too
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    shards = prepare(work, args.quick)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    pre = manifest["splits"]["pretrain"]
+    mean, std = pre["db_stats"]["mean"], pre["db_stats"]["std"]
+    epoch_samples = 1024 if args.quick else 4096
+    bench, reps = bench_manifest(shards, "pretrain", epoch_samples)
+    tiffs = write_geotiffs(
+        shards, "pretrain", work / f"tiffs-{'quick' if args.quick else 'default'}"
+    )
+    n_tiff = 256 if args.quick else 1024
+    print(f"pretrain split: {pre['samples']} patches in {len(pre['shards'])} shards "
+          f"({pre['bytes'] / 2**20:.1f} MiB), listed {reps}× per epoch; {len(tiffs)} GeoTIFFs", flush=True)  # fmt: skip
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    so = {
+        "key": "bench",
+        "secret": "bench",
+        "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
+    }
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
+    fs.mkdir("bench")
+    for p in [*sorted(shards.glob("*.tar")), bench]:
+        fs.put_file(str(p), f"bench/shards/{p.name}")
+
+    rows = []
+    torchgeo_missing = False
+
+    def add(source, loader, workers, res):
+        n, secs, cpu = res[0], res[1], res[2]
+        procs = max(workers, 1)
+        rows.append({"source": source, "loader": loader, "workers": workers, "samples": n,
+                     "seconds": round(secs, 2), "samples/s": round(n / secs, 1),
+                     "per process": round(n / secs / procs, 1), "loader CPU s": round(cpu, 2),
+                     "per CPU-s": round(n / cpu, 1)})  # fmt: skip
+        print(rows[-1], flush=True)
+
+    try:
+        for workers in (0, 1, 2):
+            add("shards, local disk", "ShardStream", workers,
+                run_shards(str(bench), workers, args.batch))  # fmt: skip
+        for workers in (1, 2):
+            add("shards, S3 (moto, in-process)", "ShardStream", workers,
+                run_shards("s3://bench/shards/manifest-bench.json", workers, args.batch, so))  # fmt: skip
+        for workers in (1, 2):
+            res = run_torchgeo(tiffs[0].parent, workers, args.batch, n_tiff, mean, std)
+            if res is None:
+                torchgeo_missing = True
+                break
+            add("GeoTIFF per patch, local", f"TorchGeo {res[2]} RasterDataset+RandomGeoSampler",
+                workers, res)  # fmt: skip
+        for workers in (1, 2):
+            add("GeoTIFF per patch, local", "rasterio windows (no TorchGeo)", workers,
+                run_rasterio(tiffs, workers, args.batch, n_tiff, mean, std))  # fmt: skip
+    finally:
+        server.stop()
+
+    def rate(source_prefix, loader_prefix, workers, key="per CPU-s"):
+        for r in rows:
+            if (r["source"].startswith(source_prefix) and r["loader"].startswith(loader_prefix)
+                    and r["workers"] == workers):  # fmt: skip
+                return r[key]
+        return None
+
+    for r in rows:  # ratios of per-process throughput per CPU-second (the machine is shared)
+        tg = rate("GeoTIFF", "TorchGeo", max(r["workers"], 1))
+        rio = rate("GeoTIFF", "rasterio", max(r["workers"], 1))
+        r["× TorchGeo"] = round(r["per CPU-s"] / tg, 1) if tg else ""
+        r["× rasterio"] = round(r["per CPU-s"] / rio, 1) if rio else ""
+    print()
+    print_table(rows, ["source", "loader", "workers", "samples", "seconds", "samples/s",
+                       "per process", "loader CPU s", "per CPU-s", "× TorchGeo", "× rasterio"])  # fmt: skip
+    local1 = rate("shards, local", "ShardStream", 1)
+    local1_wall = rate("shards, local", "ShardStream", 1, "per process")
+    tg1 = rate("GeoTIFF", "TorchGeo", 1)
+    local0 = rate("shards, local", "ShardStream", 0)
+    targets = {
+        "in_process_local_per_cpu_s": local0,
+        "worker_process_local_per_cpu_s": local1,
+        "per_process_local_ge_1000_per_cpu_s": local1 >= 1000,
+        "per_process_local_ge_1000_wall": local1_wall >= 1000,
+        "ge_10x_torchgeo_per_process": (local1 / tg1 >= 10) if tg1 else None,
+    }
+    print(f"\ntargets (1 worker process): local shards {local1} patches per CPU-second "
+          f"({local1_wall}/s wall on this shared machine; target ≥ 1000), {local0} in-process "
+          f"(no DataLoader transfer); vs TorchGeo: "
+          f"{'%.1f×' % (local1 / tg1) if tg1 else 'not measured'} (target ≥ 10×)")  # fmt: skip
+    if torchgeo_missing:
+        print("\n" + TORCHGEO_HINT)
+    write_results("loader" + ("-quick" if args.quick else ""), {
+        "batch_size": args.batch, "pretrain_patches": pre["samples"], "shards": len(pre["shards"]),
+        "epoch_listing_repeats": reps, "geotiffs": len(tiffs), "rows": rows, "targets": targets,
+        "torchgeo": "not installed: row skipped" if torchgeo_missing else "measured",
+        "notes": "2 shared CPU cores; S3 = moto ThreadedMotoServer in the benchmark process; local "
+                 "reads from the page cache; seconds include DataLoader start-up and the shuffle "
+                 "buffer fill; torch intra-op threads = 1",
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
