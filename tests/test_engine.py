@@ -1,0 +1,478 @@
+"""The training engine: configs and overrides, the lr schedule and weight-decay groups, launcher
+detection, exact resume, the non-finite loss guard, and checkpoints on S3 (read back with
+``weights_only=True``).
+
+These tests drive :class:`training.engine.Trainer` in-process with the tiny SimMIM at 256 px on a
+small deterministic in-memory data source (the shard stream is exercised in test_pretrain.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import distributed as tdist
+from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import Config, ConfigError, config_diff, load_config, profile_names
+from training.engine import (
+    NonFiniteLossError,
+    Trainer,
+    WarmupCosine,
+    build_optimizer,
+    build_scheduler,
+    param_groups_weight_decay,
+    scaled_lr,
+    step_generator,
+)
+from training.models import load_encoder_weights, swin_tiny
+from training.models.mixmae import mixmae_tiny
+from training.models.simmim import SimMIM
+from training.pretrain import build_model, make_task
+from training.sar_weight import sar_intensity_weight
+
+torch.set_num_threads(1)
+
+
+class SynthData:
+    """Deterministic batches from (seed, epoch, step): speckled two-level scenes, z-scored."""
+
+    def __init__(self, steps_per_epoch: int = 3, batch_size: int = 2, seed: int = 0) -> None:
+        self.steps_per_epoch, self.batch_size, self.seed = steps_per_epoch, batch_size, seed
+        self.mean, self.std = -12.0, 5.0
+
+    def batches(self, epoch: int, start_step: int = 0):
+        yy = torch.arange(256).view(1, 1, 256, 1).expand(self.batch_size, 1, 256, 256)
+        for i in range(start_step, self.steps_per_epoch):
+            g = torch.Generator().manual_seed(1000 * self.seed + 100 * epoch + i)
+            level = torch.where(yy < 64 + 32 * i, -20.0, -6.0)
+            db = level + 10 * torch.log10(torch.empty(level.shape).exponential_(generator=g) + 1e-3)
+            image = (db - self.mean) / self.std
+            yield {"image": image.float(), "weight": sar_intensity_weight(db),
+                   "key": [f"e{epoch}-s{i}-{b}" for b in range(self.batch_size)]}  # fmt: skip
+
+
+def tiny_cfg(*overrides: str) -> Config:
+    base = ["data.batch_size=2", "schedule.epochs=2", "schedule.warmup_epochs=1",
+            "optim.base_lr=0.256", "train.progress=false", "train.tensorboard=false",
+            "train.figure=false"]  # fmt: skip
+    return load_config("simmim_tiny", [*base, *overrides])
+
+
+def make_trainer(cfg: Config, out, data=None, **kw) -> Trainer:
+    model = build_model(cfg)
+    data = data or SynthData(batch_size=cfg.data.batch_size)
+    return Trainer(cfg, model, make_task(cfg, model, (data.mean, data.std)), data, str(out), **kw)
+
+
+def step_losses(metrics: Path) -> dict[int, float]:
+    lines = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    return {d["step"]: d["loss"] for d in lines if d["kind"] == "step"}
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+def test_profiles_hold_the_papers_recipes():
+    assert set(profile_names()) >= {"simmim_paper", "simmim_tiny", "mixmae_paper", "mixmae_tiny"}
+    s = load_config("simmim_paper")
+    assert (s.method, s.model.size, s.model.img_size, s.model.window_size) == (
+        "simmim",
+        "base",
+        256,
+        8,
+    )
+    assert (s.mask.ratio, s.mask.unit, s.loss.kind, s.loss.sar_weight) == (0.6, 16, "l1", True)
+    assert (s.data.batch_size, s.optim.base_lr, s.optim.weight_decay) == (256, 1.5e-4, 0.05)
+    assert (s.schedule.epochs, s.schedule.warmup_epochs, s.schedule.min_lr) == (800, 40, 0.0)
+    assert s.train.amp == "auto" and s.optim.lr_batch_base == 256
+    m = load_config("mixmae_paper")
+    assert (m.method, m.mask.ratio, m.mask.unit, m.optim.betas) == ("mixmae", 0.5, 32, [0.9, 0.95])
+    assert (m.optim.base_lr, m.optim.weight_decay, m.schedule.warmup_epochs) == (1.5e-4, 0.05, 40)
+    for name in ("simmim_tiny", "mixmae_tiny"):
+        t = load_config(name)
+        assert t.model.size == "tiny" and t.data.batch_size <= 8 and t.schedule.epochs <= 5
+    # short names completed by the method; --method overrides the profile's
+    assert load_config("tiny", method="mixmae").method == "mixmae"
+    assert load_config("paper").model.size == "base" and load_config("paper").method == "simmim"
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config("simmim_tiny", ["optim.base_lr=1e-3", "optim.betas=[0.9, 0.95]",
+                                      "train.max_steps=7", "optim.grad_clip=null", "seed=3",
+                                      "loss.sar_weight=false", "schedule.warmup_epochs=2",
+                                      "train.log_dir=/tmp/x"])  # fmt: skip
+    assert cfg.optim.base_lr == 1e-3 and isinstance(cfg.optim.base_lr, float)  # "1e-3": a YAML str
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.train.max_steps == 7 and cfg.seed == 3
+    assert cfg.optim.grad_clip is None and cfg.loss.sar_weight is False
+    assert cfg.schedule.warmup_epochs == 2.0 and cfg.train.log_dir == "/tmp/x"
+    # a YAML file of one's own, over the defaults
+    f = tmp_path / "mine.yaml"
+    f.write_text("method: mixmae\nmask: {ratio: 0.5, unit: 32}\noptim: {base_lr: 2.0e-4}\n")
+    mine = load_config(str(f), ["data.batch_size=4"])
+    assert (mine.method, mine.mask.unit, mine.optim.base_lr, mine.data.batch_size) == (
+        "mixmae",
+        32,
+        2e-4,
+        4,
+    )
+    assert mine.model.size == Config().model.size  # untouched keys keep the defaults
+    assert config_diff(mine, load_config(str(f), ["data.batch_size=4", "train.progress=false"]),
+                       ignore=("train",)) == {}  # fmt: skip
+    assert config_diff(mine, load_config(str(f))) == {"data.batch_size": (4, 256)}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.bse_lr=1", "unknown configuration key 'optim.bse_lr' (did you mean optim.base_lr"),
+        ("optimiser.base_lr=1", "unknown configuration key 'optimiser'"),
+        ("optim.base_lr=fast", "optim.base_lr: expected float, got 'fast'"),
+        ("train.max_steps=1.5", "train.max_steps: expected int or null, got 1.5"),
+        ("data.batch_size=null", "data.batch_size: expected int, got None"),
+        ("loss.kind=l3", "loss.kind: expected 'l1' | 'mse' | 'huber', got 'l3'"),
+        ("train.compile=yes-please", "train.compile: expected bool"),
+        ("optim.betas=0.9", "optim.betas: expected a list of float"),
+        ("model=tiny", "'model' is a section"),
+        ("optim.base_lr", "expected key=value"),
+        ("schedule.warmup_epochs=9", "schedule.warmup_epochs must be in [0, epochs=4]"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("simmim_tiny", [override])
+    assert message in str(e.value)
+
+
+def test_bad_files_and_profiles(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  learning_rate: 1.0e-3\n")
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml: unknown configuration key 'optim\.learning_rate'"
+    ):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match=r"not a file and not a profile .*simmim_tiny"):
+        load_config("simmim_huge")
+
+
+# -- learning rate, weight decay ----------------------------------------------------------------
+
+
+def test_lr_scaling_and_schedule_by_hand():
+    assert scaled_lr(1.5e-4, 256, 8, 1) == pytest.approx(1.2e-3)  # the papers' 8 x 256
+    assert scaled_lr(1.5e-4, 64, 2, 4) == pytest.approx(1.5e-4 * 512 / 256)
+
+    peak, floor, warm, total = 1e-3, 1e-5, 4, 12
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = build_optimizer([{"params": [p]}], peak)
+    sched = build_scheduler(opt, warm, total, peak, floor)
+    expect = [peak * (s + 1) / warm for s in range(warm)] + [
+        floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        for s in range(warm, total)
+    ]
+    assert expect[warm] == pytest.approx(peak)  # the cosine starts at the peak
+    got = []
+    for s in range(total):
+        got.append(opt.param_groups[0]["lr"])  # the lr update s uses
+        opt.step()
+        sched.step()
+        if s == 6:  # restorable mid-way from the state dicts (as the engine does)
+            opt2 = build_optimizer([{"params": [p]}], peak)
+            sched2 = build_scheduler(opt2, warm, total, peak, floor)
+            opt2.load_state_dict(opt.state_dict())
+            sched2.load_state_dict(sched.state_dict())
+            assert opt2.param_groups[0]["lr"] == sched.get_last_lr()[0] == expect[s + 1]
+            opt2.step()
+            sched2.step()
+            assert opt2.param_groups[0]["lr"] == pytest.approx(expect[s + 2], rel=1e-12)
+    assert got == pytest.approx(expect, rel=1e-12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(floor)  # at s = total: the floor
+    f = WarmupCosine(0, 10)
+    assert f(0) == 1.0 and f(10) == 0.0 and f(5) == pytest.approx(0.5)
+
+
+def test_trainer_lr_comes_from_global_batch(tmp_path):
+    cfg = tiny_cfg("optim.accum_steps=3", "optim.base_lr=0.1", "optim.lr_batch_base=100")
+    tr = make_trainer(cfg, tmp_path / "o", data=SynthData(steps_per_epoch=7))
+    assert tr.global_batch == 2 * 1 * 3 and tr.lr == pytest.approx(0.1 * 6 / 100)
+    assert tr.steps_per_epoch == 2  # 7 batches // 3 per step
+    assert tr.total_steps == 4 and tr.warmup_steps == 2
+
+
+def _groups(model):
+    groups = param_groups_weight_decay(model, 0.05)
+    by = {g["group_name"]: (g["weight_decay"], set(g["param_names"])) for g in groups}
+    return by["decay"], by["no_decay"]
+
+
+def test_weight_decay_skips_norms_biases_positions_and_mask_tokens():
+    model = SimMIM(swin_tiny())
+    (wd, decay), (wd0, no_decay) = _groups(model)
+    assert wd == 0.05 and wd0 == 0.0
+    named = dict(model.named_parameters())
+    assert decay | no_decay == set(named) and not decay & no_decay
+    assert {"mask_token", "encoder.absolute_pos_embed"} <= no_decay
+    assert all(named[n].ndim >= 2 for n in decay)
+    for n in named:
+        if n.endswith(".bias") or ".norm" in n or "norm1" in n or "norm2" in n:
+            assert n in no_decay, n
+        if "relative_position_bias_table" in n:
+            assert n in no_decay, n
+    assert "encoder.layers.2.blocks.0.attn.qkv.weight" in decay
+    assert "encoder.patch_embed.proj.weight" in decay and "decoder.0.weight" in decay
+
+    mix = mixmae_tiny()  # its sin-cos APE is frozen: in no group at all
+    (_, d2), (_, n2) = _groups(mix)
+    assert "encoder.absolute_pos_embed" not in d2 | n2
+    assert "mask_token" in n2 and "decoder_pos_embed" not in d2 | n2
+
+
+class LayerDecayTask:
+    """A task with its own parameter groups (as fine-tuning will have: layer-wise lr decay)."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+
+    def loss(self, model, batch, *, step, rank):
+        return self.task.loss(model, batch, step=step, rank=rank)
+
+    def param_groups(self, model, weight_decay, lr):
+        from training.layer_decay import param_groups_layer_decay
+
+        return param_groups_layer_decay(model, lr, weight_decay, layer_decay=0.7)
+
+
+def test_task_param_groups_keep_their_lr_scale_under_the_schedule(tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    tr = Trainer(cfg, model, LayerDecayTask(make_task(cfg, model)), SynthData(), str(tmp_path))
+    groups = tr.optimizer.param_groups
+    assert len(groups) > 2 and {g["lr_scale"] for g in groups} > {1.0}
+    first = 1 / tr.warmup_steps  # warm-up factor of update 0
+    for g in groups:
+        assert g["lr"] == pytest.approx(tr.lr * g["lr_scale"] * first)
+    tr.fit()
+    assert all(g["lr"] == pytest.approx(0.0, abs=1e-12) for g in groups)  # cosine to 0 at the end
+
+
+# -- launchers and per-step randomness ---------------------------------------------------------
+
+
+def test_rank_detection_from_launchers(tmp_path):
+    assert tdist.detect({}) == tdist.DistInfo()
+    t = tdist.detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0",
+                      "MASTER_PORT": "1234"})  # fmt: skip
+    assert (t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port, t.source) == (
+        3,
+        4,
+        1,
+        "h0",
+        1234,
+        "torchrun",
+    )
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("\nabci-node-7\nabci-node-8\n")
+    o = tdist.detect({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
+                      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "PBS_NODEFILE": str(nodefile)})  # fmt: skip
+    assert (o.rank, o.world_size, o.local_rank, o.master_addr, o.master_port, o.source) == (
+        5,
+        8,
+        1,
+        "abci-node-7",
+        29500,
+        "openmpi",
+    )
+    p = tdist.detect({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MASTER_ADDR": "m"})
+    assert (p.rank, p.world_size, p.local_rank, p.master_addr, p.source) == (2, 4, 0, "m", "pmi")
+    with pytest.raises(ValueError, match="rank 4 is not in"):
+        tdist.detect({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="not an integer"):
+        tdist.detect({"PMI_RANK": "x", "PMI_SIZE": "2"})
+    # a single process: no process group, the helpers act locally
+    info, dev = tdist.init_distributed("cpu", environ={})
+    assert info.world_size == 1 and dev.type == "cpu" and tdist.is_main()
+    assert tdist.all_reduce_mean(torch.tensor(3.0)).item() == 3.0
+
+
+def test_masks_depend_only_on_seed_step_and_rank():
+    a = torch.rand(5, generator=step_generator(0, 17, 1))
+    assert torch.equal(a, torch.rand(5, generator=step_generator(0, 17, 1)))
+    for other in ((1, 17, 1), (0, 18, 1), (0, 17, 0)):
+        assert not torch.equal(a, torch.rand(5, generator=step_generator(*other)))
+
+
+# -- exact resume ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_continues_exactly(tmp_path, accum):
+    """Uninterrupted N steps vs k steps + resume: per-step losses and final weights equal. Drop
+    path is on, so the restored RNG states matter as well as the per-step masks."""
+    over = (f"optim.accum_steps={accum}", "model.drop_path_rate=0.1")
+    spe = 3 * accum  # 3 optimiser steps per epoch, 2 epochs
+    full = make_trainer(tiny_cfg(*over), tmp_path / "full", data=SynthData(spe)).fit()
+    assert full.finished and full.step == 6 and len(full.losses) == 6
+
+    first = make_trainer(tiny_cfg(*over, "train.max_steps=4"), tmp_path / "split",
+                         data=SynthData(spe)).fit()  # fmt: skip
+    assert not first.finished and first.step == 4 and first.epoch == 1  # stopped mid-epoch 1
+    ck = load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
+    assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (4, 1, 1)
+    assert ck["data_position"] == {"epoch": 1, "batch": accum}
+    rest = make_trainer(tiny_cfg(*over), tmp_path / "split", data=SynthData(spe)).fit(resume=True)
+    assert rest.finished and rest.steps_taken == 2
+
+    assert first.losses + rest.losses == full.losses  # bit for bit
+    assert step_losses(tmp_path / "split" / "metrics.jsonl") == step_losses(
+        tmp_path / "full" / "metrics.jsonl"
+    )
+    s_full = json.loads((tmp_path / "full" / "ranks" / "rank-00000.json").read_text())
+    s_split = json.loads((tmp_path / "split" / "ranks" / "rank-00000.json").read_text())
+    assert s_full["param_sha256"] == s_split["param_sha256"]
+    a = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
+    b = load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+
+
+@pytest.mark.parametrize("method", ["simmim", "mixmae"])
+def test_weight_recomputed_from_the_image_equals_the_loaders(tmp_path, method):
+    losses = {}
+    for src in ("batch", "model"):
+        cfg = load_config(f"{method}_tiny", ["data.batch_size=2", "train.max_steps=1",
+                                             f"loss.weight_source={src}", "train.progress=false",
+                                             "train.tensorboard=false", "train.figure=false"])  # fmt: skip
+        losses[src] = make_trainer(cfg, tmp_path / src).fit().losses
+    assert losses["model"] == pytest.approx(losses["batch"], rel=1e-5)
+
+
+def test_no_silent_overwrite_and_resume_checks(tmp_path):
+    out = tmp_path / "run"
+    make_trainer(tiny_cfg("train.max_steps=1"), out).fit()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        make_trainer(tiny_cfg(), out).fit()
+    with pytest.raises(ValueError, match=r"optim\.base_lr: 0\.256 -> 0\.5"):
+        make_trainer(tiny_cfg("optim.base_lr=0.5"), out).fit(resume=True)
+    with pytest.raises(
+        ValueError, match=r"1 rank.s. with 3 steps per epoch, this run has 1 rank.s. with 4"
+    ):
+        make_trainer(tiny_cfg(), out, data=SynthData(4)).fit(resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        make_trainer(tiny_cfg(), tmp_path / "empty").fit(resume=True)
+
+
+# -- non-finite guard ---------------------------------------------------------------------------
+
+
+class NaNAt:
+    """Wraps a task: the loss of micro-step ``at`` becomes NaN (a test hook)."""
+
+    def __init__(self, task, at: int) -> None:
+        self.task, self.at = task, at
+
+    def loss(self, model, batch, *, step, rank):
+        loss = self.task.loss(model, batch, step=step, rank=rank)
+        return loss * float("nan") if step == self.at else loss
+
+
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(tmp_path):
+    cfg = tiny_cfg("train.ckpt_every_steps=2")
+    model = build_model(cfg)
+    data = SynthData()
+    tr = Trainer(cfg, model, NaNAt(make_task(cfg, model), at=4), data, str(tmp_path / "run"))
+    with pytest.raises(NonFiniteLossError) as e:
+        tr.fit()
+    ck = str(tmp_path / "run" / "checkpoint.pt")
+    msg = str(e.value)
+    assert (
+        "non-finite loss (nan) at step 5 (epoch 1)" in msg
+        and f"last good checkpoint is {ck}" in msg
+    )
+    assert e.value.step == 5 and e.value.checkpoint == ck
+    assert load_checkpoint(ck)["step"] == 4
+    assert all(
+        torch.isfinite(p).all() for p in model.parameters()
+    )  # the bad update was not applied
+    assert max(step_losses(tmp_path / "run" / "metrics.jsonl")) == 4
+
+    tr = Trainer(
+        cfg, build_model(cfg), NaNAt(make_task(cfg, model), at=0), data, str(tmp_path / "r2")
+    )
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 .*no checkpoint was written yet"):
+        tr.fit()
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_rng_state_round_trip_is_weights_only_safe():
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1)
+    np.random.seed(2)  # noqa: NPY002
+    random.seed(3)
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    expect = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    torch.rand(7), np.random.rand(9), random.random()  # noqa: NPY002
+    set_rng_state(state)
+    got = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    assert torch.equal(got[0], expect[0]) and (got[1] == expect[1]).all() and got[2] == expect[2]
+
+
+def test_checkpoint_on_s3_round_trip_and_resume(s3, tmp_path):
+    out = s3.url("runs/engine")
+    so = s3.storage_options
+    cfg = tiny_cfg("train.max_steps=2", f"train.log_dir={tmp_path / 'logs'}", "train.figure=true")
+    first = make_trainer(cfg, out, storage_options=so).fit()
+    fs = s3.fs()
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(f"{s3.bucket}/runs/engine")}
+    assert {"checkpoint.pt", "encoder.pth", "config.yaml", "metrics.jsonl", "reconstruction.png",
+            "rank-00000.json"} <= names  # fmt: skip
+    raw = fs.cat_file(f"{s3.bucket}/runs/engine/checkpoint.pt")
+    ck = torch.load(io.BytesIO(raw), weights_only=True)  # plain values only
+    assert ck["step"] == 2 and ck["config"]["optim"]["base_lr"] == 0.256
+    assert set(ck) >= {"model", "optimizer", "scheduler", "rng", "data_position", "config", "epoch"}
+    assert isinstance(ck["rng"][0]["python"]["internal"], list)
+    assert torch.is_tensor(ck["rng"][0]["numpy"]["keys"])
+    enc = swin_tiny()
+    enc_sd = torch.load(io.BytesIO(fs.cat_file(f"{s3.bucket}/runs/engine/encoder.pth")),
+                        weights_only=True)  # fmt: skip
+    report = load_encoder_weights(enc, enc_sd)
+    assert len(report.loaded) == len(enc.state_dict())
+
+    # resume from S3 (metrics fetched back when the local log is gone)
+    (tmp_path / "logs" / "metrics.jsonl").unlink()
+    cfg2 = tiny_cfg(f"train.log_dir={tmp_path / 'logs'}")
+    rest = make_trainer(cfg2, out, storage_options=so).fit(resume=True)
+    assert rest.step == 6 and rest.steps_taken == 4
+    uploaded = fs.cat_file(f"{s3.bucket}/runs/engine/metrics.jsonl").decode()
+    steps = [json.loads(ln)["step"] for ln in uploaded.splitlines() if '"kind": "step"' in ln]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (
+        first.losses == make_trainer(tiny_cfg("train.max_steps=2"), tmp_path / "local").fit().losses
+    )
+
+
+def test_local_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"a": torch.ones(3)}, str(path))
+    import training.checkpoint as tc
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tc.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"a": torch.zeros(3)}, str(path))
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))  # old one intact
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary left

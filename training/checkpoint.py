@@ -1,0 +1,148 @@
+"""Checkpoint files: atomic writes to a local path or any fsspec URL, safe loading, RNG states.
+
+A checkpoint is a plain nested dict of tensors, numbers, strings, lists and dicts, serialised
+with ``torch.save`` and read back with ``torch.load(weights_only=True)``: no pickled code runs
+on load. Everything that is not such a value is converted before saving: the numpy and Python
+random states become tensors, lists and ints (:func:`rng_state` / :func:`set_rng_state`), the
+config a plain dict.
+
+Writes are atomic: the whole file is serialised in memory, then
+
+- local paths: written to a temporary file in the destination directory, fsynced, and renamed
+  over the destination with ``os.replace``;
+- object stores (``s3://`` ...): uploaded with one ``pipe_file`` of the finished bytes (a single
+  PUT, or for very large files a multipart upload that only becomes visible when completed),
+
+so a crash never leaves a truncated checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from sarcube.storage import is_remote, url_to_fs
+
+__all__ = [
+    "exists",
+    "load_checkpoint",
+    "read_bytes",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "write_bytes",
+]
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` at ``url`` atomically (temp file + ``os.replace``, or one upload)."""
+    if not is_remote(url):
+        path = os.path.abspath(str(url).removeprefix("file://"))
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    fs, path = url_to_fs(url, storage_options)
+    fs.pipe_file(path, data)
+
+
+def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    fs, path = url_to_fs(url, storage_options)
+    return fs.cat_file(path)
+
+
+def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        return bool(fs.exists(path))
+    except FileNotFoundError:
+        return False
+
+
+def save_checkpoint(
+    obj: Mapping[str, Any], url: str, storage_options: Mapping[str, Any] | None = None
+) -> int:
+    """``torch.save(obj)`` to ``url`` atomically; returns the number of bytes written."""
+    buf = io.BytesIO()
+    torch.save(dict(obj), buf)
+    data = buf.getvalue()
+    write_bytes(url, data, storage_options)
+    return len(data)
+
+
+def load_checkpoint(
+    url: str, storage_options: Mapping[str, Any] | None = None, map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: nothing at ``url``.
+    """
+    if not exists(url, storage_options):
+        raise FileNotFoundError(f"no checkpoint at {url}")
+    data = read_bytes(url, storage_options)
+    return torch.load(io.BytesIO(data), weights_only=True, map_location=map_location)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random number generator states as weights_only-loadable values
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and every CUDA device), numpy and Python global RNG states, as tensors,
+    lists, ints and floats."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)  # noqa: NPY002
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.uint32).astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {
+            "version": int(py_version),
+            "internal": [int(v) for v in py_internal],
+            "gauss_next": None if py_gauss is None else float(py_gauss),
+        },
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only where devices match)."""
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    cuda = list(state.get("cuda") or [])
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in cuda])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    legacy = (n["name"], keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"]))
+    np.random.set_state(legacy)  # noqa: NPY002
+    p = state["python"]
+    random.setstate((int(p["version"]), tuple(int(v) for v in p["internal"]), p["gauss_next"]))

@@ -1,0 +1,246 @@
+"""Process-group setup for data-parallel training: torchrun, OpenMPI and PBS/PMI launches.
+
+Where the rank comes from (first match wins)::
+
+    torchrun / torch.distributed.run   RANK, WORLD_SIZE, LOCAL_RANK (MASTER_ADDR/PORT set by it)
+    OpenMPI mpirun                     OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE,
+                                       OMPI_COMM_WORLD_LOCAL_RANK
+    PMI (MPICH/Intel MPI hydra, PBS)   PMI_RANK, PMI_SIZE; local rank from MPI_LOCALRANKID,
+                                       PALS_LOCAL_RANKID or PMI_LOCAL_RANK (else rank mod the
+                                       GPUs of the node)
+    nothing                            one in-process worker (rank 0 of 1), no process group
+
+AIST's runs use ``mpirun`` on ABCI, which sets no ``MASTER_ADDR``: it is taken from the
+environment when the job script exports it (the usual ``export MASTER_ADDR=$(head -1
+$PBS_NODEFILE)``), else the first host of ``$PBS_NODEFILE``, else ``127.0.0.1`` for a single-node
+launch; ``MASTER_PORT`` defaults to 29500. The values found are written back to the environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) so that
+``init_process_group("env://")`` and anything else reading them agree.
+
+Backend: ``gloo`` on CPU, ``nccl`` on CUDA (one GPU per process, ``cuda:{local_rank}``). A world
+size of 1 never creates a process group: the helpers below then act on the single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "all_gather_object",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "detect",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_main",
+    "select_device",
+]
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job.
+
+    Attributes:
+        rank, world_size, local_rank: global rank, number of processes, rank within the node.
+        master_addr, master_port: rendezvous of rank 0 (``env://``).
+        source: which launcher the values came from: ``torchrun``, ``openmpi``, ``pmi`` or
+            ``single``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    source: str = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], *names: str) -> int | None:
+    for n in names:
+        v = env.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                raise ValueError(f"environment variable {n}={v!r} is not an integer") from None
+    return None
+
+
+def _pbs_head(env: Mapping[str, str]) -> str | None:
+    path = env.get("PBS_NODEFILE")
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                return line.strip()
+    return None
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistInfo:
+    """Rank, world size, local rank and rendezvous from the launcher's environment variables.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+
+    Raises:
+        ValueError: a non-integer variable, or a rank outside ``[0, world_size)``.
+    """
+    env = os.environ if environ is None else environ
+    if _int(env, "WORLD_SIZE") is not None and _int(env, "RANK") is not None:
+        source = "torchrun"
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local = _int(env, "LOCAL_RANK")
+    elif _int(env, "OMPI_COMM_WORLD_SIZE") is not None:
+        source = "openmpi"
+        rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+        local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK")
+    elif _int(env, "PMI_SIZE") is not None:
+        source = "pmi"
+        rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+        local = _int(env, "MPI_LOCALRANKID", "PALS_LOCAL_RANKID", "PMI_LOCAL_RANK")
+    else:
+        return DistInfo()
+    rank = 0 if rank is None else rank
+    assert world is not None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"{source}: rank {rank} is not in [0, world size {world})")
+    if local is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        local = rank % gpus if gpus else 0
+    addr = env.get("MASTER_ADDR") or _pbs_head(env) or "127.0.0.1"
+    port = _int(env, "MASTER_PORT") or DEFAULT_PORT
+    return DistInfo(rank, world, local, addr, port, source)
+
+
+def select_device(info: DistInfo, device: str = "auto") -> torch.device:
+    """``auto``: ``cuda:{local_rank}`` when CUDA is available, else CPU; otherwise as given
+    (``cpu``, ``cuda``, ``cuda:1``); a bare ``cuda`` means ``cuda:{local_rank}``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device(device)
+
+
+def init_distributed(
+    device: str | torch.device = "auto",
+    backend: str | None = None,
+    timeout_s: float = 1800.0,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[DistInfo, torch.device]:
+    """Detect the launch, pick the device and, for a world size above 1, join the process group.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or an explicit device (see :func:`select_device`).
+        backend: ``gloo`` / ``nccl``; default ``nccl`` on CUDA, ``gloo`` on CPU.
+        timeout_s: collective timeout.
+        environ: environment to read instead of ``os.environ`` (tests).
+
+    Returns:
+        ``(info, device)``. Calling it again in an initialised process returns the same values.
+    """
+    info = detect(environ)
+    dev = device if isinstance(device, torch.device) else select_device(info, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if info.world_size == 1 or (dist.is_available() and dist.is_initialized()):
+        return info, dev
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this PyTorch build")
+    os.environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = dev
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+    return info, dev
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single-process run)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns ``t`` (unchanged in a single process)."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, in place (sum / world size); returns ``t``."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in a single process)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,787 @@
+"""One training engine for pretraining (SAR-W-SimMIM, SAR-W-MixMAE) and fine-tuning.
+
+A readable, nanoGPT-style loop around three pluggable parts::
+
+    model   an nn.Module (SimMIM, MixMAE, a segmenter ...): what is optimised and checkpointed
+    task    task.loss(model, batch, step=, rank=) -> scalar loss; optional task.figure(...),
+            task.encoder(model) (exported as encoder.pth), task.param_groups(model, wd, lr)
+            (e.g. layer-wise lr decay for fine-tuning)
+    data    data.steps_per_epoch and data.loader(epoch, start_step) (or .batches): the batches of
+            one epoch from a given step on, deterministic in (seed, epoch), identical step
+            counts on every rank (``training.data.ShardStream``)
+
+Per optimiser step: ``optim.accum_steps`` micro-batches (DDP gradient sync only on the last),
+bf16 autocast on CUDA only (fp16 with a GradScaler on request), the loss averaged over
+micro-batches and ranks, a non-finite guard, gradient clipping, AdamW, then the learning-rate
+schedule.
+
+**Learning rate.** Peak ``lr = base_lr × (batch × world × accum) / lr_batch_base``. The schedule
+is a ``LambdaLR`` stepped once per optimiser step (restorable from its state dict): update ``s``
+(0-based) uses ``lr × f(s)`` with linear warm-up ``f(s) = (s + 1) / W`` for ``s < W`` and then
+cosine ``f(s) = r + (1 - r) · ½ (1 + cos(π (s - W) / (T - W)))`` down to ``r = min_lr / lr``
+at ``s = T``; ``W = round(warmup_epochs × steps/epoch)``, ``T = epochs × steps/epoch``.
+
+**Weight decay** applies to weight matrices / conv kernels only: every parameter with
+``ndim <= 1`` (norm weights, biases) and every name in ``model.no_weight_decay()`` (absolute and
+relative position tables, mask tokens), plus any name ending in one of
+:data:`NO_DECAY_SUFFIXES`, is in a ``weight_decay = 0`` group. Frozen parameters are left out.
+
+**Exact resume.** A checkpoint (``{out}/checkpoint.pt``) holds the model, optimiser, scheduler
+and scaler state, the step, epoch and position in the epoch (optimiser steps done in it; the data
+position is that × ``accum_steps`` batches), the running epoch loss, every rank's RNG states
+(torch CPU/CUDA, numpy, Python; as tensors and lists) and the config. Resuming restores them all
+and asks the data for the epoch's batches from that position on. Nothing random depends on
+history that a checkpoint cannot carry: masks come from generators seeded by
+``(seed, micro-step, rank)`` (:func:`step_generator`), batch fetching runs under a forked RNG
+seeded by ``(seed, epoch, rank)``, so DataLoader start-up does not consume the training RNG.
+On CPU the per-step losses after a resume equal those of an uninterrupted run bit for bit.
+
+**Outputs** under ``out`` (local directory or ``s3://...``), written atomically::
+
+    checkpoint.pt           latest full state (rank 0; torch.load(weights_only=True) safe)
+    checkpoint-epochNNNN.pt snapshots every ``train.keep_every_epochs`` epochs
+    encoder.pth             encoder state dict (SwinEncoder keys) when the run ends
+    config.yaml             the resolved config
+    metrics.jsonl           one line per logged step and per epoch (rank 0)
+    tb/                     TensorBoard events (rank 0)
+    reconstruction.png      the task's figure at the end (rank 0)
+    ranks/rank-NNNNN.json   per rank: steps per epoch, samples, parameter checksum
+
+Metrics and TensorBoard are written to a local directory (``out`` itself when local, else
+``train.log_dir`` or ``./runs/<name>``) and ``metrics.jsonl`` is uploaded with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from sarcube.storage import is_remote, join_url, url_to_fs
+
+from . import distributed as tdist
+from .checkpoint import (
+    exists,
+    load_checkpoint,
+    read_bytes,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_bytes,
+)
+from .config import Config, config_diff
+
+__all__ = [
+    "CHECKPOINT",
+    "ENCODER",
+    "NO_DECAY_SUFFIXES",
+    "DataSource",
+    "NonFiniteLossError",
+    "Task",
+    "TrainResult",
+    "Trainer",
+    "WarmupCosine",
+    "build_optimizer",
+    "build_scheduler",
+    "param_checksum",
+    "param_groups_weight_decay",
+    "scaled_lr",
+    "step_generator",
+    "step_seed",
+]
+
+log = logging.getLogger("training.engine")
+
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.pth"
+METRICS = "metrics.jsonl"
+FIGURE = "reconstruction.png"
+FORMAT = "sarcube-checkpoint/1"
+NO_DECAY_SUFFIXES: tuple[str, ...] = ("absolute_pos_embed", "pos_embed", "relative_position_bias_table",
+                                      "mask_token", "cls_token")  # fmt: skip
+# Keys that may change between a run and its resume (everything else must match the checkpoint).
+RESUME_MAY_CHANGE: tuple[str, ...] = ("train", "data.num_workers", "data.retries", "data.timeout",
+                                      "data.skip_errors")  # fmt: skip
+_TAG_MASK, _TAG_DATA = 0, 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols
+
+
+@runtime_checkable
+class Task(Protocol):
+    """How a batch becomes a loss. Optional: ``figure(model, batch, path)``, ``encoder(model)``,
+    ``param_groups(model, weight_decay, lr)`` (AdamW groups; a group's own ``lr``, e.g. from
+    ``training.layer_decay.param_groups_layer_decay(model, lr, ...)``, is kept and scheduled)."""
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Any], *, step: int, rank: int) -> Tensor:
+        """Scalar loss of one micro-batch; ``model`` is the (DDP/compiled) module to call,
+        ``step`` the global micro-step (seed masks with :func:`step_generator`)."""
+        ...
+
+
+class DataSource(Protocol):
+    steps_per_epoch: int
+
+    def loader(self, epoch: int, start_step: int = 0) -> Iterable[dict[str, Any]]: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; the run stopped before applying the update.
+
+    Attributes:
+        step: 1-based optimiser step whose loss was not finite.
+        epoch: its epoch.
+        checkpoint: URL of the last good checkpoint, or ``None`` if none was written.
+    """
+
+    def __init__(self, step: int, epoch: int, value: float, what: str, checkpoint: str | None):
+        self.step, self.epoch, self.value, self.checkpoint = step, epoch, value, checkpoint
+        last = (f"the last good checkpoint is {checkpoint} (resume from it with --resume, e.g. "
+                "with a lower optim.base_lr)" if checkpoint else
+                "no checkpoint was written yet")  # fmt: skip
+        super().__init__(f"non-finite {what} ({value}) at step {step} (epoch {epoch}); training "
+                         f"stopped before applying this update; {last}")  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` did (on this rank)."""
+
+    step: int  # optimiser steps completed in total
+    epoch: int  # epochs completed
+    steps_taken: int  # optimiser steps taken by this call
+    finished: bool  # all epochs done (False: stopped at train.max_steps)
+    last_loss: float | None
+    checkpoint: str | None  # last checkpoint written
+    encoder: str | None = None
+    figure: str | None = None
+    metrics: str | None = None  # local metrics.jsonl (rank 0)
+    losses: list[float] = field(default_factory=list)  # per step, this call
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate, parameter groups, optimiser
+
+
+def scaled_lr(base_lr: float, batch_size: int, world_size: int = 1, accum_steps: int = 1,
+              lr_batch_base: int = 256) -> float:  # fmt: skip
+    """``base_lr × batch_size × world_size × accum_steps / lr_batch_base`` (linear scaling)."""
+    return base_lr * batch_size * world_size * accum_steps / lr_batch_base
+
+
+class WarmupCosine:
+    """LR factor of update ``step`` (0-based): linear warm-up ``(step + 1) / warmup``, then cosine
+    from 1 to ``min_ratio`` at ``total``; ``min_ratio`` after ``total``.
+
+    A callable object (not a closure) so that ``LambdaLR.state_dict()`` stores its numbers.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
+        if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+            raise ValueError(
+                f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})"
+            )
+        self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if step >= self.total_steps:
+            return self.min_ratio
+        span = max(self.total_steps - self.warmup_steps, 1)
+        p = (step - self.warmup_steps) / span
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                    peak_lr: float, min_lr: float = 0.0) -> LambdaLR:  # fmt: skip
+    """Per-step warm-up + cosine ``LambdaLR`` (factor of each group's initial lr)."""
+    ratio = min_lr / peak_lr if peak_lr > 0 else 0.0
+    return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, ratio))
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    fn = getattr(model, "no_weight_decay", None)
+    return set(fn()) if callable(fn) else set()
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float,
+                              skip: Iterable[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
+    """Two AdamW groups: ``decay`` (matrices, kernels) and ``no_decay`` (``ndim <= 1``, names in
+    ``model.no_weight_decay()`` or ``skip``, names ending in :data:`NO_DECAY_SUFFIXES`).
+
+    Each group has ``params``, ``param_names``, ``weight_decay`` and ``group_name``; frozen
+    parameters are left out; an empty group is dropped.
+    """
+    skip_names = _no_decay_names(model) | set(skip)
+    decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": weight_decay,
+                             "group_name": "decay"}  # fmt: skip
+    no_decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": 0.0,
+                                "group_name": "no_decay"}  # fmt: skip
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        last = name.rsplit(".", 1)[-1]
+        off = p.ndim <= 1 or name in skip_names or last in skip_names or last in NO_DECAY_SUFFIXES
+        g = no_decay if off else decay
+        g["params"].append(p)
+        g["param_names"].append(name)
+    return [g for g in (decay, no_decay) if g["params"]]
+
+
+def build_optimizer(groups: list[dict[str, Any]], lr: float, betas: Sequence[float] = (0.9, 0.999),
+                    eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW over ``groups``; a group's own ``lr`` (layer decay) is kept, others get ``lr``."""
+    for g in groups:
+        g.setdefault("lr", lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic per-step randomness
+
+
+def step_seed(seed: int, step: int, rank: int, tag: int = _TAG_MASK) -> int:
+    """A 63-bit seed from ``(seed, step, rank, tag)`` (numpy SeedSequence hashing)."""
+    words = np.random.SeedSequence([int(seed), int(step), int(rank), int(tag)]).generate_state(2)
+    return (int(words[0]) << 32 | int(words[1])) & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, step: int, rank: int, tag: int = _TAG_MASK,
+                   device: str | torch.device = "cpu") -> torch.Generator:  # fmt: skip
+    """A fresh ``torch.Generator`` seeded from ``(seed, step, rank, tag)``: the random masks of
+    micro-step ``step`` on ``rank``, independent of anything drawn before (exact resume)."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank, tag))
+
+
+def param_checksum(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes, sorted by name)."""
+    h = hashlib.sha256()
+    for name, t in sorted(_unwrap(model).state_dict().items()):
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}:{a.dtype}:{tuple(a.shape)}".encode())
+        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricsLog:
+    """JSONL + TensorBoard on rank 0 (a no-op elsewhere)."""
+
+    def __init__(self, log_dir: Path | None, tensorboard: bool, resume_step: int | None) -> None:
+        self.path = None if log_dir is None else log_dir / METRICS
+        self.tb = None
+        if self.path is None:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:  # keep what the checkpointed part of the run logged; drop lines after it
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            keep = [
+                ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(log_dir / "tb"),
+                                    purge_step=None if resume_step is None else resume_step + 1)  # fmt: skip
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            kind, step = record["kind"], record["step"]
+            for k, v in record.items():
+                if k not in ("kind", "step", "epoch", "time") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` with ``task`` under ``cfg`` (see the module docstring).
+
+    Args:
+        cfg: the run's :class:`~training.config.Config` (``optim``, ``schedule``, ``train``,
+            ``seed`` and ``data.batch_size`` are read here).
+        model: the module to train, on the CPU or already on ``device``.
+        task: a :class:`Task`.
+        data: a :class:`DataSource` of this rank.
+        out: output directory or URL (checkpoints, encoder, metrics, figure).
+        storage_options: fsspec options for ``out``.
+        dist_info: this process's place (default: detected; a world size above 1 needs an
+            initialised process group, see :func:`training.distributed.init_distributed`).
+        device: where to train (default: ``cfg.train.device`` resolved).
+        extra_state: small plain values stored in every checkpoint (e.g. the manifest URL).
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module, task: Task, data: DataSource, out: str,
+                 storage_options: Mapping[str, Any] | None = None,
+                 dist_info: tdist.DistInfo | None = None, device: torch.device | None = None,
+                 extra_state: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.task = task
+        self.data = data
+        self.out = str(out).rstrip("/")
+        if not is_remote(self.out):
+            self.out = os.path.abspath(self.out.removeprefix("file://"))
+        self.so = dict(storage_options or {})
+        self.info = dist_info or tdist.detect()
+        self.rank, self.world = self.info.rank, self.info.world_size
+        self.main = self.rank == 0
+        self.device = device or tdist.select_device(self.info, cfg.train.device)
+        self.extra_state = dict(extra_state or {})
+        if self.world > 1 and not tdist.get_world_size() == self.world:
+            raise RuntimeError(f"world size {self.world} but no matching process group: call "
+                               "training.distributed.init_distributed() first")  # fmt: skip
+
+        t = cfg.train
+        cuda = self.device.type == "cuda"
+        amp = t.amp if t.amp != "auto" else ("bf16" if cuda else "off")
+        if amp != "off" and not cuda:
+            log.warning(
+                "train.amp=%s ignored on %s: mixed precision is used on CUDA only", amp, self.device
+            )
+            amp = "off"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        if t.deterministic:
+            if cuda:  # cuBLAS reads it when its first handle is made (the first matmul)
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+
+        # model -> device (-> channels_last) ; optimiser on the raw parameters ; DDP ; compile
+        self.model = model.to(self.device)
+        self.channels_last = bool(t.channels_last and cuda)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.accum = cfg.optim.accum_steps
+        self.global_batch = cfg.data.batch_size * self.world * self.accum
+        self.lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, self.world, self.accum,
+                            cfg.optim.lr_batch_base)  # fmt: skip
+        groups_fn = getattr(task, "param_groups", None)
+        groups = (groups_fn(self.model, cfg.optim.weight_decay, self.lr) if callable(groups_fn)
+                  else param_groups_weight_decay(self.model, cfg.optim.weight_decay))  # fmt: skip
+        self.optimizer = build_optimizer(groups, self.lr, cfg.optim.betas, cfg.optim.eps,
+                                         fused=True if cuda else None)  # fmt: skip
+        self.steps_per_epoch = int(data.steps_per_epoch) // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the data gives {data.steps_per_epoch} batches per epoch, fewer "
+                             f"than optim.accum_steps = {self.accum}")  # fmt: skip
+        self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
+        self.warmup_steps = min(round(cfg.schedule.warmup_epochs * self.steps_per_epoch),
+                                self.total_steps)  # fmt: skip
+        self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps,
+                                         self.lr, cfg.schedule.min_lr)  # fmt: skip
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Swin's buffers (relative position index, window masks) are constant: no per-forward
+            # buffer broadcast (the keyword was renamed in torch 2.12).
+            sync_kw = ("forward_sync_buffers" if "forward_sync_buffers"
+                       in inspect.signature(DDP.__init__).parameters else "broadcast_buffers")  # fmt: skip
+            self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None,
+                           **{sync_kw: False})  # fmt: skip
+        if t.compile:
+            self.net = torch.compile(self.net)
+
+        self.ckpt_url = join_url(self.out, CHECKPOINT)
+        self.last_checkpoint: str | None = None
+        self.log_dir = self._log_dir() if self.main else None
+
+    # -- small helpers ------------------------------------------------------------------------
+
+    def _log_dir(self) -> Path:
+        if self.cfg.train.log_dir:
+            return Path(self.cfg.train.log_dir).expanduser().absolute()
+        if not is_remote(self.out):
+            return Path(self.out)
+        name = self.out.split("://", 1)[1].strip("/").replace("/", "_")
+        return Path("runs") / name
+
+    def _url(self, name: str) -> str:
+        return join_url(self.out, name)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(self.device, non_blocking=True)
+                if self.channels_last and v.ndim == 4:
+                    v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        return out
+
+    def _fetch(self, it: Iterator[dict[str, Any]], epoch: int) -> dict[str, Any]:
+        """Next batch, under a forked RNG seeded by (seed, epoch, rank): whatever the loader
+        draws from the global torch RNG (DataLoader start-up) is the same on a resume and does
+        not shift the training RNG."""
+        with torch.random.fork_rng(devices=[]):  # CPU generator only: leave CUDA's alone
+            torch.default_generator.manual_seed(
+                step_seed(self.cfg.seed, epoch, self.rank, _TAG_DATA)
+            )
+            return next(it)
+
+    def _epoch_batches(self, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
+        loader = getattr(self.data, "loader", None)
+        src = (
+            loader(epoch, start_step) if callable(loader) else self.data.batches(epoch, start_step)
+        )
+        return iter(src)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The checkpoint of the current state (RNG states of every rank; a collective call)."""
+        rngs = tdist.all_gather_object(rng_state())
+        return {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": int(state["step"]),
+            "epoch": int(state["epoch"]),
+            "step_in_epoch": int(state["step_in_epoch"]),
+            "data_position": {
+                "epoch": int(state["epoch"]),
+                "batch": int(state["step_in_epoch"]) * self.accum,
+            },
+            "epoch_loss_sum": float(state["epoch_loss_sum"]),
+            "epoch_steps": int(state["epoch_steps"]),
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world,
+            "global_batch": self.global_batch,
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+            "extra": self.extra_state,
+            "time": time.time(),
+        }
+
+    def save(self, state: Mapping[str, Any], snapshot: str | None = None) -> str:
+        """Write ``checkpoint.pt`` (and a snapshot copy) atomically from rank 0; all ranks wait."""
+        ck = self.state_dict(state)
+        if self.main:
+            save_checkpoint(ck, self.ckpt_url, self.so)
+            if snapshot:
+                save_checkpoint(ck, self._url(snapshot), self.so)
+            if self.log_dir is not None and is_remote(self.out):
+                path = self.log_dir / METRICS
+                if path.exists():
+                    write_bytes(self._url(METRICS), path.read_bytes(), self.so)
+        tdist.barrier()
+        self.last_checkpoint = self.ckpt_url
+        return self.ckpt_url
+
+    def _restore(self, ck: Mapping[str, Any]) -> dict[str, Any]:
+        if ck.get("format") != FORMAT:
+            raise ValueError(
+                f"{self.ckpt_url}: not a sarcube checkpoint (format {ck.get('format')!r})"
+            )
+        diff = config_diff(ck["config"], self.cfg, ignore=RESUME_MAY_CHANGE)
+        if diff:
+            lines = "; ".join(
+                f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items())
+            )
+            raise ValueError(f"cannot resume from {self.ckpt_url}: the config differs from the "
+                             f"checkpoint's in {lines} (only train.* and data loader settings "
+                             "may change on a resume)")  # fmt: skip
+        if ck["world_size"] != self.world or ck["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"cannot resume from {self.ckpt_url} exactly: it was written by "
+                             f"{ck['world_size']} rank(s) with {ck['steps_per_epoch']} steps per "
+                             f"epoch, this run has {self.world} rank(s) with {self.steps_per_epoch}")  # fmt: skip
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        for group, lr in zip(
+            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr  # LambdaLR.load_state_dict does not touch the optimiser
+        if self.scaler is not None and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.last_checkpoint = self.ckpt_url
+        self._pending_rng = ck["rng"][self.rank]
+        return {
+            k: ck[k] for k in ("step", "epoch", "step_in_epoch", "epoch_loss_sum", "epoch_steps")
+        }
+
+    # -- one optimiser step -------------------------------------------------------------------
+
+    def train_step(self, it: Iterator[dict[str, Any]], state: Mapping[str, Any]
+                   ) -> tuple[float, float | None, dict[str, Any]]:  # fmt: skip
+        """Accumulate ``accum_steps`` micro-batches, check, clip and update.
+
+        Returns ``(loss averaged over micro-batches and ranks, grad norm or None, last batch)``.
+
+        Raises:
+            NonFiniteLossError: before the update, on every rank alike.
+        """
+        self.net.train()
+        step, epoch = int(state["step"]), int(state["epoch"])
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        batch: dict[str, Any] = {}
+        for micro in range(self.accum):
+            batch = self._to_device(self._fetch(it, epoch))
+            sync = micro == self.accum - 1 or self.world == 1
+            ctx = (
+                self.net.no_sync()
+                if not sync and hasattr(self.net, "no_sync")
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                with self._autocast():
+                    loss = self.task.loss(
+                        self.net, batch, step=step * self.accum + micro, rank=self.rank
+                    )
+                scaled = loss.float() / self.accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+        loss_avg = tdist.all_reduce_mean(loss_sum / self.accum)
+        value = float(loss_avg)
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(step + 1, epoch, value, "loss", self.last_checkpoint)
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+            grad_norm = float(gn)
+            if not math.isfinite(grad_norm) and self.scaler is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(step + 1, epoch, grad_norm, "gradient norm",
+                                         self.last_checkpoint)  # fmt: skip
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return value, grad_norm, batch
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _begin(self, resume: bool) -> dict[str, Any]:
+        """The loop state: restored from the checkpoint, or fresh (with per-rank RNG seeds)."""
+        cfg = self.cfg
+        self._pending_rng = None
+        if resume:
+            ck = load_checkpoint(self.ckpt_url, self.so)
+            return self._restore(ck)
+        if exists(self.ckpt_url, self.so):
+            raise FileExistsError(f"{self.ckpt_url} exists: pass --resume to continue that run, "
+                                  "or choose another output")  # fmt: skip
+        torch.manual_seed(step_seed(cfg.seed, 0, self.rank, 2))  # per-rank training RNG
+        np.random.seed(step_seed(cfg.seed, 0, self.rank, 3) % 2**32)  # noqa: NPY002
+        random.seed(step_seed(cfg.seed, 0, self.rank, 4))
+        return {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_steps": 0}
+
+    def _checkpoint_due(self, state: Mapping[str, Any], epoch_end: bool, last: bool) -> bool:
+        t = self.cfg.train
+        return bool(last
+                    or (t.ckpt_every_steps and state["step"] % t.ckpt_every_steps == 0)
+                    or (epoch_end and state["epoch"] % max(t.ckpt_every_epochs, 1) == 0))  # fmt: skip
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to the end of ``schedule.epochs`` (or ``train.max_steps``); see the module doc.
+
+        Args:
+            resume: continue from ``{out}/checkpoint.pt`` exactly. Without it, an existing
+                checkpoint there is an error (nothing is overwritten by accident).
+        """
+        cfg, t = self.cfg, self.cfg.train
+        state = self._begin(resume)
+        if self.main:
+            write_bytes(self._url("config.yaml"), cfg.to_yaml().encode(), self.so)
+            local = self.log_dir / METRICS
+            if (
+                resume
+                and is_remote(self.out)
+                and not local.exists()
+                and exists(self._url(METRICS), self.so)
+            ):
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(read_bytes(self._url(METRICS), self.so))
+        metrics = MetricsLog(self.log_dir, t.tensorboard, state["step"] if resume else None)
+        if self._pending_rng is not None:  # after everything that may draw from the RNGs
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        bar = None
+        if self.main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=state["step"], desc=cfg.method,
+                       dynamic_ncols=True, leave=False)  # fmt: skip
+
+        losses: list[float] = []  # this call's per-step losses
+        per_epoch: dict[str, int] = {}  # steps this process took per epoch
+        last_batch: dict[str, Any] | None = None
+        stopped = t.max_steps is not None and state["step"] >= t.max_steps  # nothing left to do
+        try:
+            while state["epoch"] < cfg.schedule.epochs and not stopped:
+                epoch, first = state["epoch"], state["step_in_epoch"]
+                it = self._epoch_batches(epoch, first * self.accum)
+                t_epoch = time.perf_counter()
+                try:
+                    for _ in range(first, self.steps_per_epoch):
+                        # -- one optimiser step
+                        t0 = time.perf_counter()
+                        lr = self._lr_of_step(state["step"])  # the lr this update uses
+                        loss, gnorm, last_batch = self.train_step(it, state)
+                        dt = time.perf_counter() - t0
+                        state["step"] += 1
+                        state["step_in_epoch"] += 1
+                        state["epoch_loss_sum"] += loss
+                        state["epoch_steps"] += 1
+                        losses.append(loss)
+                        per_epoch[str(epoch)] = per_epoch.get(str(epoch), 0) + 1
+                        epoch_end = state["step_in_epoch"] == self.steps_per_epoch
+                        # -- metrics
+                        if state["step"] % t.log_every == 0 or epoch_end:
+                            metrics.write({"kind": "step", "step": state["step"], "epoch": epoch,
+                                           "loss": loss, "lr": lr, "grad_norm": gnorm,
+                                           "img_per_s": self.global_batch / dt, "time": time.time()})  # fmt: skip
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                        if epoch_end:
+                            secs = time.perf_counter() - t_epoch
+                            done = self.steps_per_epoch - first
+                            metrics.write({"kind": "epoch", "step": state["step"], "epoch": epoch,
+                                           "loss": state["epoch_loss_sum"] / state["epoch_steps"],
+                                           "img_per_s": self.global_batch * done / secs,
+                                           "seconds": secs, "time": time.time()})  # fmt: skip
+                            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0,
+                                         epoch_steps=0)  # fmt: skip
+                        # -- checkpoint, stop
+                        finished = state["epoch"] >= cfg.schedule.epochs
+                        stopped = (
+                            not finished
+                            and t.max_steps is not None
+                            and state["step"] >= t.max_steps
+                        )
+                        if self._checkpoint_due(state, epoch_end, finished or stopped):
+                            keep = (
+                                epoch_end
+                                and t.keep_every_epochs
+                                and state["epoch"] % t.keep_every_epochs == 0
+                            )
+                            self.save(
+                                state, f"checkpoint-epoch{state['epoch']:04d}.pt" if keep else None
+                            )
+                        if stopped:
+                            break
+                finally:
+                    close = getattr(it, "close", None)
+                    if callable(close):
+                        close()
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+
+        result = TrainResult(step=state["step"], epoch=state["epoch"], steps_taken=len(losses),
+                             finished=not stopped, last_loss=losses[-1] if losses else None,
+                             checkpoint=self.last_checkpoint,
+                             metrics=str(metrics.path) if metrics.path else None, losses=losses)  # fmt: skip
+        samples = len(losses) * cfg.data.batch_size * self.accum
+        self._finish(result, per_epoch, samples, last_batch)
+        return result
+
+    def _lr_of_step(self, step: int) -> float:
+        """Peak-group lr used by (0-based) update ``step``."""
+        base = max(self.scheduler.base_lrs)
+        return base * self.scheduler.lr_lambdas[0](step)
+
+    def _finish(self, result: TrainResult, per_epoch: Mapping[str, int], samples: int,
+                last_batch: Mapping[str, Any] | None) -> None:  # fmt: skip
+        """Encoder export, figure, per-rank summary, TensorBoard upload."""
+        t = self.cfg.train
+        if self.main:
+            enc_fn = getattr(self.task, "encoder", None)
+            encoder = (
+                enc_fn(self.model) if callable(enc_fn) else getattr(self.model, "encoder", None)
+            )
+            if isinstance(encoder, nn.Module):
+                url = self._url(ENCODER)
+                save_checkpoint({k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+                                url, self.so)  # fmt: skip
+                result.encoder = url
+            fig_fn = getattr(self.task, "figure", None)
+            if t.figure and callable(fig_fn) and last_batch is not None:
+                local = (Path(self.out) if not is_remote(self.out) else self.log_dir) / FIGURE
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fig_fn(self.model, last_batch, str(local))
+                if is_remote(self.out):
+                    write_bytes(self._url(FIGURE), local.read_bytes(), self.so)
+                result.figure = self._url(FIGURE)
+            if is_remote(self.out) and self.log_dir is not None:
+                path = self.log_dir / METRICS
+                if path.exists():
+                    write_bytes(self._url(METRICS), path.read_bytes(), self.so)
+                tb = self.log_dir / "tb"
+                if tb.is_dir():
+                    fs, root = url_to_fs(self._url("tb"), self.so)
+                    for f in tb.rglob("*"):
+                        if f.is_file():
+                            fs.pipe_file(f"{root}/{f.relative_to(tb).as_posix()}", f.read_bytes())
+        if t.rank_summary:
+            summary = {"rank": self.rank, "world_size": self.world, "host": socket.gethostname(),
+                       "device": str(self.device), "step": result.step, "epoch": result.epoch,
+                       "steps_taken": result.steps_taken, "steps_per_epoch": dict(per_epoch),
+                       "samples": samples, "last_loss": result.last_loss,
+                       "param_sha256": param_checksum(self.model)}  # fmt: skip
+            write_bytes(self._url(f"ranks/rank-{self.rank:05d}.json"),
+                        json.dumps(summary, indent=1).encode(), self.so)  # fmt: skip
+        tdist.barrier()
