@@ -19,7 +19,7 @@ from .sampling import SamplingParams, sample_patches
 from .shards import write_shards
 from .synth import synthesize
 
-STAGES = ("synth", "ingest", "sample", "shards")
+STAGES = ("synth", "ingest", "sample", "shards", "pretrain")
 # The paper draws 1,000,000 anchors over Japan (~4·10⁹ cells per slice); the demo area has
 # 6.6·10⁶ cells, so ~2,000 anchors keep a comparable density (and leave room for balancing).
 DEMO_ANCHORS = 2000
@@ -114,6 +114,28 @@ def run_demo(
     summary["stages"]["shards"] = {"seconds": round(time.perf_counter() - t0, 1), "shards": shard_counts,
                                    "manifest": str(out / "shards" / "manifest.json")}  # fmt: skip
 
+    t0 = time.perf_counter()
+    print(
+        f"[5/{n}] pretrain: SAR-W-SimMIM, tiny Swin, on the pretrain shards (a few minutes on CPU)",
+        flush=True,
+    )
+    # The model side is imported only here: the sarcube library itself never imports training.
+    from training.pretrain import main as pretrain_main
+
+    run_dir = out / "pretrain"
+    argv = ["--config", "simmim_tiny", "--manifest", str(out / "shards" / "manifest.json"), "--out", str(run_dir),
+            "schedule.epochs=3", "data.num_workers=0"]  # fmt: skip
+    if (run_dir / "checkpoint.pt").exists():
+        argv.append(
+            "--resume"
+        )  # a finished run resumes to "finished" at once; an interrupted one goes on
+    status = pretrain_main(argv)
+    if status != 0:
+        raise RuntimeError(f"pretraining failed (exit status {status}); see the messages above")
+    summary["stages"]["pretrain"] = {"seconds": round(time.perf_counter() - t0, 1), "run": str(run_dir),
+                                     "encoder": str(run_dir / "encoder.pth"),
+                                     "figure": str(run_dir / "reconstruction.png")}  # fmt: skip
+
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\ndemo outputs under {out}/:")
     print(
@@ -126,5 +148,8 @@ def run_demo(
         "  index.parquet               the patch index; index_report.{md,json,png}: class shares, anchors, α"
     )
     print("  shards/                     WebDataset shards ({split}-NNNNNN.tar) and manifest.json")
+    print(
+        "  pretrain/                   checkpoint.pt, encoder.pth, metrics.jsonl, tb/, reconstruction.png"
+    )
     print("  summary.json                what each stage wrote and how long it took")
     return summary
