@@ -310,7 +310,7 @@ def main() -> None:
             if res is None:
                 torchgeo_missing = True
                 break
-            add("GeoTIFF per patch, local", f"TorchGeo {res[2]} RasterDataset+RandomGeoSampler",
+            add("GeoTIFF per patch, local", f"TorchGeo {res[3]} RasterDataset+RandomGeoSampler",
                 workers, res)  # fmt: skip
         for workers in (1, 2):
             add("GeoTIFF per patch, local", "rasterio windows (no TorchGeo)", workers,
