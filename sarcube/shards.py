@@ -72,7 +72,6 @@ import math
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,7 +93,7 @@ from .index import (
     read_index,
     write_index,
 )
-from .storage import is_remote, join_url, redact, url_to_fs
+from .storage import is_local_fs, is_remote, join_url, put_bytes, redact, url_to_fs
 
 log = logging.getLogger("sarcube.shards")
 
@@ -306,31 +305,6 @@ def _read_bytes(fs, path: str) -> bytes | None:
         return None
 
 
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-def put_bytes(fs, path: str, data: bytes) -> None:
-    """Write ``data`` at ``path`` atomically: temp file + os.replace locally, one upload remotely."""
-    if _is_local(fs):
-        directory, name = os.path.split(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
-
-
 def write_shard(cube_url: str, storage_options: Mapping[str, Any] | None, out_url: str,
                 plan: ShardPlan, patch: int = 256) -> dict[str, Any]:  # fmt: skip
     """Write (or keep) one shard; returns its name, samples, bytes, sha256, dB sums and whether
@@ -480,7 +454,7 @@ def _prepare_destination(out_url: str, so: Mapping[str, Any]) -> None:
     fs, path = url_to_fs(out_url, so)
     where = f"{out_url} (storage options {redact(so)})" if so else out_url
     try:
-        if _is_local(fs):
+        if is_local_fs(fs):
             if os.path.exists(path) and not os.path.isdir(path):
                 raise NotADirectoryError(f"{path} is a file")
             os.makedirs(path, exist_ok=True)

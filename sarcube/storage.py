@@ -64,6 +64,39 @@ def local_output(url: str, storage_options: Mapping[str, Any] | None = None) -> 
         os.replace(tmp, dest)
 
 
+def is_local_fs(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def put_bytes(fs, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` of an fsspec filesystem atomically: a temp file + ``os.replace``
+    locally, one upload (a single PUT, or a multipart upload completed at once) remotely."""
+    if not is_local_fs(fs):
+        fs.pipe_file(path, data)
+        return
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` at a URL (local path or ``s3://…``) atomically; see ``put_bytes``."""
+    fs, path = url_to_fs(url, storage_options)
+    put_bytes(fs, path, data)
+
+
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
     """``["key=value", ...]`` from the CLI -> s3fs storage options.
 

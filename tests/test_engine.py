@@ -466,12 +466,12 @@ def test_checkpoint_on_s3_round_trip_and_resume(s3, tmp_path):
 def test_local_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     save_checkpoint({"a": torch.ones(3)}, str(path))
-    import training.checkpoint as tc
+    import sarcube.storage as storage  # checkpoints are written by sarcube.storage.write_bytes
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tc.os, "replace", boom)
+    monkeypatch.setattr(storage.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"a": torch.zeros(3)}, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))  # old one intact

@@ -19,16 +19,15 @@ so a crash never leaves a truncated checkpoint where a good one was.
 from __future__ import annotations
 
 import io
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from sarcube.storage import is_remote, url_to_fs
+from sarcube.storage import url_to_fs
+from sarcube.storage import write_bytes as storage_write_bytes
 
 __all__ = [
     "exists",
@@ -41,32 +40,9 @@ __all__ = [
 ]
 
 
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
 def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write ``data`` at ``url`` atomically (temp file + ``os.replace``, or one upload)."""
-    if not is_remote(url):
-        path = os.path.abspath(str(url).removeprefix("file://"))
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return
-    fs, path = url_to_fs(url, storage_options)
-    fs.pipe_file(path, data)
+    storage_write_bytes(url, data, storage_options)
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
