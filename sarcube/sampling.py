@@ -45,6 +45,8 @@ from .index import (
     write_index,
 )
 
+SHORT_NAMES = {1: "water", 2: "built-up", 3: "paddy", 4: "cropland", 5: "grassland", 6: "DBF", 7: "DNF",
+               8: "EBF", 9: "ENF", 10: "bare", 11: "bamboo", 12: "solar", 13: "wetland", 14: "greenhouse"}  # fmt: skip
 NCODES = 16  # histogram bins 0..15 (0 = no data; 15 reserved for newer releases)
 
 
@@ -468,14 +470,7 @@ def plot_shares(report: Mapping[str, Any], path: str | Path) -> None:
             width,
             label="whole cube" if s == "cube" else s,
         )
-    ax.set_xticks(
-        x,
-        [
-            f"{c}\n{report['class_names'].get(c, report['class_names'].get(str(c)))[:10]}"
-            for c in codes
-        ],
-        fontsize=7,
-    )
+    ax.set_xticks(x, [f"{c}\n{SHORT_NAMES[c]}" for c in codes], fontsize=8)
     ax.set_ylabel("share of labelled pixels [%]")
     ax.set_yscale("log")
     ax.set_title("Class shares before (whole cube) and after category-aware sampling")
