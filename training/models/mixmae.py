@@ -73,7 +73,7 @@ from training.mixing import (
     unmix_reconstruction,
     unpatchify,
 )
-from training.models.swin import SwinEncoder
+from training.models.swin import SWIN_BASE, SWIN_TINY, SwinEncoder
 from training.sar_weight import WEIGHT_DOMAINS, sar_intensity_weight
 
 __all__ = [
@@ -442,35 +442,15 @@ def mixmae_base(**kwargs: Any) -> MixMAE:
     """SAR-W-MixMAE with the Swin-B encoder of :func:`training.models.swin.swin_base` (embed 128,
     depths 2/2/18/2, heads 4/8/16/32, window 8, patch 4, 256 px, 1 channel) and the MixMAE decoder
     (512 wide, 8 blocks, 16 heads). ``kwargs`` override any argument."""
-    cfg: dict[str, Any] = dict(
-        embed_dim=128,
-        depths=(2, 2, 18, 2),
-        num_heads=(4, 8, 16, 32),
-        window_size=8,
-        patch_size=4,
-        img_size=256,
-        in_chans=1,
-        decoder_dim=512,
-        decoder_depth=8,
-        decoder_heads=16,
+    return MixMAE(
+        **{**SWIN_BASE, "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16, **kwargs}
     )
-    return MixMAE(**{**cfg, **kwargs})
 
 
 def mixmae_tiny(**kwargs: Any) -> MixMAE:
     """A tiny MixMAE for tests and CPU smoke runs: the encoder of
     :func:`training.models.swin.swin_tiny` (embed 32, depths 1/1/2/1, heads 1/2/4/8, window 8,
     patch 4, 256 px, 1 channel) and a small decoder (64 wide, 1 block, 2 heads)."""
-    cfg: dict[str, Any] = dict(
-        embed_dim=32,
-        depths=(1, 1, 2, 1),
-        num_heads=(1, 2, 4, 8),
-        window_size=8,
-        patch_size=4,
-        img_size=256,
-        in_chans=1,
-        decoder_dim=64,
-        decoder_depth=1,
-        decoder_heads=2,
+    return MixMAE(
+        **{**SWIN_TINY, "decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2, **kwargs}
     )
-    return MixMAE(**{**cfg, **kwargs})

@@ -224,32 +224,21 @@ class SwinEncoder(nn.Module):
             stage.grad_checkpointing = enable
 
 
+# Encoder sizes, shared by SimMIM (SwinEncoder) and MixMAE (training/models/mixmae.py).
+SWIN_BASE: dict[str, Any] = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                                 window_size=8, patch_size=4, img_size=256, in_chans=1)  # fmt: skip
+SWIN_TINY: dict[str, Any] = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                                 window_size=8, patch_size=4, img_size=256, in_chans=1)  # fmt: skip
+
+
 def swin_base(**kwargs: Any) -> SwinEncoder:
     """Swin-B as in DESIGN section 7: embed 128, depths 2/2/18/2, heads 4/8/16/32, window 8,
     patch 4, 256 px, 1 channel (about 87 M parameters). ``kwargs`` override any argument."""
-    cfg: dict[str, Any] = dict(
-        embed_dim=128,
-        depths=(2, 2, 18, 2),
-        num_heads=(4, 8, 16, 32),
-        window_size=8,
-        patch_size=4,
-        img_size=256,
-        in_chans=1,
-    )
-    return SwinEncoder(**{**cfg, **kwargs})
+    return SwinEncoder(**{**SWIN_BASE, **kwargs})
 
 
 def swin_tiny(**kwargs: Any) -> SwinEncoder:
     """A tiny Swin for tests and smoke runs on CPU: embed 32, depths 1/1/2/1, heads 1/2/4/8,
     window 8, patch 4, 256 px, 1 channel. Same stage layout as Swin-B (grids 64/32/16/8 at 256 px),
     with one shifted-window block (stage 2). ``kwargs`` override any argument."""
-    cfg: dict[str, Any] = dict(
-        embed_dim=32,
-        depths=(1, 1, 2, 1),
-        num_heads=(1, 2, 4, 8),
-        window_size=8,
-        patch_size=4,
-        img_size=256,
-        in_chans=1,
-    )
-    return SwinEncoder(**{**cfg, **kwargs})
+    return SwinEncoder(**{**SWIN_TINY, **kwargs})
