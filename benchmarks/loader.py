@@ -10,8 +10,17 @@
 2. The same patches of the pretraining split as GeoTIFFs, one 256 × 256 float32 file per patch
    (``hh_YYYYMMDD_<patch id>.tif``, EPSG:4326, its bounds from the sample's JSON): the input a
    ``torchgeo.datasets.RasterDataset`` indexes.
-3. Loaders, each producing the same batches of ``--batch`` patches: image (z-scored with the
-   manifest's statistics), SAR intensity weight, random rot90/flips, as float32 tensors:
+3. Loaders, each producing the same batches of ``--batch`` patches, in the two places the
+   per-sample arithmetic can happen (``prepare``):
+
+   - ``device`` (what training uses): the loader decodes and applies random rot90/flips and ships
+     the augmented dB (float16 for the shards, float32 as TorchGeo reads it); z-score, no-data
+     fill and SAR weight happen in the training step on the accelerator. The CPU cost of that
+     step when there is no accelerator is measured separately ("finish on CPU").
+   - ``worker``: the loader also makes the float32 image (z-scored with the manifest's
+     statistics) and SAR intensity weight.
+
+   The loaders:
 
    - ``training.data.ShardStream`` (task "pretrain") over local shards and over an S3 server
      (moto ``ThreadedMotoServer`` started here, in this process: it shares the 2 cores with the
@@ -65,7 +74,7 @@ TORCHGEO_HINT = (
 # Data
 
 
-def prepare(work: Path, quick: bool) -> Path:
+def make_data(work: Path, quick: bool) -> Path:
     """Synthesize → ingest → sample → shards (cached); returns the shard directory."""
     from sarcube.ingestion import ingest
     from sarcube.sampling import SamplingParams, sample_patches
@@ -140,15 +149,18 @@ def write_geotiffs(shards: Path, split: str, out: Path) -> list[Path]:
 
 
 class Transform:
-    """rot90/flips keyed by a counter, z-score, no-data fill, weight: as ``ShardStream`` does."""
+    """rot90/flips keyed by a counter (``prepare="device"``: only that), then z-score, no-data
+    fill, weight (``prepare="worker"``): as ``ShardStream`` does."""
 
-    def __init__(self, mean: float, std: float):
-        self.mean, self.std = mean, std
+    def __init__(self, mean: float, std: float, prepare: str = "worker"):
+        self.mean, self.std, self.prepare = mean, std, prepare
         self.n = 0
 
     def tensors(self, db: np.ndarray) -> dict[str, torch.Tensor]:
         self.n += 1
         db = np.ascontiguousarray(apply_augmentation(db, *augmentation(0, 0, str(self.n))))
+        if self.prepare == "device":
+            return {"sar": torch.from_numpy(db)[None]}  # (1, H, W) dB
         x = torch.from_numpy(db).float()[None]  # (1, H, W)
         valid = torch.isfinite(x)
         x.masked_fill_(~valid, self.mean)
@@ -198,27 +210,43 @@ def timed(loader, workers: int) -> tuple[int, float, float]:
     c0, t0 = _cpu(who), time.perf_counter()
     n = 0
     for b in loader:
-        n += len(b["image"])
-        assert b["image"].shape[1:] == (1, 256, 256) and b["weight"].dtype == torch.float32
+        x = b["sar"] if "sar" in b else b["image"]
+        n += len(x)
+        assert x.shape[1:] == (1, 256, 256) and ("sar" in b or b["weight"].dtype == torch.float32)
     seconds = time.perf_counter() - t0
     del loader  # workers joined (DataLoader iterators shut down at the end of the epoch)
     return n, seconds, _cpu(who) - c0
 
 
-def run_shards(manifest: str, workers: int, batch: int, so=None) -> tuple[int, float]:
+def run_shards(manifest: str, workers: int, batch: int, prepare: str, so=None):
     s = ShardStream(manifest, "pretrain", batch_size=batch, num_workers=workers, task="pretrain",
-                    storage_options=so, shuffle_buffer=256)  # fmt: skip
+                    storage_options=so, shuffle_buffer=256, prepare=prepare)  # fmt: skip
     return timed(s.loader(0), workers)
 
 
-def run_rasterio(paths, workers: int, batch: int, n: int, mean: float, std: float):
-    ds = RasterioPatches(paths, n, Transform(mean, std))
+def run_finish(manifest: str, batch: int, steps: int = 40) -> tuple[int, float, float]:
+    """``ShardStream.finish`` on CPU in this process (what ``prepare="device"`` leaves to the
+    training step; on a GPU it is a few element-wise kernels)."""
+    s = ShardStream(manifest, "pretrain", batch_size=batch, task="pretrain", prepare="device")
+    compact = []
+    for b in s.batches(0):
+        compact.append(b)
+        if len(compact) == steps:
+            break
+    c0, t0 = _cpu(resource.RUSAGE_SELF), time.perf_counter()
+    n = sum(len(s.finish(b)["image"]) for b in compact)
+    return n, time.perf_counter() - t0, _cpu(resource.RUSAGE_SELF) - c0
+
+
+def run_rasterio(paths, workers: int, batch: int, n: int, mean: float, std: float, prepare: str):
+    ds = RasterioPatches(paths, n, Transform(mean, std, prepare))
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
                                      drop_last=True)  # fmt: skip
     return timed(dl, workers)
 
 
-def run_torchgeo(tiff_dir: Path, workers: int, batch: int, n: int, mean: float, std: float):
+def run_torchgeo(tiff_dir: Path, workers: int, batch: int, n: int, mean: float, std: float,
+                 prepare: str):  # fmt: skip
     try:
         import torchgeo
         from torchgeo.datasets import RasterDataset, stack_samples
@@ -233,7 +261,7 @@ def run_torchgeo(tiff_dir: Path, workers: int, batch: int, n: int, mean: float, 
         date_format = "%Y%m%d"
         is_image = True
 
-    ds = SarPatches(paths=str(tiff_dir), transforms=Transform(mean, std))
+    ds = SarPatches(paths=str(tiff_dir), transforms=Transform(mean, std, prepare))
     sampler = RandomGeoSampler(ds, size=256, length=n)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
                                      collate_fn=stack_samples, drop_last=True)  # fmt: skip
@@ -255,7 +283,7 @@ def main() -> None:
     torch.set_num_threads(1)  # DataLoader workers use 1 thread; the in-process row too
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    shards = prepare(work, args.quick)
+    shards = make_data(work, args.quick)
     manifest = json.loads((shards / "manifest.json").read_text())
     pre = manifest["splits"]["pretrain"]
     mean, std = pre["db_stats"]["mean"], pre["db_stats"]["std"]
@@ -289,65 +317,80 @@ def main() -> None:
     rows = []
     torchgeo_missing = False
 
-    def add(source, loader, workers, res):
+    def add(source, loader, prepare, workers, res):
         n, secs, cpu = res[0], res[1], res[2]
         procs = max(workers, 1)
-        rows.append({"source": source, "loader": loader, "workers": workers, "samples": n,
-                     "seconds": round(secs, 2), "samples/s": round(n / secs, 1),
+        rows.append({"source": source, "loader": loader, "prepare": prepare, "workers": workers,
+                     "samples": n, "seconds": round(secs, 2), "samples/s": round(n / secs, 1),
                      "per process": round(n / secs / procs, 1), "loader CPU s": round(cpu, 2),
                      "per CPU-s": round(n / cpu, 1)})  # fmt: skip
         print(rows[-1], flush=True)
 
     try:
-        for workers in (0, 1, 2):
-            add("shards, local disk", "ShardStream", workers,
-                run_shards(str(bench), workers, args.batch))  # fmt: skip
-        for workers in (1, 2):
-            add("shards, S3 (moto, in-process)", "ShardStream", workers,
-                run_shards("s3://bench/shards/manifest-bench.json", workers, args.batch, so))  # fmt: skip
-        for workers in (1, 2):
-            res = run_torchgeo(tiffs[0].parent, workers, args.batch, n_tiff, mean, std)
-            if res is None:
-                torchgeo_missing = True
-                break
-            add("GeoTIFF per patch, local", f"TorchGeo {res[3]} RasterDataset+RandomGeoSampler",
-                workers, res)  # fmt: skip
-        for workers in (1, 2):
-            add("GeoTIFF per patch, local", "rasterio windows (no TorchGeo)", workers,
-                run_rasterio(tiffs, workers, args.batch, n_tiff, mean, std))  # fmt: skip
+        for prepare in ("device", "worker"):
+            for workers in (0, 1, 2):
+                add("shards, local disk", "ShardStream", prepare, workers,
+                    run_shards(str(bench), workers, args.batch, prepare))  # fmt: skip
+            for workers in (1, 2):
+                add("shards, S3 (moto, in-process)", "ShardStream", prepare, workers,
+                    run_shards("s3://bench/shards/manifest-bench.json", workers, args.batch,
+                               prepare, so))  # fmt: skip
+            for workers in (1, 2):
+                res = run_torchgeo(tiffs[0].parent, workers, args.batch, n_tiff, mean, std, prepare)
+                if res is None:
+                    torchgeo_missing = True
+                    break
+                add("GeoTIFF per patch, local",
+                    f"TorchGeo {res[3]} RasterDataset+RandomGeoSampler", prepare, workers, res)  # fmt: skip
+            for workers in (1, 2):
+                add("GeoTIFF per patch, local", "rasterio windows (no TorchGeo)", prepare, workers,
+                    run_rasterio(tiffs, workers, args.batch, n_tiff, mean, std, prepare))  # fmt: skip
+        add("compact batches in memory", "ShardStream.finish on CPU (no GPU here)", "device", 0,
+            run_finish(str(bench), args.batch))  # fmt: skip
     finally:
         server.stop()
 
-    def rate(source_prefix, loader_prefix, workers, key="per CPU-s"):
+    def rate(source_prefix, loader_prefix, workers, key="per CPU-s", prepare="device"):
         for r in rows:
             if (r["source"].startswith(source_prefix) and r["loader"].startswith(loader_prefix)
-                    and r["workers"] == workers):  # fmt: skip
+                    and r["workers"] == workers and r["prepare"] == prepare):  # fmt: skip
                 return r[key]
         return None
 
-    for r in rows:  # ratios of per-process throughput per CPU-second (the machine is shared)
-        tg = rate("GeoTIFF", "TorchGeo", max(r["workers"], 1))
-        rio = rate("GeoTIFF", "rasterio", max(r["workers"], 1))
-        r["× TorchGeo"] = round(r["per CPU-s"] / tg, 1) if tg else ""
-        r["× rasterio"] = round(r["per CPU-s"] / rio, 1) if rio else ""
+    for r in rows:  # ratios of per-process throughput per CPU-second, same prepare mode
+        w, prep = max(r["workers"], 1), r["prepare"]
+        tg = rate("GeoTIFF", "TorchGeo", w, prepare=prep)
+        rio = rate("GeoTIFF", "rasterio", w, prepare=prep)
+        loader_row = r["source"].startswith(("shards", "GeoTIFF"))
+        r["× TorchGeo"] = round(r["per CPU-s"] / tg, 1) if tg and loader_row else ""
+        r["× rasterio"] = round(r["per CPU-s"] / rio, 1) if rio and loader_row else ""
     print()
-    print_table(rows, ["source", "loader", "workers", "samples", "seconds", "samples/s",
+    print_table(rows, ["source", "loader", "prepare", "workers", "samples", "seconds", "samples/s",
                        "per process", "loader CPU s", "per CPU-s", "× TorchGeo", "× rasterio"])  # fmt: skip
-    local1 = rate("shards, local", "ShardStream", 1)
-    local1_wall = rate("shards, local", "ShardStream", 1, "per process")
-    tg1 = rate("GeoTIFF", "TorchGeo", 1)
-    local0 = rate("shards, local", "ShardStream", 0)
-    targets = {
-        "in_process_local_per_cpu_s": local0,
-        "worker_process_local_per_cpu_s": local1,
-        "per_process_local_ge_1000_per_cpu_s": local1 >= 1000,
-        "per_process_local_ge_1000_wall": local1_wall >= 1000,
-        "ge_10x_torchgeo_per_process": (local1 / tg1 >= 10) if tg1 else None,
-    }
-    print(f"\ntargets (1 worker process): local shards {local1} patches per CPU-second "
-          f"({local1_wall}/s wall on this shared machine; target ≥ 1000), {local0} in-process "
-          f"(no DataLoader transfer); vs TorchGeo: "
-          f"{'%.1f×' % (local1 / tg1) if tg1 else 'not measured'} (target ≥ 10×)")  # fmt: skip
+    targets = {}
+    for prep in ("device", "worker"):
+        local1 = rate("shards, local", "ShardStream", 1, prepare=prep)
+        local1_wall = rate("shards, local", "ShardStream", 1, "per process", prep)
+        tg1 = rate("GeoTIFF", "TorchGeo", 1, prepare=prep)
+        local0 = rate("shards, local", "ShardStream", 0, prepare=prep)
+        targets[prep] = {
+            "in_process_local_per_cpu_s": local0,
+            "worker_process_local_per_cpu_s": local1,
+            "worker_process_local_wall_per_s": local1_wall,
+            "per_process_local_ge_1000_per_cpu_s": local1 >= 1000,
+            "per_process_local_ge_1000_wall": local1_wall >= 1000,
+            "x_torchgeo_per_process": round(local1 / tg1, 1) if tg1 else None,
+            "ge_10x_torchgeo_per_process": (local1 / tg1 >= 10) if tg1 else None,
+        }
+        print(f"\ntargets, prepare={prep} (1 worker process): local shards {local1} patches per "
+              f"CPU-second ({local1_wall}/s wall on this shared machine; target ≥ 1000), {local0} "
+              f"in-process (no DataLoader transfer); vs TorchGeo: "
+              f"{'%.1f×' % (local1 / tg1) if tg1 else 'not measured'} (target ≥ 10×)")  # fmt: skip
+    fin = rows[-1]
+    print(
+        f"finish on CPU (z-score + weight + fill, the training step's share with "
+        f"prepare=device when there is no GPU): {fin['per CPU-s']} patches per CPU-second"
+    )
     if torchgeo_missing:
         print("\n" + TORCHGEO_HINT)
     write_results("loader" + ("-quick" if args.quick else ""), {

@@ -315,6 +315,37 @@ def test_normalisation_and_weight(dataset, split, task, stats_of):
     torch.testing.assert_close(b["weight"], sar_intensity_weight(b["image"], 2.0, "normalized"))
 
 
+@pytest.mark.parametrize("task,split,workers", [("pretrain", "pretrain", 0), ("lulc", "train", 2),
+                                                 ("water", "val", 0)])  # fmt: skip
+def test_device_prepare_ships_float16_and_finishes_identically(dataset, task, split, workers):
+    """prepare="device": the loader ships float16 dB + uint8 labels, ``finish`` makes the same
+    batch the worker path makes (checked against the shards' own arrays, not the other path)."""
+    _, truth = dataset
+    lut = {"lulc": nine_class_lut(), "water": water_lut()}.get(task)
+    full = stream(dataset, split, task=task, seed=5, num_workers=workers)
+    compact = stream(dataset, split, task=task, seed=5, num_workers=workers, prepare="device")
+    got_full, got_compact = list(full.loader(0)), list(compact.loader(0))
+    assert len(got_compact) == len(full)
+    finished = []
+    for b in got_compact:
+        assert b["sar"].dtype == torch.float16 and tuple(b["sar"].shape) == (2, 1, P, P)
+        assert ("label" in b) == (task != "pretrain") and "image" not in b
+        for i, key in enumerate(b["key"]):
+            aug = _apply(truth[key][0], *augmentation(5, 0, key))
+            np.testing.assert_array_equal(b["sar"][i, 0].numpy(), aug)  # NaN positions too
+            if lut is not None:
+                assert b["label"].dtype == torch.uint8
+                np.testing.assert_array_equal(b["label"][i].numpy(), lut[_apply(truth[key][1], *augmentation(5, 0, key))])  # fmt: skip
+        finished.append(compact.finish(b))
+    same_batches(finished, got_full)
+    assert all(b["label"].dtype == torch.int64 for b in finished if "label" in b)
+    # a finished batch passes through finish unchanged
+    again = compact.finish(finished[0])
+    assert all(torch.equal(again[k], finished[0][k]) for k in ("image", "weight", "valid"))
+    with pytest.raises(ValueError, match="prepare"):
+        stream(dataset, split, prepare="gpu")
+
+
 @pytest.mark.parametrize("k", [0.0, 1.0, 2.5])
 def test_fast_weight_equals_sar_intensity_weight(k):
     g = torch.Generator().manual_seed(0)

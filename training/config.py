@@ -107,6 +107,9 @@ class DataConfig:
     skip_errors: int = 0
     retries: int = 3
     timeout: float = 60.0
+    # where the z-score, SAR weight map and int64 labels are made: "device" (the training step,
+    # on the GPU; loaders ship float16 dB) or "worker" (the loader processes)
+    prepare: Literal["device", "worker"] = "device"
 
 
 @dataclass

@@ -15,6 +15,17 @@ handler with retries (``register_fsspec_opener``). It yields batch dicts::
                                    255 = ignore (JAXA code 0 or no SAR data); absent for "pretrain"
     key     list[str]              patch ids (the samples' ``__key__``)
 
+With ``prepare="device"`` (what training uses) the loader processes stop after decoding and
+augmenting and ship a compact batch, a third of the bytes::
+
+    sar     (B, 1, P, P) float16   augmented dB, NaN = no data
+    label   (B, P, P)    uint8     task classes (before the no-data → 255 step)
+    key     list[str]
+
+and ``ShardStream.finish(batch, device)`` makes the batch above on the device (the training
+engine calls it; on a GPU the weight map then costs the loaders nothing). Both paths run the
+same ``finish`` code, so their batches are identical on CPU.
+
 Statistics: ``task="pretrain"`` z-scores with the manifest's ``pretrain`` split ``db_stats``;
 the fine-tuning tasks use the ``train`` split's statistics for train, val and test alike
 (``stats_split`` overrides).
@@ -110,6 +121,7 @@ from sarcube.shards import read_manifest, shard_urls
 from .sar_weight import WEIGHT_DOMAINS
 
 __all__ = [
+    "PREPARE",
     "TASKS",
     "DataError",
     "SampleError",
@@ -127,6 +139,7 @@ __all__ = [
 log = logging.getLogger("training.data")
 
 TASKS = ("pretrain", "lulc", "water")
+PREPARE = ("worker", "device")  # where the z-score, weight map and int64 labels are made
 MIB = 2**20
 # WebDataset's own handlers that stay in place (everything else fsspec knows goes through ours)
 _NATIVE_SCHEMES = frozenset({"pipe", "http", "https", "ais", "sftp", "ftps", "scp", "htgs", "hf"})
@@ -560,6 +573,9 @@ class ShardStream:
         stats_split: split whose ``db_stats`` z-score the input (default per task, see above).
         retries, timeout, backoff, block_size: the opener's settings (``register_fsspec_opener``).
         pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader.
+        prepare: ``worker`` (batches are complete) or ``device`` (compact batches: ``sar``
+            float16 dB + uint8 ``label``; the consumer calls ``finish(batch, device)``, as the
+            training engine does, so that the z-score and weight map run on the GPU).
     """
 
     def __init__(
@@ -587,7 +603,10 @@ class ShardStream:
         pin_memory: bool = False,
         prefetch_factor: int | None = 2,
         multiprocessing_context: Any = None,
+        prepare: str = "worker",
     ) -> None:
+        if prepare not in PREPARE:
+            raise ValueError(f"prepare must be one of {PREPARE}, got {prepare!r}")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if weight_domain not in WEIGHT_DOMAINS:
@@ -616,6 +635,7 @@ class ShardStream:
         self.skip_errors = int(skip_errors)
         self.pin_memory, self.prefetch_factor = bool(pin_memory), prefetch_factor
         self.multiprocessing_context = multiprocessing_context
+        self.prepare = prepare
         self.stats: dict[str, Any] = _empty_stats()
 
         manifest = read_manifest(self.manifest_url, self.storage_options)
@@ -827,10 +847,14 @@ class ShardStream:
         return arr
 
     def collate(self, epoch: int, raw: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Decode, augment, normalise and weight raw samples into one batch dict."""
+        """Decode and augment raw samples into one batch dict; with ``prepare="worker"`` also
+        normalise and weight it (``finish``), else leave that to the consumer's device."""
         n, p = len(raw), self.patch
-        sar = np.empty((n, p, p), np.float16)
-        lab = np.empty((n, p, p), np.uint8) if self.with_labels else None
+        shared = get_worker_info() is not None
+        sar_t = _empty((n, 1, p, p), torch.float16, shared)
+        sar = sar_t.numpy()[:, 0]  # (B, P, P) view
+        lab_t = _empty((n, p, p), torch.uint8, shared) if self.with_labels else None
+        lab = None if lab_t is None else lab_t.numpy()
         keys = []
         for i, s in enumerate(raw):
             key = s.get("__key__")
@@ -842,29 +866,60 @@ class ShardStream:
                 y = None if y is None else apply_augmentation(y, *t)
             sar[i] = x
             if lab is not None:
-                lab[i] = y
+                np.take(self.lut, y, out=lab[i], mode="clip")  # JAXA code -> task class
             keys.append(key)
-        # finite <=> exponent bits not all ones (much faster than isfinite on float16)
-        valid_np = (sar.view(np.uint16) & 0x7C00) != 0x7C00  # (B, P, P)
-        all_valid = bool(valid_np.all())
-        shared = get_worker_info() is not None
-        image = _empty((n, 1, p, p), torch.float32, shared)
-        weight = _empty((n, 1, p, p), torch.float32, shared)
-        valid = _empty((n, 1, p, p), torch.bool, shared)
-        valid.copy_(torch.from_numpy(valid_np).unsqueeze(1))
-        # in chunks of a few samples, so that the chain of element-wise passes stays in cache
-        for a in range(0, n, _CHUNK):
-            b = min(a + _CHUNK, n)
-            x = torch.from_numpy(sar[a:b]).unsqueeze(1).float()  # (c, 1, P, P) dB
+        out: dict[str, Any] = {"sar": sar_t, "key": keys}
+        if lab_t is not None:
+            out["label"] = lab_t
+        return out if self.prepare == "device" else self.finish(out)
+
+    def finish(
+        self, batch: Mapping[str, Any], device: torch.device | str | None = None
+    ) -> dict[str, Any]:
+        """The full batch (``image``, ``weight``, ``valid``, ``label`` int64, ``key``; see the
+        module doc) on ``device`` (default CPU) from a compact one (``sar`` (B, 1, P, P) float16
+        augmented dB with NaN for no data, ``label`` (B, P, P) uint8 task classes, ``key``).
+
+        With ``prepare="device"`` the loader ships the compact batch (a third of the bytes of the
+        full one) and the training step calls this on the GPU: the z-score and weight map then
+        cost the loader processes nothing. A batch that is already full is only moved.
+        """
+        device = torch.device("cpu" if device is None else device)
+        if "sar" not in batch:
+            return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in batch.items()}  # fmt: skip
+        sar = batch["sar"].to(device, non_blocking=True)  # (B, 1, P, P) float16 dB
+        n, shape = sar.shape[0], tuple(sar.shape)
+        cpu = device.type == "cpu"
+        shared = cpu and get_worker_info() is not None
+
+        def empty(dtype: torch.dtype) -> torch.Tensor:
+            return _empty(shape, dtype, shared) if cpu else torch.empty(shape, dtype=dtype,
+                                                                       device=device)  # fmt: skip
+
+        image, weight, valid = empty(torch.float32), empty(torch.float32), empty(torch.bool)
+        if cpu:  # finite <=> exponent bits not all ones (much faster than isfinite on float16)
+            torch.ne(sar.view(torch.int16).bitwise_and(0x7C00), 0x7C00, out=valid)
+        else:
+            torch.isfinite(sar, out=valid)
+        all_valid = bool(valid.all())
+        # on CPU in chunks of a few samples, so that the chain of element-wise passes stays in
+        # cache; on a GPU in one go
+        step = _CHUNK if cpu else n
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            x = sar[a:b].float()  # (c, 1, P, P) dB
             if not all_valid:
                 x.masked_fill_(~valid[a:b], self.mean)
             torch.sub(x, self.mean, out=image[a:b]).div_(self.std)
             src = x if self.weight_domain == "db" else image[a:b]
             intensity_weight(src, self.weight_k, out=weight[a:b])
-        out: dict[str, Any] = {"image": image, "weight": weight, "valid": valid, "key": keys}
-        if lab is not None:
-            label = _empty((n, p, p), torch.int64, shared)
-            label.copy_(torch.from_numpy(np.take(self.lut, lab)))  # (B, P, P)
+        out: dict[str, Any] = {"image": image, "weight": weight, "valid": valid,
+                               "key": batch["key"]}  # fmt: skip
+        if "label" in batch:
+            lab = batch["label"].to(device, non_blocking=True)
+            label = _empty(tuple(lab.shape), torch.int64, shared) if cpu else None
+            label = lab.long() if label is None else label.copy_(lab)  # (B, P, P)
             if not all_valid:
                 label.masked_fill_(~valid[:, 0], IGNORE_INDEX)
             out["label"] = label

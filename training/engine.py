@@ -452,6 +452,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        finish = getattr(self.data, "finish", None)
+        if callable(finish):  # a compact loader batch: z-score, weight map, labels on the device
+            batch = finish(batch, self.device)
         out = {}
         for k, v in batch.items():
             if torch.is_tensor(v):

@@ -222,8 +222,7 @@ def plot_simmim_reconstruction(x: Tensor, mask_px: Tensor, x_rec: Tensor, weight
               (w, "SAR weight" if weighted else "SAR weight (not used)", 1.0, float(w.max()), "magma")]  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
     for ax, (a, title, vmin, vmax, cmap) in zip(axes, panels, strict=True):
-        cm = plt.get_cmap(cmap).copy()
-        cm.set_bad("#3b7dd8")
+        cm = plt.get_cmap(cmap).with_extremes(bad="#3b7dd8")
         im = ax.imshow(a, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
@@ -247,7 +246,7 @@ def build_data(cfg: Config, manifest: str, storage_options: Mapping[str, Any] | 
                        weight_domain=cfg.loss.weight_domain, weight_k=cfg.loss.weight_k,
                        shuffle_buffer=d.shuffle_buffer, storage_options=storage_options,
                        skip_errors=d.skip_errors, retries=d.retries, timeout=d.timeout,
-                       pin_memory=pin_memory)  # fmt: skip
+                       pin_memory=pin_memory, prepare=d.prepare)  # fmt: skip
 
 
 def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any] | None = None,
