@@ -142,19 +142,60 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         argv.append("--resume")
     for so in args.storage_option:
         argv += ["--storage-option", so]
-    argv += list(args.overrides)
-    if args.nproc < 1:
-        raise InputError(f"--nproc must be ≥ 1, got {args.nproc}")
-    if args.nproc == 1:
-        from training.pretrain import main as pretrain_main  # the model side, imported lazily
+    return _launch("training.pretrain", argv + list(args.overrides), args.nproc)
 
-        return pretrain_main(argv)
+
+def _launch(module: str, argv: list[str], nproc: int) -> int:
+    """``module``'s main in-process for one process, else ``torch.distributed.run`` with
+    ``nproc`` local ranks (gloo on CPU, NCCL on GPUs)."""
+    if nproc < 1:
+        raise InputError(f"--nproc must be ≥ 1, got {nproc}")
+    if nproc == 1:
+        import importlib
+
+        return importlib.import_module(module).main(argv)  # the model side, imported lazily
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={args.nproc}", "-m", "training.pretrain", *argv]  # fmt: skip
+           f"--nproc_per_node={nproc}", "-m", module, *argv]  # fmt: skip
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    argv = ["--config", args.config, "--manifest", args.manifest, "--out", args.out,
+            "--pretrained", args.pretrained]  # fmt: skip
+    if args.task:
+        argv += ["--task", args.task]
+    if args.resume:
+        argv.append("--resume")
+    for so in args.storage_option:
+        argv += ["--storage-option", so]
+    return _launch("training.finetune", argv + list(args.overrides), args.nproc)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.finetune import run_evaluate_args
+
+    from .storage import parse_storage_options
+
+    return run_evaluate_args(args, parse_storage_options)
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from training.ablation import run_ablation
+    from training.config import ConfigError
+
+    from .storage import parse_storage_options
+
+    pre = args.pretrained
+    try:
+        res = run_ablation(args.manifest, pre, args.out, args.config, args.overrides,
+                           parse_storage_options(args.storage_option))  # fmt: skip
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+    print(res["markdown"])
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -287,6 +328,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.base_lr=1e-3 schedule.epochs=10")  # fmt: skip
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune the refined UPerNet (LULC or water) on shards",
+                       description="Stream the manifest's train split, fine-tune the Swin encoder + "
+                                   "refined UPerNet, validate every epoch (best.pt by val mIoU / "
+                                   "water IoU) and evaluate the test split with the best weights "
+                                   "(report in OUT/test). --nproc N > 1 runs N local DDP ranks.")  # fmt: skip
+    p.add_argument("--task", choices=("lulc", "water"), default=None,
+                   help="9-class LULC or binary water (default: the config's, lulc)")  # fmt: skip
+    p.add_argument("--config", default="finetune_tiny",
+                   help="profile (finetune_tiny, finetune_paper) or a YAML file (default %(default)s)")  # fmt: skip
+    p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
+    p.add_argument("--pretrained", required=True, metavar="CKPT|none",
+                   help="encoder.pth of `sarcube pretrain` (or its checkpoint), local or URL; "
+                        "'none': random init (the scratch baseline)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output directory or URL")
+    p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. schedule.epochs=10 seg.refine_up=false")  # fmt: skip
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint on a split (report)",
+                       description="Confusion matrix of a fine-tuning checkpoint (best.pt or "
+                                   "checkpoint.pt) over a split; writes report.json, report.md "
+                                   "(Table II layout), confusion_matrix.png, per_class.png and "
+                                   "panels.png to --out.")  # fmt: skip
+    p.add_argument(
+        "--checkpoint", required=True, help="best.pt or checkpoint.pt of `sarcube finetune`"
+    )
+    p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
+    p.add_argument("--split", default="test", help="split to evaluate (default %(default)s)")
+    p.add_argument("--out", required=True, help="report directory or URL")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes (default 0)")
+    p.add_argument("--panels", type=int, default=4, help="SAR | prediction | truth panels")
+    p.add_argument("--method", default=None, help="first cell of the table row")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ablation", help="train + validate the variants of Table I (refinements)",
+                       description="Fine-tune and validate the five variants of Table I of arXiv "
+                                   "2601.15705 (pretraining, high-res injection, refine-up, "
+                                   "α-scale) and write ablation.md / ablation.json to --out. A "
+                                   "reproduction of the procedure (tiny profile by default).")  # fmt: skip
+    p.add_argument("--manifest", required=True, help="shards with train and val splits")
+    p.add_argument("--pretrained", required=True, help="encoder.pth for the pretrained variants")
+    p.add_argument("--out", required=True, help="output directory or URL")
+    p.add_argument("--config", default="finetune_tiny", help="profile (default %(default)s)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides for every variant, e.g. schedule.epochs=5")  # fmt: skip
+    p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
                        description="The end-to-end demo: synthetic inputs and each pipeline stage "

@@ -44,6 +44,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
+    "SegConfig",
     "TrainConfig",
     "apply_overrides",
     "config_diff",
@@ -113,6 +114,35 @@ class DataConfig:
 
 
 @dataclass
+class SegConfig:
+    """Fine-tuning (``method: finetune``): the segmenter, its loss and evaluation (DESIGN §7–8).
+
+    The three refinements of arXiv 2601.15705 are switches: ``hires_injection`` (i),
+    ``refine_up`` (ii), ``alpha_scaled`` (iii: the α-scaled focal + dice loss; off = the same
+    focal + dice with α ≡ 1 and α_scale 1, i.e. no class weighting in the focal term).
+    """
+
+    task: Literal["lulc", "water"] = "lulc"  # 9-class LULC, or binary water (one logit)
+    pretrained: str | None = None  # encoder.pth / pretraining checkpoint; None: random init
+    hires_injection: bool = True  # (i) post-patch-embedding map in the fusion
+    refine_up: bool = True  # (ii) progressive refine-up head
+    alpha_scaled: bool = True  # (iii) α-scaled focal + dice (α from the train split)
+    loss: Literal["focal_dice", "ce"] = "focal_dice"  # LULC loss ("ce": plain baseline)
+    alpha_scale: float = 2.25
+    gamma: float = 1.1
+    lambda_focal: float = 0.57
+    lambda_dice: float = 0.32
+    water_lambda_dice: float = 1.0  # water: BCE + λ · soft dice
+    threshold: float = 0.5  # water: sigmoid threshold
+    channels: int | None = None  # decoder width; None: 512 (base), 64 (tiny)
+    dropout: float = 0.1
+    val_split: str | None = "val"  # evaluated every epoch; best checkpoint by its mIoU / IoU
+    test_split: str | None = "test"  # evaluated with the best weights at the end
+    eval_batch_size: int | None = None  # None: data.batch_size
+    panels: int = 4  # SAR | prediction | truth panels in the test report
+
+
+@dataclass
 class OptimConfig:
     base_lr: float = 1.5e-4  # peak lr = base_lr × global batch / lr_batch_base
     lr_batch_base: int = 256
@@ -121,6 +151,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float | None = 5.0  # max global grad norm; None: no clipping
     accum_steps: int = 1  # micro-batches per optimiser step
+    layer_decay: float = 1.0  # fine-tuning: lr × layer_decay^(depth from the top); 1: off
 
 
 @dataclass
@@ -151,7 +182,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    method: Literal["simmim", "mixmae"] = "simmim"
+    method: Literal["simmim", "mixmae", "finetune"] = "simmim"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -160,6 +191,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON and ``torch.load(weights_only=True)`` safe)."""
@@ -194,6 +226,12 @@ class Config:
             errs.append(f"train.max_steps must be >= 1 or null, got {self.train.max_steps}")
         if self.seed < 0:
             errs.append(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 < self.optim.layer_decay <= 1.0:
+            errs.append(f"optim.layer_decay must be in (0, 1], got {self.optim.layer_decay}")
+        if not 0.0 < self.seg.threshold < 1.0:
+            errs.append(f"seg.threshold must be in (0, 1), got {self.seg.threshold}")
+        if self.method == "finetune" and self.data.split != "train":
+            errs.append(f"fine-tuning trains on data.split=train, got {self.data.split!r}")
         if errs:
             raise ConfigError("invalid configuration: " + "; ".join(errs))
         return self

@@ -846,9 +846,13 @@ class ShardStream:
                               f"({self.patch}, {self.patch})", key=key, shard=url)  # fmt: skip
         return arr
 
-    def collate(self, epoch: int, raw: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Decode and augment raw samples into one batch dict; with ``prepare="worker"`` also
-        normalise and weight it (``finish``), else leave that to the consumer's device."""
+    def collate(
+        self, epoch: int, raw: Sequence[Mapping[str, Any]], augment: bool | None = None
+    ) -> dict[str, Any]:
+        """Decode and augment (``augment``, default the stream's) raw samples into one batch
+        dict; with ``prepare="worker"`` also normalise and weight it (``finish``), else leave
+        that to the consumer's device."""
+        augment = self.augment if augment is None else augment
         n, p = len(raw), self.patch
         shared = get_worker_info() is not None
         sar_t = _empty((n, 1, p, p), torch.float16, shared)
@@ -860,7 +864,7 @@ class ShardStream:
             key = s.get("__key__")
             x = self._npy(s, "sar.npy", np.dtype(np.float16))
             y = self._npy(s, "lulc.npy", np.dtype(np.uint8)) if lab is not None else None
-            if self.augment:
+            if augment:
                 t = augmentation(self.seed, epoch, key)
                 x = apply_augmentation(x, *t)
                 y = None if y is None else apply_augmentation(y, *t)
@@ -952,6 +956,50 @@ class ShardStream:
             for g in gens:
                 g.close()
 
+    # --- evaluation -------------------------------------------------------------------------
+
+    def eval_shards(self, rank: int | None = None) -> list[int]:
+        """Shards rank ``rank`` reads for evaluation: ``rank, rank + world_size, …`` (manifest
+        order). Each shard goes to exactly one rank, so every sample is counted once."""
+        rank = self.rank if rank is None else int(rank)
+        return list(range(rank, len(self.shards), self.world_size))
+
+    def _eval_batches(self, worker: int, nw: int) -> Iterator[dict[str, Any]]:
+        state = _WorkerState(worker == 0)
+        buf: list[dict[str, Any]] = []
+        for i in self.eval_shards()[worker::nw]:
+            for s in self._shard_raw(self.shards[i], state):
+                buf.append(s)
+                if len(buf) == self.batch_size:
+                    yield self.collate(0, buf, augment=False)
+                    buf = []
+        if buf:
+            yield self.collate(0, buf, augment=False)
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's share of the split for evaluation: every sample of its ``eval_shards``
+        exactly once, in order, without augmentation, in batches of ``batch_size`` (the last one
+        may be short). Unlike the training epoch there is no wrap-around and no equal step count:
+        ranks may get different numbers of batches (or none), which is fine for a confusion
+        matrix summed once at the end. With ``num_workers > 0`` the rank's shards are dealt to
+        DataLoader workers (batch order then follows the workers)."""
+        self._ensure_opener()
+        mine = self.eval_shards()
+        nw = min(self.num_workers, len(mine))
+        if nw == 0:
+            yield from self._eval_batches(0, 1)
+            return
+        dl = DataLoader(_EvalDataset(self), batch_size=None, num_workers=nw,
+                        pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                        multiprocessing_context=self.multiprocessing_context)  # fmt: skip
+        it = iter(dl)
+        try:
+            yield from it
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
     def loader(self, epoch: int, start_step: int = 0) -> EpochLoader:
         """An iterable of the same batches as ``batches()``, made by ``num_workers`` DataLoader
         processes (in-process when 0); ``len()`` is the number of batches it yields."""
@@ -972,6 +1020,16 @@ class _EpochDataset(IterableDataset):
         yield from self.stream._worker_batches(
             self.epoch, (d + self.start_step) % nw, self.start_step
         )
+
+
+class _EvalDataset(IterableDataset):
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+
+    def __iter__(self):
+        info = get_worker_info()
+        self.stream._ensure_opener()
+        yield from self.stream._eval_batches(info.id, info.num_workers)
 
 
 class EpochLoader:

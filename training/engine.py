@@ -88,8 +88,10 @@ from .checkpoint import (
 from .config import Config, config_diff
 
 __all__ = [
+    "BEST",
     "CHECKPOINT",
     "ENCODER",
+    "MODEL_FORMAT",
     "NO_DECAY_SUFFIXES",
     "DataSource",
     "NonFiniteLossError",
@@ -109,15 +111,18 @@ __all__ = [
 log = logging.getLogger("training.engine")
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 ENCODER = "encoder.pth"
 METRICS = "metrics.jsonl"
 FIGURE = "reconstruction.png"
 FORMAT = "sarcube-checkpoint/1"
+MODEL_FORMAT = "sarcube-model/1"  # best.pt: weights + config + scores, no optimiser state
 NO_DECAY_SUFFIXES: tuple[str, ...] = ("absolute_pos_embed", "pos_embed", "relative_position_bias_table",
                                       "mask_token", "cls_token")  # fmt: skip
 # Keys that may change between a run and its resume (everything else must match the checkpoint).
 RESUME_MAY_CHANGE: tuple[str, ...] = ("train", "data.num_workers", "data.retries", "data.timeout",
-                                      "data.skip_errors")  # fmt: skip
+                                      "data.skip_errors", "seg.pretrained", "seg.test_split",
+                                      "seg.panels", "seg.eval_batch_size")  # fmt: skip
 _TAG_MASK, _TAG_DATA = 0, 1
 
 
@@ -129,7 +134,10 @@ _TAG_MASK, _TAG_DATA = 0, 1
 class Task(Protocol):
     """How a batch becomes a loss. Optional: ``figure(model, batch, path)``, ``encoder(model)``,
     ``param_groups(model, weight_decay, lr)`` (AdamW groups; a group's own ``lr``, e.g. from
-    ``training.layer_decay.param_groups_layer_decay(model, lr, ...)``, is kept and scheduled)."""
+    ``training.layer_decay.param_groups_layer_decay(model, lr, ...)``, is kept and scheduled),
+    ``validate(model, epoch=, device=)`` (called on every rank at each epoch end, a collective:
+    returns a dict of scores, the same on every rank) with ``best_metric`` (the score whose
+    maximum selects ``best.pt``)."""
 
     def loss(self, model: nn.Module, batch: Mapping[str, Any], *, step: int, rank: int) -> Tensor:
         """Scalar loss of one micro-batch; ``model`` is the (DDP/compiled) module to call,
@@ -175,6 +183,10 @@ class TrainResult:
     figure: str | None = None
     metrics: str | None = None  # local metrics.jsonl (rank 0)
     losses: list[float] = field(default_factory=list)  # per step, this call
+    best: str | None = None  # best.pt (when the task validates)
+    best_value: float | None = None  # its task.best_metric
+    best_epoch: int | None = None
+    val: list[dict[str, Any]] = field(default_factory=list)  # per validated epoch, this call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,6 +513,7 @@ class Trainer:
             },
             "epoch_loss_sum": float(state["epoch_loss_sum"]),
             "epoch_steps": int(state["epoch_steps"]),
+            "best": {"value": state.get("best_value"), "epoch": state.get("best_epoch")},
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.world,
             "global_batch": self.global_batch,
@@ -553,8 +566,14 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         self.last_checkpoint = self.ckpt_url
         self._pending_rng = ck["rng"][self.rank]
+        best = ck.get("best") or {}
         return {
-            k: ck[k] for k in ("step", "epoch", "step_in_epoch", "epoch_loss_sum", "epoch_steps")
+            **{
+                k: ck[k]
+                for k in ("step", "epoch", "step_in_epoch", "epoch_loss_sum", "epoch_steps")
+            },
+            "best_value": best.get("value"),
+            "best_epoch": best.get("epoch"),
         }
 
     # -- one optimiser step -------------------------------------------------------------------
@@ -628,7 +647,8 @@ class Trainer:
         torch.manual_seed(step_seed(cfg.seed, 0, self.rank, 2))  # per-rank training RNG
         np.random.seed(step_seed(cfg.seed, 0, self.rank, 3) % 2**32)  # noqa: NPY002
         random.seed(step_seed(cfg.seed, 0, self.rank, 4))
-        return {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_steps": 0}
+        return {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_steps": 0,
+                "best_value": None, "best_epoch": None}  # fmt: skip
 
     def _checkpoint_due(self, state: Mapping[str, Any], epoch_end: bool, last: bool) -> bool:
         t = self.cfg.train
@@ -668,6 +688,7 @@ class Trainer:
                        dynamic_ncols=True, leave=False)  # fmt: skip
 
         losses: list[float] = []  # this call's per-step losses
+        val_records: list[dict[str, Any]] = []
         per_epoch: dict[str, int] = {}  # steps this process took per epoch
         last_batch: dict[str, Any] | None = None
         stopped = t.max_steps is not None and state["step"] >= t.max_steps  # nothing left to do
@@ -707,6 +728,9 @@ class Trainer:
                                            "seconds": secs, "time": time.time()})  # fmt: skip
                             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0,
                                          epoch_steps=0)  # fmt: skip
+                            val = self._validate(state, epoch, metrics, bar)
+                            if val is not None:
+                                val_records.append(val)
                         # -- checkpoint, stop
                         finished = state["epoch"] >= cfg.schedule.epochs
                         stopped = (
@@ -737,10 +761,65 @@ class Trainer:
         result = TrainResult(step=state["step"], epoch=state["epoch"], steps_taken=len(losses),
                              finished=not stopped, last_loss=losses[-1] if losses else None,
                              checkpoint=self.last_checkpoint,
-                             metrics=str(metrics.path) if metrics.path else None, losses=losses)  # fmt: skip
+                             metrics=str(metrics.path) if metrics.path else None, losses=losses,
+                             best_value=state.get("best_value"), best_epoch=state.get("best_epoch"),
+                             val=val_records)  # fmt: skip
+        if state.get("best_epoch") is not None:
+            result.best = self._url(BEST)
         samples = len(losses) * cfg.data.batch_size * self.accum
         self._finish(result, per_epoch, samples, last_batch)
         return result
+
+    def _validate(self, state: dict[str, Any], epoch: int, metrics: MetricsLog,
+                  bar: Any) -> dict[str, Any] | None:  # fmt: skip
+        """The task's validation after ``epoch`` (every rank); writes a ``val`` metrics line and,
+        when ``task.best_metric`` improved, ``best.pt``."""
+        fn = getattr(self.task, "validate", None)
+        if not callable(fn):
+            return None
+        t0 = time.perf_counter()
+        scores = fn(self.model, epoch=epoch, device=self.device)
+        record: dict[str, Any] = {"kind": "val", "step": state["step"], "epoch": epoch}
+        for k, v in scores.items():  # scalars only; NaN (undefined score) as null
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            record[k] = v if math.isfinite(v) else None
+        record["seconds"] = time.perf_counter() - t0
+        record["time"] = time.time()
+        key = getattr(self.task, "best_metric", None)
+        value = record.get(key) if key else None
+        improved = value is not None and (
+            state["best_value"] is None or value > state["best_value"]
+        )
+        if improved:
+            state["best_value"], state["best_epoch"] = float(value), int(epoch)
+            self.save_model(BEST, state, record)
+        record["best"] = state["best_value"]
+        metrics.write(record)
+        if self.main:
+
+            def fmt(v: float | None) -> str:
+                return "n/a" if v is None else f"{v:.4f}"
+
+            msg = (f"epoch {epoch}: val {key} {fmt(value)} (best {fmt(state['best_value'])} at "
+                   f"epoch {state['best_epoch']})")  # fmt: skip
+            (bar.write if bar is not None else log.info)(msg)
+        return record
+
+    def save_model(self, name: str, state: Mapping[str, Any], scores: Mapping[str, Any]) -> str:
+        """Weights-only file ``name`` (rank 0): model state dict, config, extra state, step,
+        epoch and scores; ``torch.load(weights_only=True)`` safe. All ranks wait."""
+        url = self._url(name)
+        if self.main:
+            save_checkpoint({"format": MODEL_FORMAT,
+                             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                             "config": self.cfg.to_dict(), "extra": self.extra_state,
+                             "step": int(state["step"]), "epoch": int(state["epoch"]),
+                             "scores": {k: v for k, v in scores.items()
+                                        if isinstance(v, (int, float, type(None)))}},
+                            url, self.so)  # fmt: skip
+        tdist.barrier()
+        return url
 
     def _lr_of_step(self, step: int) -> float:
         """Peak-group lr used by (0-based) update ``step``."""

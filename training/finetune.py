@@ -1,0 +1,541 @@
+"""Fine-tuning the refined UPerNet for LULC segmentation or water detection (DESIGN.md §7–8).
+
+::
+
+    sarcube finetune --task lulc --config finetune_tiny --manifest shards/ \\
+        --pretrained runs/simmim/encoder.pth --out runs/lulc [--nproc 2] [--resume] [key=value ...]
+    python -m training.finetune ...                               # the same, one process
+    torchrun --nproc_per_node 8 -m training.finetune --config finetune_paper ...
+
+What a run does, on the engine of pretraining (:class:`training.engine.Trainer`):
+
+1. Streams the manifest's ``train`` split (:class:`training.data.ShardStream`, task ``lulc``:
+   the 9 classes of Table II, JAXA code 0 → ignore; task ``water``: 1 water, 0 not water) with
+   joint flips/rot90, z-scored with the train split's statistics.
+2. Model (:func:`build_segmentation_model`): the Swin encoder (random init, or an encoder
+   exported by SAR-W-SimMIM / SAR-W-MixMAE, loaded exactly or not at all) + UPerNet with the
+   refinements of arXiv 2601.15705 switchable in ``seg``: ``hires_injection`` (i),
+   ``refine_up`` (ii). 9 output channels (LULC) or one logit (water).
+3. Loss (:func:`build_loss`): LULC: α-scaled focal + dice, α_k = (1 − f_k)/Σ(1 − f_j) from the
+   train split's class frequencies in the manifest (``seg.alpha_scaled``, refinement iii; off:
+   the same focal + dice with α ≡ 1 and α_scale 1), or plain cross-entropy (``seg.loss: ce``);
+   water: BCE + soft dice. Ignored pixels are left out of every term.
+4. Optimiser: AdamW with layer-wise lr decay by Swin depth (``optim.layer_decay``,
+   :func:`training.layer_decay.param_groups_layer_decay`; patch embedding deepest-decayed, the
+   decoder undecayed), warm-up + cosine to ``schedule.min_lr``.
+5. After every epoch: the ``val`` split, every sample once over all ranks, confusion matrix summed
+   across ranks (:func:`evaluate_model`); ``best.pt`` keeps the weights of the best val mIoU
+   (water: val water IoU).
+6. At the end: the ``test`` split with the best weights, and a report in ``{out}/test/``
+   (:func:`training.reports.write_evaluation_report`: JSON, the Table II Markdown, PNGs).
+
+``sarcube evaluate --checkpoint CKPT --manifest URL --split test --out DIR`` (:func:`evaluate`)
+makes the same report for any checkpoint (``best.pt`` or ``checkpoint.pt``) and split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES
+from sarcube.storage import is_remote, join_url
+
+from .checkpoint import load_checkpoint, read_bytes, write_bytes
+from .config import Config, ConfigError, config_from_dict, load_config
+from .engine import NonFiniteLossError, Trainer, TrainResult
+from .layer_decay import param_groups_layer_decay
+from .metrics import ConfusionMatrix, binary_scores, segmentation_scores
+from .models.pretrained import EncoderWeightsError, load_encoder_weights
+from .models.upernet import UPerNetSegmenter, build_segmenter
+from .seg_losses import CELoss, FocalDiceLoss, WaterLoss
+
+__all__ = [
+    "TASK_CLASSES",
+    "EvalResult",
+    "FinetuneResult",
+    "SegmentationTask",
+    "build_loss",
+    "build_segmentation_model",
+    "class_frequencies",
+    "evaluate",
+    "evaluate_model",
+    "load_model_checkpoint",
+    "main",
+    "run",
+]
+
+log = logging.getLogger("training.finetune")
+
+TASK_CLASSES: dict[str, tuple[str, ...]] = {
+    "lulc": NINE_CLASS_NAMES,
+    "water": ("not water", "water"),
+}
+BEST_METRIC = {"lulc": "miou", "water": "iou"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and loss
+
+
+def build_segmentation_model(cfg: Config, storage_options: Mapping[str, Any] | None = None
+                             ) -> UPerNetSegmenter:  # fmt: skip
+    """The segmenter of ``cfg`` (``model`` + ``seg``), initialised from ``cfg.seed`` (the same
+    on every rank), with the encoder weights of ``cfg.seg.pretrained`` when set (a local path or
+    fsspec URL of ``encoder.pth`` or a pretraining checkpoint; every encoder tensor is loaded or
+    :class:`~training.models.pretrained.EncoderWeightsError` lists what does not fit)."""
+    s, m = cfg.seg, cfg.model
+    torch.manual_seed(cfg.seed)
+    model = build_segmenter(m.size, num_classes=9 if s.task == "lulc" else 1,
+                            hires_injection=s.hires_injection, refine_up=s.refine_up,
+                            drop_path_rate=m.drop_path_rate, channels=s.channels,
+                            dropout=s.dropout, img_size=m.img_size, window_size=m.window_size)  # fmt: skip
+    if s.pretrained:
+        url = s.pretrained
+        try:
+            data = read_bytes(url, storage_options)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"seg.pretrained: no encoder weights at {url}") from None
+        try:
+            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise EncoderWeightsError(
+                url, [], [], {}, reason=f"not a torch state dict ({e})"
+            ) from None
+        load_encoder_weights(model.encoder, obj, source=url)
+    if m.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
+    return model
+
+
+def class_frequencies(manifest: Mapping[str, Any], split: str = "train") -> list[float]:
+    """Pixel frequencies of the 9 classes (Table II order) in ``split``, from the manifest."""
+    try:
+        frac = manifest["splits"][split]["classes"]["nine_class_fraction"]
+    except KeyError:
+        raise ValueError(f"the manifest has no class frequencies for split {split!r} "
+                         "(splits.<split>.classes.nine_class_fraction)") from None  # fmt: skip
+    f = [float(frac.get(name, 0.0)) for name in NINE_CLASS_NAMES]
+    if not math.isclose(sum(f), 1.0, abs_tol=1e-4):
+        raise ValueError(f"split {split!r} has no labelled pixels (class fractions {f})")
+    return f
+
+
+def build_loss(cfg: Config, class_freqs: Sequence[float] | None = None) -> nn.Module:
+    """The loss of ``cfg.seg`` (see the module docstring); ``class_freqs`` (9 train-split pixel
+    frequencies) are needed for the α-scaled focal + dice loss."""
+    s = cfg.seg
+    if s.task == "water":
+        return WaterLoss(lambda_dice=s.water_lambda_dice)
+    if s.loss == "ce":
+        return CELoss()
+    if s.alpha_scaled:
+        if class_freqs is None:
+            raise ValueError("the α-scaled focal + dice loss needs the train class frequencies")
+        return FocalDiceLoss(class_freqs=class_freqs, lambda_focal=s.lambda_focal,
+                             lambda_dice=s.lambda_dice, gamma=s.gamma, alpha_scale=s.alpha_scale)  # fmt: skip
+    return FocalDiceLoss(alpha=[1.0] * 9, lambda_focal=s.lambda_focal, lambda_dice=s.lambda_dice,
+                         gamma=s.gamma, alpha_scale=1.0)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def predict_classes(logits: Tensor, task: str, threshold: float = 0.5) -> Tensor:
+    """``(B, K, H, W)`` logits → ``(B, H, W)`` int64 classes (water: sigmoid ≥ threshold)."""
+    if task == "water":
+        return (torch.sigmoid(logits[:, 0].float()) >= threshold).long()
+    return logits.argmax(1)
+
+
+@dataclass
+class EvalResult:
+    """A split's evaluation: the confusion matrix summed over ranks, scores, a few panels."""
+
+    cm: Tensor  # (K, K) int64, rows truth, columns prediction
+    scores: dict[str, Any]  # segmentation_scores (LULC) or binary_scores (+ "segmentation")
+    panels: list[dict[str, Any]]  # rank 0's first samples: key, sar_db, pred, truth
+    samples: int  # over all ranks
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, stream: Any, task: str, device: torch.device | str = "cpu",
+                   threshold: float = 0.5, panels: int = 0,
+                   amp_dtype: torch.dtype | None = None) -> EvalResult:  # fmt: skip
+    """Confusion matrix of ``model`` over this rank's share of ``stream``'s split
+    (``stream.eval_batches()``: every sample once over all ranks), summed across ranks.
+
+    A collective when a process group is initialised: every rank must call it. Pixels whose label
+    is ignore (JAXA code 0, no SAR data) are not counted. Returns the same scores on every rank.
+    """
+    device = torch.device(device)
+    was = model.training
+    model.eval()
+    k = 2 if task == "water" else len(NINE_CLASS_NAMES)
+    cm = ConfusionMatrix(k, IGNORE_INDEX, device=device)
+    kept: list[dict[str, Any]] = []
+    n = 0
+    try:
+        for raw in stream.eval_batches():
+            batch = stream.finish(raw, device)
+            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else torch.autocast(device.type, enabled=False))  # fmt: skip
+            with ctx:
+                logits = model(batch["image"])
+            pred = predict_classes(logits.float(), task, threshold)
+            cm.update(pred, batch["label"])
+            n += len(batch["key"])
+            for i in range(len(batch["key"])):
+                if len(kept) >= panels:
+                    break
+                db = batch["image"][i, 0].float() * stream.std + stream.mean
+                db = torch.where(batch["valid"][i, 0], db, torch.nan)
+                kept.append({"key": batch["key"][i], "sar_db": db.cpu().numpy(),
+                             "pred": pred[i].cpu().numpy().astype(np.int64),
+                             "truth": batch["label"][i].cpu().numpy().astype(np.int64)})  # fmt: skip
+    finally:
+        model.train(was)
+    cm.all_reduce()
+    total = torch.tensor([n], dtype=torch.int64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = total if torch.distributed.get_backend() != "nccl" else total.cuda()
+        torch.distributed.all_reduce(t)
+        total = t.cpu()
+    m = cm.compute()
+    names = TASK_CLASSES[task]
+    if task == "water":
+        scores = {**binary_scores(m), "segmentation": segmentation_scores(m, names)}
+    else:
+        scores = segmentation_scores(m, names)
+    return EvalResult(cm=m, scores=scores, panels=kept, samples=int(total.item()))
+
+
+def _scalar_scores(task: str, scores: Mapping[str, Any]) -> dict[str, float]:
+    keys = ("iou", "precision", "recall", "f1", "accuracy") if task == "water" else (
+        "miou", "macc", "pixel_acc")  # fmt: skip
+    return {k: float(scores[k]) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# The task for the engine
+
+
+class SegmentationTask:
+    """Loss, layer-decay groups and per-epoch validation of the segmenter (engine hooks)."""
+
+    def __init__(self, cfg: Config, model: UPerNetSegmenter, loss_fn: nn.Module,
+                 val_stream: Any = None) -> None:  # fmt: skip
+        self.cfg, self.raw, self.val_stream = cfg, model, val_stream
+        self.loss_fn = loss_fn
+        self.task = cfg.seg.task
+        self.best_metric = BEST_METRIC[self.task] if val_stream is not None else None
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Any], *, step: int, rank: int) -> Tensor:
+        logits = model(batch["image"])  # (B, K, H, W)
+        self.loss_fn.to(logits.device)
+        return self.loss_fn(logits.float(), batch["label"])
+
+    def encoder(self, model: nn.Module) -> nn.Module:
+        return model.encoder
+
+    def param_groups(
+        self, model: nn.Module, weight_decay: float, lr: float
+    ) -> list[dict[str, Any]]:
+        names = {n.rsplit(".", 1)[-1] for n in self.raw.no_weight_decay()}
+        return param_groups_layer_decay(model, lr, weight_decay, self.cfg.optim.layer_decay,
+                                        no_weight_decay_names=names | _NO_WD)  # fmt: skip
+
+    def validate(self, model: nn.Module, *, epoch: int, device: torch.device) -> dict[str, float]:
+        if self.val_stream is None:
+            return {}
+        res = evaluate_model(model, self.val_stream, self.task, device, self.cfg.seg.threshold)
+        out = _scalar_scores(self.task, res.scores)
+        if self.task == "lulc":
+            out.update({f"iou_{k.replace(' ', '_')}": v for k, v in res.scores["iou"].items()})
+        return out
+
+
+_NO_WD = frozenset({"absolute_pos_embed", "pos_embed", "relative_position_bias_table"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    test: EvalResult | None
+    report: dict[str, Any] | None  # paths of the test report (rank 0)
+
+
+def _stream(cfg: Config, manifest: str, split: str, so: Mapping[str, Any] | None, rank: int,
+            world: int, *, train: bool, pin_memory: bool = False):  # fmt: skip
+    from .data import ShardStream
+
+    d = cfg.data
+    bs = d.batch_size if train else (cfg.seg.eval_batch_size or d.batch_size)
+    return ShardStream(manifest, split, batch_size=bs, rank=rank, world_size=world,
+                       num_workers=d.num_workers, seed=cfg.seed, task=cfg.seg.task,
+                       augment=d.augment and train, shuffle_buffer=d.shuffle_buffer,
+                       storage_options=so, skip_errors=d.skip_errors, retries=d.retries,
+                       timeout=d.timeout, pin_memory=pin_memory, stats_split="train",
+                       prepare=d.prepare)  # fmt: skip
+
+
+def _upload_dir(local: Path, url: str, so: Mapping[str, Any] | None) -> None:
+    for f in sorted(local.iterdir()):
+        if f.is_file():
+            write_bytes(join_url(url, f.name), f.read_bytes(), so)
+
+
+def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any] | None = None,
+        resume: bool = False) -> FinetuneResult:  # fmt: skip
+    """Fine-tune under ``cfg`` on ``manifest``'s train split, validate each epoch, test the best
+    weights; writes to ``out`` (see the module docstring). Joins the process group under
+    torchrun / mpirun and leaves it at the end."""
+    from sarcube.shards import read_manifest
+
+    from . import distributed as tdist
+
+    if cfg.method != "finetune":
+        raise ConfigError(f"fine-tuning needs method: finetune, the config has {cfg.method!r}")
+    so = dict(storage_options or {})
+    started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info, device = tdist.init_distributed(cfg.train.device)
+    try:
+        man = read_manifest(manifest, so)
+        splits = man["splits"]
+        freqs = class_frequencies(man, "train") if cfg.seg.task == "lulc" else None
+        data = _stream(cfg, manifest, "train", so, info.rank, info.world_size, train=True,
+                       pin_memory=device.type == "cuda")  # fmt: skip
+        val = None
+        if cfg.seg.val_split and cfg.seg.val_split in splits:
+            val = _stream(
+                cfg, manifest, cfg.seg.val_split, so, info.rank, info.world_size, train=False
+            )
+        elif cfg.seg.val_split:
+            log.warning("no %r split in %s: no validation, best.pt not written",
+                        cfg.seg.val_split, manifest)  # fmt: skip
+        model = build_segmentation_model(cfg, so)
+        task = SegmentationTask(cfg, model, build_loss(cfg, freqs), val)
+        extra = {"manifest": str(manifest), "task": cfg.seg.task,
+                 "num_classes": len(TASK_CLASSES[cfg.seg.task]),
+                 "classes": list(TASK_CLASSES[cfg.seg.task]),
+                 "pretrained": cfg.seg.pretrained, "db_stats": [data.mean, data.std]}  # fmt: skip
+        trainer = Trainer(cfg, model, task, data, out, so, info, device, extra_state=extra)
+        if trainer.main:
+            log.info("finetune %s: %s encoder (%s), %d rank(s), %d steps/epoch, global batch %d, "
+                     "peak lr %.3g, layer decay %.2f", cfg.seg.task, cfg.model.size,
+                     cfg.seg.pretrained or "random init", info.world_size, trainer.steps_per_epoch,
+                     trainer.global_batch, trainer.lr, cfg.optim.layer_decay)  # fmt: skip
+        res = trainer.fit(resume=resume)
+
+        test = report = None
+        test_split = cfg.seg.test_split
+        if test_split and test_split in splits:
+            if res.best is not None:  # the best validated weights
+                model.load_state_dict(load_model_checkpoint(res.best, so)["model"])
+            stream = _stream(cfg, manifest, test_split, so, info.rank, info.world_size, train=False)
+            test = evaluate_model(model, stream, cfg.seg.task, device, cfg.seg.threshold,
+                                  panels=cfg.seg.panels if trainer.main else 0,
+                                  amp_dtype=trainer.amp_dtype)  # fmt: skip
+            if trainer.main:
+                weights = res.best or res.checkpoint
+                report = _write_report(test, cfg, join_url(out, test_split), so, test_split,
+                                       extra={"checkpoint": weights, "manifest": str(manifest),
+                                              "best_epoch": res.best_epoch,
+                                              "best_val": res.best_value})  # fmt: skip
+        return FinetuneResult(train=res, test=test, report=report)
+    finally:
+        if started:
+            tdist.cleanup()
+
+
+def _write_report(res: EvalResult, cfg: Config, target: str, so: Mapping[str, Any] | None,
+                  split: str, extra: Mapping[str, Any], method: str | None = None,
+                  note: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The report of ``res`` at ``target`` (a local directory, or a URL: written to a temporary
+    directory and uploaded)."""
+    from .reports import write_evaluation_report
+
+    remote = is_remote(target)
+    local = Path(tempfile.mkdtemp(prefix="sarcube-report-")) if remote else Path(target)
+    method = method or ("pretrained" if cfg.seg.pretrained else "no pretraining")
+    report = write_evaluation_report(local, res.cm, task=cfg.seg.task, split=split, method=method,
+                                     panels=res.panels, synthetic_note=note,
+                                     extra={**extra, "samples": res.samples})  # fmt: skip
+    if remote:
+        _upload_dir(local, target, so)
+    return report
+
+
+def load_model_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None
+                          ) -> dict[str, Any]:  # fmt: skip
+    """``best.pt`` or ``checkpoint.pt`` of a fine-tuning run (``weights_only=True``), checked:
+    a mapping with ``model`` weights and the run's ``config`` (method ``finetune``)."""
+    ck = load_checkpoint(url, storage_options)
+    if not isinstance(ck, Mapping) or "model" not in ck or "config" not in ck:
+        raise ValueError(f"{url}: not a sarcube fine-tuning checkpoint (expected the keys "
+                         f"'model' and 'config', got {sorted(ck)[:8] if isinstance(ck, Mapping) else type(ck).__name__})")  # fmt: skip
+    method = (ck["config"] or {}).get("method")
+    if method != "finetune":
+        raise ValueError(f"{url}: a {method!r} checkpoint, not a fine-tuned segmenter (evaluate "
+                         "the best.pt / checkpoint.pt of `sarcube finetune`)")  # fmt: skip
+    return dict(ck)
+
+
+def evaluate(checkpoint: str, manifest: str, split: str, out: str,
+             storage_options: Mapping[str, Any] | None = None, *, batch_size: int | None = None,
+             device: str = "auto", num_workers: int = 0, panels: int = 4,
+             method: str | None = None, note: str | None = None) -> tuple[EvalResult, dict[str, Any]]:  # fmt: skip
+    """Evaluate a fine-tuning checkpoint on one split of ``manifest`` and write the report to
+    ``out`` (local directory or URL): ``report.json``, ``report.md`` (Table II layout),
+    ``confusion_matrix.png``, ``per_class.png``, ``panels.png``. One process (or every rank of
+    an initialised process group)."""
+    from sarcube.shards import read_manifest
+
+    from . import distributed as tdist
+
+    so = dict(storage_options or {})
+    ck = load_model_checkpoint(checkpoint, so)
+    cfg = config_from_dict({k: v for k, v in ck["config"].items()})
+    cfg.seg.pretrained = None  # the checkpoint holds every weight
+    cfg.data.num_workers = num_workers
+    if batch_size:
+        cfg.seg.eval_batch_size = batch_size
+    man = read_manifest(manifest, so)
+    if split not in man["splits"]:
+        raise ValueError(f"{manifest}: no split {split!r} (splits {sorted(man['splits'])})")
+    info = tdist.detect()
+    dev = tdist.select_device(info, device)
+    model = build_segmentation_model(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{checkpoint}: the weights do not fit the model of its own config ({e})"
+        ) from None
+    model.to(dev)
+    stream = _stream(cfg, manifest, split, so, info.rank, info.world_size, train=False)
+    res = evaluate_model(model, stream, cfg.seg.task, dev, cfg.seg.threshold,
+                         panels=panels if info.rank == 0 else 0)  # fmt: skip
+    report: dict[str, Any] = {}
+    if info.rank == 0:
+        report = _write_report(res, cfg, out, so, split,
+                               extra={"checkpoint": checkpoint, "manifest": str(manifest),
+                                      "epoch": ck.get("epoch"), "step": ck.get("step")},
+                               method=method, note=note)  # fmt: skip
+    return res, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.finetune",
+        description="Fine-tune the refined UPerNet (LULC or water) on sarcube shards, validate "
+        "each epoch, test the best weights (one process, or one per rank under torchrun / mpirun).",
+    )
+    p.add_argument("--task", choices=("lulc", "water"), default=None,
+                   help="9-class LULC or binary water (default: the config's seg.task)")  # fmt: skip
+    p.add_argument("--config", default="finetune_tiny",
+                   help="profile (finetune_tiny, finetune_paper; 'tiny'/'paper') or a YAML file "
+                        "(default %(default)s)")  # fmt: skip
+    p.add_argument("--manifest", required=True, help="shard manifest URL (or its directory)")
+    p.add_argument("--pretrained", required=True, metavar="CKPT|none",
+                   help="encoder weights: encoder.pth (or a pretraining checkpoint) of "
+                        "`sarcube pretrain`, local or URL; 'none' for random init (the scratch baseline)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output directory or URL")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec/s3fs option for the manifest, shards, weights and output "
+                        "(repeatable)")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. schedule.epochs=5 seg.refine_up=false")  # fmt: skip
+    return p
+
+
+def _rank_env() -> str | None:
+    return (
+        os.environ.get("RANK")
+        or os.environ.get("OMPI_COMM_WORLD_RANK")
+        or os.environ.get("PMI_RANK")
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; 0 ok, 2 bad input, 3 non-finite loss."""
+    from sarcube.storage import parse_storage_options
+
+    args = build_parser().parse_intermixed_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    rank = _rank_env()
+    main_rank = rank in (None, "", "0")
+    prefix = "finetune" if main_rank else f"finetune[rank {rank}]"
+    try:
+        overrides = list(args.overrides)
+        if args.task:
+            overrides.insert(0, f"seg.task={args.task}")
+        pre = None if args.pretrained.strip().lower() == "none" else args.pretrained
+        cfg = load_config(args.config, overrides, method="finetune")
+        cfg.seg.pretrained = pre
+        so = parse_storage_options(args.storage_option)
+        res = run(cfg, args.manifest, args.out, so, resume=args.resume)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, EncoderWeightsError) as e:
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 3
+    if main_rank:
+        t = res.train
+        best = (
+            ""
+            if t.best is None
+            else f"; best val {BEST_METRIC[cfg.seg.task]} {t.best_value:.4f} (epoch {t.best_epoch}) in {t.best}"
+        )
+        print(f"{prefix}: {cfg.seg.task}, {t.step} steps ({t.epoch} epochs){best}")  # fmt: skip
+        if res.report is not None:
+            print(Path(res.report["markdown"]).read_text())
+    return 0
+
+
+def run_evaluate_args(args: argparse.Namespace, parse_storage_options) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        so = parse_storage_options(args.storage_option)
+        res, report = evaluate(args.checkpoint, args.manifest, args.split, args.out, so,
+                               batch_size=args.batch_size, device=args.device,
+                               num_workers=args.num_workers, panels=args.panels, method=args.method)  # fmt: skip
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if report:
+        print(Path(report["markdown"]).read_text())
+        print(f"evaluate: {res.samples} samples of {args.split}; report in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
