@@ -163,3 +163,22 @@ def small_cube(small_synth, tmp_path_factory, dask_cluster) -> str:
                         progress=False)  # fmt: skip
     assert report.ok, report.problems
     return url
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_cube, tmp_path_factory, dask_cluster) -> Path:
+    """``small_cube``'s patches in shards (every patch with valid SAR; Oct/Nov -> pretrain, Sep ->
+    train 8 / val 4 / test 4 patches by 2 × 2-patch block; 2 shards a split); the directory."""
+    from distributed import Client
+    from test_shards import build_index  # the hand-made index (no sampling module)
+
+    from sarcube.index import write_index
+    from sarcube.shards import write_shards
+
+    tmp = tmp_path_factory.mktemp("small_shards")
+    df, meta = build_index(small_cube)
+    write_index(df, str(tmp / "index.parquet"), meta)
+    with Client(dask_cluster) as client:
+        write_shards(small_cube, str(tmp / "index.parquet"), str(tmp / "shards"), shard_size_mb=64,
+                     min_shards_per_split=2, progress=False, client=client)  # fmt: skip
+    return tmp / "shards"

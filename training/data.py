@@ -573,6 +573,8 @@ class ShardStream:
         stats_split: split whose ``db_stats`` z-score the input (default per task, see above).
         retries, timeout, backoff, block_size: the opener's settings (``register_fsspec_opener``).
         pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader.
+        evaluation: a stream for ``eval_batches()`` only (no training epoch): a split smaller
+            than one global batch is fine.
         prepare: ``worker`` (batches are complete) or ``device`` (compact batches: ``sar``
             float16 dB + uint8 ``label``; the consumer calls ``finish(batch, device)``, as the
             training engine does, so that the z-score and weight map run on the GPU).
@@ -604,6 +606,7 @@ class ShardStream:
         prefetch_factor: int | None = 2,
         multiprocessing_context: Any = None,
         prepare: str = "worker",
+        evaluation: bool = False,
     ) -> None:
         if prepare not in PREPARE:
             raise ValueError(f"prepare must be one of {PREPARE}, got {prepare!r}")
@@ -666,13 +669,13 @@ class ShardStream:
         self.lut = {"lulc": nine_class_lut(), "water": water_lut()}.get(task)
 
         self.steps_per_epoch = self.total_samples // (self.world_size * self.batch_size)
-        if self.steps_per_epoch < 1:
+        if self.steps_per_epoch < 1 and not evaluation:
             raise ValueError(
                 f"split {split!r} has {self.total_samples} samples, fewer than world_size × "
                 f"batch_size = {self.world_size} × {self.batch_size}: not one full step per epoch"
             )
         slots = self.world_size * max(self.num_workers, 1)
-        if len(self.shards) < slots:
+        if len(self.shards) < slots and not evaluation:
             log.warning("split %s: %d shards for %d rank×worker slots; some shards are read by "
                         "several slots (write ≥ %d shards)", split, len(self.shards), slots, 4 * slots)  # fmt: skip
         base = self.shards[0].rsplit("/", 1)[0] + "/"

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES
+from sarcube.errors import SarcubeError
 from sarcube.storage import is_remote, join_url
 
 from .checkpoint import load_checkpoint, read_bytes, write_bytes
@@ -294,7 +295,7 @@ def _stream(cfg: Config, manifest: str, split: str, so: Mapping[str, Any] | None
                        augment=d.augment and train, shuffle_buffer=d.shuffle_buffer,
                        storage_options=so, skip_errors=d.skip_errors, retries=d.retries,
                        timeout=d.timeout, pin_memory=pin_memory, stats_split="train",
-                       prepare=d.prepare)  # fmt: skip
+                       prepare=d.prepare, evaluation=not train)  # fmt: skip
 
 
 def _upload_dir(local: Path, url: str, so: Mapping[str, Any] | None) -> None:
@@ -500,7 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.seg.pretrained = pre
         so = parse_storage_options(args.storage_option)
         res = run(cfg, args.manifest, args.out, so, resume=args.resume)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, EncoderWeightsError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, EncoderWeightsError,
+            SarcubeError) as e:  # fmt: skip
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
@@ -528,7 +530,7 @@ def run_evaluate_args(args: argparse.Namespace, parse_storage_options) -> int:
         res, report = evaluate(args.checkpoint, args.manifest, args.split, args.out, so,
                                batch_size=args.batch_size, device=args.device,
                                num_workers=args.num_workers, panels=args.panels, method=args.method)  # fmt: skip
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, SarcubeError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if report:
