@@ -59,3 +59,9 @@ def test_demo_on_a_small_area(tmp_path):
     for png in ("synth_overview.png", "cube_overview.png", "index_report.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 10_000
     assert (tmp_path / "demo" / "shards" / "manifest.json").exists()
+    assert (tmp_path / "demo" / "pretrain" / "encoder.pth").exists()
+    ft = tmp_path / "demo" / "finetune"
+    assert (ft / "best.pt").exists() and (ft / "test" / "panels.png").stat().st_size > 10_000
+    report = (ft / "test" / "report.md").read_text()
+    assert "| Method | Water | Built-up |" in report
+    assert "| Method | Water | Built-up |" in out.stdout  # the demo prints the test table
