@@ -29,7 +29,8 @@ numbers are the model's, not the loader's.
 
 On the CPU the paper profiles (Swin-B) run with batch 2 (``--batch`` overrides) and few steps;
 on CUDA they use the profile's batch (256 pretraining, 64 fine-tuning), halved until it fits.
-Writes benchmarks/results/train_step.json (train_step-quick.json with --quick).
+Writes benchmarks/results/train_step.json (train_step-quick.json with --quick). On a CPU
+shared with other work, ``--threads 1`` gives much steadier numbers than torch's default.
 """
 
 from __future__ import annotations

@@ -198,6 +198,12 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from training.predict import run_args
+
+    return run_args(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -384,6 +390,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides for every variant, e.g. schedule.epochs=5")  # fmt: skip
     p.set_defaults(func=cmd_ablation)
 
+    p = sub.add_parser("predict", help="map a region of the cube with a fine-tuned model (Zarr + COG)",
+                       description="Sliding-window, seamless, out-of-core inference over a bbox and "
+                                   "dates of the cube: writes pred_lulc / pred_water (uint8, 255 = no "
+                                   "data) into the cube or another Zarr store, scores against the "
+                                   "cube's labels, a PNG panel, and optionally a COG.")  # fmt: skip
+    p.add_argument("--cube", required=True, help="the cube URL")
+    p.add_argument(
+        "--checkpoint", required=True, help="best.pt / checkpoint.pt of `sarcube finetune`"
+    )
+    p.add_argument(
+        "--out", default=None, help="Zarr for the layer: the cube (default) or another store"
+    )
+    p.add_argument("--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"), default=None,
+                   help="region in degrees (default: the whole cube; snapped out to 256-px chunks)")  # fmt: skip
+    p.add_argument("--time", action="append", default=None, metavar="DATE|DATE/DATE",
+                   help="a date or a range (repeatable; default every date)")  # fmt: skip
+    p.add_argument("--task", choices=("lulc", "water"), default=None,
+                   help="checked against the checkpoint's task and class count")  # fmt: skip
+    p.add_argument(
+        "--overlap", type=int, default=128, help="window overlap in px (default 128 = 50%%)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="windows per forward pass (default 16)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="Dask worker processes (default 0: this process)"
+    )
+    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
+    p.add_argument(
+        "--block", type=int, default=1024, help="block edge in px, a multiple of 256 (default 1024)"
+    )
+    p.add_argument(
+        "--probabilities", action="store_true", help="also write uint8 class probabilities"
+    )
+    p.add_argument(
+        "--cog", default=None, help="also export a Cloud-Optimized GeoTIFF of the first date"
+    )
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
                        description="The end-to-end demo: synthetic inputs and each pipeline stage "
                                    "built so far, with a summary of what was produced and where.")  # fmt: skip
@@ -402,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("sarcube").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the dashboard link is printed
         # A LocalCluster shutting down races its own comms; the tracebacks are not actionable.
         for name in (
             "distributed.batched",

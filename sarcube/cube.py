@@ -36,6 +36,9 @@ from .storage import is_remote, redact
 
 EPOCH = dt.date(1970, 1, 1)
 FORMAT = "sarcube-cube/1"
+PREDICTIONS_FORMAT = (
+    "sarcube-predictions/1"  # a separate store of predicted layers on a cube's grid
+)
 
 
 class CubeError(SarcubeError):
@@ -129,9 +132,12 @@ def create_cube(url: str, grid: CubeGrid, storage_options: Mapping[str, Any] | N
 
 
 def open_group(
-    url: str, storage_options: Mapping[str, Any] | None = None, mode: str = "r"
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    mode: str = "r",
+    formats: tuple[str, ...] = (FORMAT,),
 ) -> zarr.Group:
-    """Open an existing cube's Zarr group; CubeError when there is none."""
+    """Open an existing cube's Zarr group (or another of ``formats``); CubeError when none."""
     try:
         root = zarr.open_group(
             zarr_store(url, storage_options, read_only=mode == "r"), mode=mode, zarr_format=3
@@ -140,7 +146,7 @@ def open_group(
         raise CubeError(
             f"{url}: no sarcube cube here (expected a Zarr v3 group made by `sarcube ingest`)"
         ) from None
-    if root.attrs.get("format") != FORMAT:
+    if root.attrs.get("format") not in formats:
         raise CubeError(
             f"{url}: a Zarr group but not a sarcube cube (format attribute {root.attrs.get('format')!r})"
         )
@@ -185,8 +191,10 @@ def open_cube(url: str, storage_options: Mapping[str, Any] | None = None,
     Only complete time slices are shown (sorted by date) unless ``include_incomplete``. Select by
     place and date as usual: ``cube.sel(time="2022-09", y=slice(36.2, 36.0), x=slice(140.0, 140.3))``
     (y decreases: north first). ``cube.sarcube`` gives patch access by (time, row, col) and bbox.
+    A separate store of predictions (``sarcube predict --out``) opens the same way, on the same
+    grid: its ``y``/``x`` equal the cube's, its slices are the predicted dates.
     """
-    root = open_group(url, storage_options)
+    root = open_group(url, storage_options, formats=(FORMAT, PREDICTIONS_FORMAT))
     slices = root.attrs.get("slices", {})
     ds = xr.open_zarr(zarr_store(url, storage_options, read_only=True), consolidated=False,
                       zarr_format=3, decode_coords="all")  # fmt: skip

@@ -177,8 +177,12 @@ def run_demo(
     print(
         "  pretrain/                   checkpoint.pt, encoder.pth, metrics.jsonl, tb/, reconstruction.png"
     )
-    print("  finetune/                   best.pt (best val mIoU), checkpoint.pt, metrics.jsonl, test/ report:")
-    print("                              report.md (Table II layout), report.json, confusion_matrix.png,")
+    print(
+        "  finetune/                   best.pt (best val mIoU), checkpoint.pt, metrics.jsonl, test/ report:"
+    )
+    print(
+        "                              report.md (Table II layout), report.json, confusion_matrix.png,"
+    )
     print("                              per_class.png, panels.png (SAR | prediction | truth)")
     print("  summary.json                what each stage wrote and how long it took")
     return summary

@@ -533,8 +533,10 @@ def _ingest_slices(
         slices[key] = entry
         root.attrs["slices"] = slices
         t = entry["time_index"]
-        if root["hh_db"].shape[0] <= t:
-            root["hh_db"].resize((t + 1, grid.height, grid.width))
+        for name, arr in root.arrays():  # hh_db and any derived (time, ...) layer (predictions)
+            dims = arr.metadata.dimension_names or ()
+            if name != "time" and dims[:1] == ("time",) and arr.shape[0] <= t:
+                arr.resize((t + 1, *arr.shape[1:]))
         if root["time"].shape[0] <= t:
             root["time"].resize((t + 1,))
         root["time"][t] = date_to_days(date)

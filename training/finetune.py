@@ -516,8 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             else f"; best val {BEST_METRIC[cfg.seg.task]} {t.best_value:.4f} (epoch {t.best_epoch}) in {t.best}"
         )
         print(f"{prefix}: {cfg.seg.task}, {t.step} steps ({t.epoch} epochs){best}")  # fmt: skip
-        if res.report is not None:
-            print(Path(res.report["markdown"]).read_text())
+        if res.report is not None:  # the tables; the confusion matrix stays in the file
+            md = Path(res.report["markdown"]).read_text().split("## Confusion matrix")[0]
+            print(md.rstrip() + f"\n\n(full report: {Path(res.report['markdown']).parent})")
     return 0
 
 
