@@ -30,8 +30,9 @@ pixels; memory is that of one block per worker (input, accumulators, a batch of 
 independent of the region's size. Blocks run in this process (``workers=0``, or on one GPU with
 ``device="cuda"``), or as tasks on a Dask cluster (``workers`` local processes or a scheduler).
 
-**Resume.** After a block's pixels are written a marker ``_predict/<layer>/t<T>-r<R>-c<C>.json``
-(with the block's confusion matrix and the checkpoint's sha256) is written next to the layer; a
+**Resume.** After a block's pixels are written a marker ``<out>.predict/<layer>/t<T>-r<R>-c<C>.json``
+(with the block's confusion matrix and the checkpoint's sha256) is written beside the store (not
+inside it: Zarr would warn about a foreign directory whenever the group is listed); a
 re-run skips blocks whose marker names the same checkpoint, so an interrupted run finishes where it
 stopped and produces the same output.
 
@@ -599,7 +600,8 @@ def predict(
     jobs, done = [], {}
     for _, t in dates:
         for b in blocks:
-            marker = join_url(out, "_predict", layer, f"t{t:04d}-r{b[0]:07d}-c{b[2]:07d}.json")
+            marker = join_url(out.rstrip("/") + ".predict", layer,
+                              f"t{t:04d}-r{b[0]:07d}-c{b[2]:07d}.json")  # fmt: skip
             m = _read_marker(marker, so)
             if m is not None and m.get("sha256") == pr.sha256 and m.get("block") == list(b):
                 done[marker] = m
