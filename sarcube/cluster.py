@@ -27,6 +27,8 @@ def dask_client(
         return
     from distributed import Client, LocalCluster
 
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # (distributed resets it on import)
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the dashboard link is printed
     if scheduler:
         own = Client(scheduler)
         cluster = None

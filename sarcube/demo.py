@@ -19,7 +19,7 @@ from .sampling import SamplingParams, sample_patches
 from .shards import write_shards
 from .synth import synthesize
 
-STAGES = ("synth", "ingest", "sample", "shards", "pretrain", "finetune")
+STAGES = ("synth", "ingest", "sample", "shards", "pretrain", "finetune", "predict")
 # The paper draws 1,000,000 anchors over Japan (~4·10⁹ cells per slice); the demo area has
 # 6.6·10⁶ cells, so ~2,000 anchors keep a comparable density (and leave room for balancing).
 DEMO_ANCHORS = 2000
@@ -162,6 +162,21 @@ def run_demo(
                                      "best": str(ft_dir / "best.pt"),
                                      "report": str(ft_dir / "test" / "report.md")}  # fmt: skip
 
+    t0 = time.perf_counter()
+    first = sorted(open_cube(cube_url).time.dt.strftime("%Y-%m-%d").values)[0]
+    print(f"[7/{n}] predict: the demo area on {first} with the best weights (seamless sliding "
+          "windows, out of core), map PNG + Cloud-Optimized GeoTIFF", flush=True)  # fmt: skip
+    from training.predict import predict
+
+    pred = predict(cube_url, str(ft_dir / "best.pt"), str(out / "predictions.zarr"), time=first,
+                   cog=str(out / "map_lulc.tif"), workers=workers)  # fmt: skip
+    s = pred.scores.get(first, {})
+    print(f"  {pred.megapixels:.1f} Mpx in {pred.seconds:.1f} s; vs the labels: mIoU "
+          f"{s.get('miou', float('nan')):.3f}, pixel accuracy {s.get('pixel_acc', float('nan')):.3f}")  # fmt: skip
+    summary["stages"]["predict"] = {"seconds": round(time.perf_counter() - t0, 1),
+                                    "zarr": str(out / "predictions.zarr"), "cog": pred.cog,
+                                    "panels": pred.panels, "miou": s.get("miou")}  # fmt: skip
+
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\ndemo outputs under {out}/:")
     print(
@@ -184,5 +199,14 @@ def run_demo(
         "                              report.md (Table II layout), report.json, confusion_matrix.png,"
     )
     print("                              per_class.png, panels.png (SAR | prediction | truth)")
+    print(
+        "  predictions.zarr            pred_lulc on the cube's grid: sarcube.open_cube('"
+        + str(out / "predictions.zarr")
+        + "')"
+    )
+    print(
+        "  map_lulc.tif                the map as a Cloud-Optimized GeoTIFF (overviews, colour table)"
+    )
+    print(f"  predictions_pred_lulc_{first}.png   SAR | prediction | truth | errors")
     print("  summary.json                what each stage wrote and how long it took")
     return summary
