@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import rasterio
 
+import sarcube
 from sarcube.cli import build_parser
 
 SARCUBE = [sys.executable, "-m", "sarcube.cli"]
@@ -65,3 +66,7 @@ def test_demo_on_a_small_area(tmp_path):
     report = (ft / "test" / "report.md").read_text()
     assert "| Method | Water | Built-up |" in report
     assert "| Method | Water | Built-up |" in out.stdout  # the demo prints the test table
+    with rasterio.open(tmp_path / "demo" / "map_lulc.tif") as cog:
+        assert cog.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and cog.crs.to_epsg() == 4326
+    assert "pred_lulc" in sarcube.open_cube(str(tmp_path / "demo" / "predictions.zarr"))
+    assert list((tmp_path / "demo").glob("predictions_pred_lulc_*.png"))
