@@ -70,3 +70,81 @@ def test_demo_on_a_small_area(tmp_path):
         assert cog.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and cog.crs.to_epsg() == 4326
     assert "pred_lulc" in sarcube.open_cube(str(tmp_path / "demo" / "predictions.zarr"))
     assert list((tmp_path / "demo").glob("predictions_pred_lulc_*.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every `sarcube …` example in the README parses with the real parser
+
+
+def _readme_commands() -> list[str]:
+    """Command lines starting with ``sarcube `` inside the README's fenced code blocks (line
+    continuations joined, comments dropped)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks, current = [], None  # fenced blocks, opening and closing fences paired line by line
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current = [] if line.strip() in ("```", "```bash", "```sh") else ["<other>"]
+            else:
+                if current[:1] != ["<other>"]:
+                    blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    cmds = []
+    for block in blocks:
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" # ")[0].strip()
+            if line.startswith("sarcube "):
+                cmds.append(line)
+    return cmds
+
+
+def _variants(cmd: str) -> list[list[str]]:
+    """Two argv lists per example: optional ``[...]`` groups left out, and put in (the first
+    alternative of ``a | b`` groups and of ``x|y`` values)."""
+    import re
+    import shlex
+
+    def first_alt(m: re.Match) -> str:
+        return m.group(1).split(" | ")[0]
+
+    for placeholder, value in (("W S E N", "140.0 35.9 140.4 36.3"), ("YYYY-MM-DD", "2022-09-12")):
+        cmd = cmd.replace(placeholder, value)  # documentation placeholders -> sample values
+    bare = re.sub(r"\[[^\[\]]*\]", " ", cmd)
+    full = re.sub(r"\[([^\[\]]*)\]", first_alt, cmd)
+    out = []
+    for c in (bare, full):
+        c = re.sub(r"\s+\|\s+--\S+(\s+[^-\s]\S*)?", "", c)  # "--a x | --b y" outside brackets
+        argv = [t.split("|")[0] if "|" in t and not t.startswith(("'", '"')) else t
+                for t in shlex.split(c)[1:] if t not in ("...", "…")]  # fmt: skip
+        out.append(argv)
+    return out
+
+
+def test_readme_cli_examples_parse():
+    cmds = _readme_commands()
+    names = {c.split()[1] for c in cmds}
+    assert {"synth", "ingest", "sample", "shards", "pretrain", "finetune", "evaluate", "ablation",
+            "predict"} <= names, names  # fmt: skip
+    parser = build_parser()
+    for cmd in cmds:
+        if cmd.split()[1] in ("--help", "-h", "--version"):
+            continue
+        for argv in _variants(cmd):
+            try:
+                parser.parse_args(argv)
+            except SystemExit as e:
+                raise AssertionError(f"README example does not parse: {cmd!r} -> {argv}") from e
+
+
+@pytest.mark.parametrize("command", ["synth", "ingest", "sample", "shards", "pretrain", "finetune",
+                                     "evaluate", "ablation", "predict", "demo"])  # fmt: skip
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    assert command in capsys.readouterr().out
