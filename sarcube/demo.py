@@ -149,7 +149,8 @@ def run_demo(
     # a small --bbox may give fewer train patches than the profile's batch of 8
     argv = ["--task", "lulc", "--config", "finetune_tiny", "--manifest",
             str(out / "shards" / "manifest.json"), "--pretrained", str(run_dir / "encoder.pth"),
-            "--out", str(ft_dir), "data.num_workers=0", f"data.batch_size={min(8, n_train)}",
+            "--out", str(ft_dir), "data.num_workers=0", "schedule.epochs=8",
+            f"data.batch_size={min(8, n_train)}",
             f"optim.lr_batch_base={min(8, n_train)}"]  # fmt: skip
     if (ft_dir / "checkpoint.pt").exists():
         argv.append("--resume")

@@ -40,9 +40,11 @@ On CPU the per-step losses after a resume equal those of an uninterrupted run bi
 
     checkpoint.pt           latest full state (rank 0; torch.load(weights_only=True) safe)
     checkpoint-epochNNNN.pt snapshots every ``train.keep_every_epochs`` epochs
+    best.pt                 weights of the best ``task.validate`` score so far (tasks that validate:
+                            fine-tuning; format sarcube-model/1: model, config, extra, scores)
     encoder.pth             encoder state dict (SwinEncoder keys) when the run ends
     config.yaml             the resolved config
-    metrics.jsonl           one line per logged step and per epoch (rank 0)
+    metrics.jsonl           one line per logged step, per epoch and per validation (rank 0)
     tb/                     TensorBoard events (rank 0)
     reconstruction.png      the task's figure at the end (rank 0)
     ranks/rank-NNNNN.json   per rank: steps per epoch, samples, parameter checksum
