@@ -19,8 +19,8 @@ Rows (each run writes a fresh predictions store; blocks of 1024² px, ``--quick`
   cube, to show that the peak memory does not grow with the region;
 - ``paper cuda`` (batch 16 and 32, overlap 128, in one process on the GPU, over a cube 4× the
   area: 4096² px, ``--quick`` 2048²) when ``torch.cuda.is_available()``; otherwise the rows are
-  skipped and the JSON says why. ``--paper-device cpu`` runs them on the CPU over one block (slow;
-  a check of the code path, not a figure to quote).
+  skipped and the JSON says why. ``--paper-device cpu`` runs them on the CPU over one 256²
+  chunk (9 windows, ~1 min each on 2 cores: a check of the code path, not a figure to quote).
 
 Measured:
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--paper-device", default="auto", choices=["auto", "cuda", "cpu", "skip"],
                     help="where the finetune_paper rows run (auto: cuda if available, else "
-                         "skipped; cpu: one block only, a slow check of the code path)")  # fmt: skip
+                         "skipped; cpu: one 256² chunk, a slow check of the code path)")  # fmt: skip
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             pcube, pbbox = cube(work, psize), None
         else:
             psize = size
-            pcube, pbbox = cube_url, corner_bbox(size, block)
+            pcube, pbbox = cube_url, corner_bbox(size, WINDOW)
         for batch in (16, 32):
             print(f"paper, {paper_dev}, batch {batch} ...", flush=True)
             r = run_inprocess(work, f"paper-{paper_dev}-b{batch}", cube_url=pcube, ckpt=ck,
@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         "windows include each block's halo (the lattice windows touching the block)",
         "Dask workers: single-threaded processes (Dask sets OMP_NUM_THREADS=1); cluster start-up "
         "and model loading are not timed",
+        "Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: glibc then returns freed "
+        "memory at once and re-faults it, which cost ~1.5x the CPU per window (and ~25% less "
+        "peak RSS) in a separate in-process check; hence the lower Mpx/CPU-s of the Dask rows",
     ]
     write_results("predict-quick" if args.quick else "predict",
                   {"torch": torch.__version__, "cube_px": size, "block": block,

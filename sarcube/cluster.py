@@ -27,7 +27,8 @@ def dask_client(
         return
     from distributed import Client, LocalCluster
 
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # (distributed resets it on import)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    if quiet:  # (distributed resets it on import)
         logging.getLogger("distributed").setLevel(logging.WARNING)  # the dashboard link is printed
     if scheduler:
         own = Client(scheduler)
@@ -35,7 +36,9 @@ def dask_client(
     else:
         cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
                                memory_limit=memory_limit or "auto", dashboard_address="127.0.0.1:0",
-                               silence_logs=logging.ERROR)  # fmt: skip
+                               # worker processes: a heartbeat racing the shutdown logs a
+                               # traceback at ERROR; task errors come back through the futures
+                               silence_logs=logging.CRITICAL if quiet else logging.INFO)  # fmt: skip
         own = Client(cluster)
     print(f"Dask dashboard: {own.dashboard_link}", flush=True)
     try:

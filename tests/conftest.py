@@ -182,3 +182,17 @@ def small_shards(small_cube, tmp_path_factory, dask_cluster) -> Path:
         write_shards(small_cube, str(tmp / "index.parquet"), str(tmp / "shards"), shard_size_mb=64,
                      min_shards_per_split=2, progress=False, client=client)  # fmt: skip
     return tmp / "shards"
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """``sarcube demo`` on ``SMALL_BBOX`` (every stage, about a minute), run once per session:
+    ``(work dir holding demo-output/, the CompletedProcess)``."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("small_demo")
+    proc = subprocess.run([sys.executable, "-m", "sarcube.cli", "demo", "--out", str(work / "demo-output"),
+                           "--bbox", *map(str, SMALL_BBOX)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work, proc

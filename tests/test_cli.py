@@ -51,25 +51,23 @@ def test_synth_cli_writes_readable_files(tmp_path):
             assert ds.crs is not None and ds.nodata == 0
 
 
-def test_demo_on_a_small_area(tmp_path):
-    from conftest import SMALL_BBOX
-
-    out = run("demo", "--out", str(tmp_path / "demo"), "--bbox", *map(str, SMALL_BBOX))
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "demo" / "summary.json").exists()
+def test_demo_on_a_small_area(small_demo):
+    work, out = small_demo
+    demo = work / "demo-output"
+    assert (demo / "summary.json").exists()
     for png in ("synth_overview.png", "cube_overview.png", "index_report.png"):
-        assert (tmp_path / "demo" / png).stat().st_size > 10_000
-    assert (tmp_path / "demo" / "shards" / "manifest.json").exists()
-    assert (tmp_path / "demo" / "pretrain" / "encoder.pth").exists()
-    ft = tmp_path / "demo" / "finetune"
+        assert (demo / png).stat().st_size > 10_000
+    assert (demo / "shards" / "manifest.json").exists()
+    assert (demo / "pretrain" / "encoder.pth").exists()
+    ft = demo / "finetune"
     assert (ft / "best.pt").exists() and (ft / "test" / "panels.png").stat().st_size > 10_000
     report = (ft / "test" / "report.md").read_text()
     assert "| Method | Water | Built-up |" in report
     assert "| Method | Water | Built-up |" in out.stdout  # the demo prints the test table
-    with rasterio.open(tmp_path / "demo" / "map_lulc.tif") as cog:
+    with rasterio.open(demo / "map_lulc.tif") as cog:
         assert cog.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and cog.crs.to_epsg() == 4326
-    assert "pred_lulc" in sarcube.open_cube(str(tmp_path / "demo" / "predictions.zarr"))
-    assert list((tmp_path / "demo").glob("predictions_pred_lulc_*.png"))
+    assert "pred_lulc" in sarcube.open_cube(str(demo / "predictions.zarr"))
+    assert list(demo.glob("predictions_pred_lulc_*.png"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -207,7 +207,8 @@ pr = Predictor(Slow({delay}).eval(), "lulc", {mean}, {std}, sha256="slow")
 base = psutil.Process().memory_info().rss
 threading.Thread(target=watch, daemon=True).start()
 bbox = {bbox}
-predict({cube!r}, pr, {out!r}, bbox=bbox, block={block}, progress=False, panel=False, batch_size=16)
+predict({cube!r}, pr, {out!r}, bbox=bbox, block={block}, overlap={overlap}, progress=False,
+        panel=False, batch_size=16)
 time.sleep(0.05)
 print("PEAK_GROWTH_MB", (peak[0] - base) / 2**20)
 """
@@ -224,7 +225,14 @@ def run_script(tmp_path: Path, name: str, **kw) -> subprocess.Popen:
 def test_killed_run_resumes_to_identical_output(cube1k, tmp_path):
     url, _ = cube1k
     out = tmp_path / "r.zarr"
-    kw = {"cube": str(url), "out": str(out), "delay": 0.05, "bbox": None, "block": 256}
+    kw = {
+        "cube": str(url),
+        "out": str(out),
+        "delay": 0.05,
+        "bbox": None,
+        "block": 256,
+        "overlap": 128,
+    }
     p = run_script(tmp_path, "first", **kw)
     markers = tmp_path / "r.zarr.predict" / "pred_lulc"
     t0 = time.time()
@@ -251,14 +259,15 @@ def test_killed_run_resumes_to_identical_output(cube1k, tmp_path):
 
 def test_peak_memory_does_not_grow_with_the_region(tmp_path):
     """16× the area (1024² → 4096² px) adds less than 64 MB to the peak RSS; holding the larger
-    region's class probabilities alone would take 9 × 4096² × 4 B = 604 MB."""
+    region's class probabilities alone would take 9 × 4096² × 4 B = 604 MB. (Windows without
+    overlap, to keep the test short: memory is per block either way.)"""
     url = tmp_path / "big.zarr"
     random_cube(url, 4096, seed=2, nodata_box=False)
     small = (140.0, 35.0 + 3072 / 6000, 140.0 + 1024 / 6000, 35.0 + 4096 / 6000)
     growth = {}
     for name, bbox in (("small", small), ("large", None)):
         p = run_script(tmp_path, name, cube=str(url), out=str(tmp_path / f"{name}.zarr"),
-                       delay=0.0, bbox=bbox, block=1024)  # fmt: skip
+                       delay=0.0, bbox=bbox, block=1024, overlap=0)  # fmt: skip
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
         growth[name] = float(out.split("PEAK_GROWTH_MB")[1])
@@ -281,7 +290,7 @@ def test_region_larger_than_a_worker_memory_limit(tmp_path, dask_cluster):
                       dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
         pid0 = list(client.run(os.getpid).values())
         res = predict(str(url), pr, str(tmp_path / "p.zarr"), client=client, progress=False,
-                      panel=False, block=1024)  # fmt: skip
+                      panel=False, block=1024, overlap=0)  # fmt: skip
         assert list(client.run(os.getpid).values()) == pid0  # the same worker process throughout
     assert res.blocks == 36 and res.megapixels == pytest.approx(6144**2 / 1e6)
     m = open_group(str(tmp_path / "p.zarr"), formats=("sarcube-predictions/1",))["pred_lulc"]

@@ -291,7 +291,6 @@ def _predictor(spec: Predictor | tuple[str, Mapping[str, Any], str]) -> Predicto
     ckpt, so, device = spec
     key = (ckpt, device)
     if key not in _PREDICTORS:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         _PREDICTORS[key] = load_predictor(ckpt, so, device=device)
     return _PREDICTORS[key]
 
@@ -610,7 +609,7 @@ def predict(
                 _Job(cube, out, so, layer, prob_layer, t, b, stride, batch_size, labels, marker)
             )
     t0 = _time.perf_counter()
-    results = _run(spec, jobs, device, workers, client, scheduler, progress)
+    results = _run(pr, spec, jobs, device, workers, client, scheduler, progress)
     seconds = _time.perf_counter() - t0
     results.update(done)
     mpx = sum((j.block[1] - j.block[0]) * (j.block[3] - j.block[2]) for j in jobs) / 1e6
@@ -626,8 +625,10 @@ def predict(
     return res
 
 
-def _run(spec, jobs: list[_Job], device: str, workers: int, client, scheduler, progress: bool
-         ) -> dict[str, dict[str, Any]]:  # fmt: skip
+def _run(pr: Predictor, spec, jobs: list[_Job], device: str, workers: int, client, scheduler,
+         progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """In this process with the loaded ``pr``; on Dask with ``spec`` (a checkpoint path each
+    worker loads once, or the Predictor itself, pickled)."""
     if not jobs:
         return {}
     if client is None and scheduler is None and (workers <= 0 or device != "cpu"):
@@ -635,7 +636,7 @@ def _run(spec, jobs: list[_Job], device: str, workers: int, client, scheduler, p
 
         out = {}
         for job in tqdm(jobs, desc="predict", unit="block", disable=not progress):
-            out[job.marker] = run_block(spec, job)
+            out[job.marker] = run_block(pr, job)
         return out
     from sarcube.cluster import dask_client, run_tasks, task_key
 
