@@ -125,9 +125,12 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, db: torch.Tensor) -> torch.Tensor:
-        x = torch.nan_to_num(db, nan=self.mean)
+        dev = torch.device(self.device)
+        x = torch.nan_to_num(db.to(dev, non_blocking=True), nan=self.mean)
         x = (x - self.mean) / self.std
-        logits = self.model(x.to(self.device)).float()
+        # bf16 autocast on CUDA as in training; fp32 on the CPU (exact, and CPU bf16 is slow)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = self.model(x).float()
         if logits.shape[1] != self.channels:
             raise PredictError(f"{self.checkpoint}: the model gives {logits.shape[1]} channels, "
                                f"task {self.task!r} needs {self.channels}")  # fmt: skip
