@@ -13,6 +13,12 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import InputError, SarcubeError
+from .training_arguments import (
+    add_evaluate_arguments,
+    add_finetune_arguments,
+    add_predict_arguments,
+    add_pretrain_arguments,
+)
 
 
 def _bbox(values: Sequence[str]) -> tuple[float, float, float, float]:
@@ -133,16 +139,21 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    """The subcommand's own arguments as typed, without the launcher's ``--nproc``."""
+    out, skip = [], False
+    for tok in args.argv:
+        if skip:
+            skip = False
+        elif tok == "--nproc":
+            skip = True
+        elif not tok.startswith("--nproc="):
+            out.append(tok)
+    return out
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """In-process for one process; ``torch.distributed.run`` with ``--nproc`` local ranks."""
-    argv = ["--config", args.config, "--manifest", args.manifest, "--out", args.out]
-    if args.method:
-        argv += ["--method", args.method]
-    if args.resume:
-        argv.append("--resume")
-    for so in args.storage_option:
-        argv += ["--storage-option", so]
-    return _launch("training.pretrain", argv + list(args.overrides), args.nproc)
+    return _launch("training.pretrain", _forwarded(args), args.nproc)
 
 
 def _launch(module: str, argv: list[str], nproc: int) -> int:
@@ -163,23 +174,13 @@ def _launch(module: str, argv: list[str], nproc: int) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    argv = ["--config", args.config, "--manifest", args.manifest, "--out", args.out,
-            "--pretrained", args.pretrained]  # fmt: skip
-    if args.task:
-        argv += ["--task", args.task]
-    if args.resume:
-        argv.append("--resume")
-    for so in args.storage_option:
-        argv += ["--storage-option", so]
-    return _launch("training.finetune", argv + list(args.overrides), args.nproc)
+    return _launch("training.finetune", _forwarded(args), args.nproc)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.finetune import run_evaluate_args
 
-    from .storage import parse_storage_options
-
-    return run_evaluate_args(args, parse_storage_options)
+    return run_evaluate_args(args)
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -318,21 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SAR-W-MixMAE; checkpoints, encoder.pth, metrics and a reconstruction "
                                    "figure go to --out. --nproc N > 1 runs N local DDP ranks (torchrun; "
                                    "gloo on CPU, NCCL on GPUs).")  # fmt: skip
-    p.add_argument("--config", default="tiny",
-                   help="profile (simmim_tiny, simmim_paper, mixmae_tiny, mixmae_paper; 'tiny' or "
-                        "'paper' with --method) or a YAML file (default: %(default)s)")  # fmt: skip
-    p.add_argument("--method", choices=("simmim", "mixmae"), default=None,
-                   help="pretraining method (default: the config's; completes 'tiny'/'paper': simmim)")  # fmt: skip
-    p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
-    p.add_argument(
-        "--out", required=True, help="output directory or URL (local, s3://bucket/prefix)"
-    )
+    add_pretrain_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. optim.base_lr=1e-3 schedule.epochs=10")  # fmt: skip
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune the refined UPerNet (LULC or water) on shards",
@@ -340,21 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "refined UPerNet, validate every epoch (best.pt by val mIoU / "
                                    "water IoU) and evaluate the test split with the best weights "
                                    "(report in OUT/test). --nproc N > 1 runs N local DDP ranks.")  # fmt: skip
-    p.add_argument("--task", choices=("lulc", "water"), default=None,
-                   help="9-class LULC or binary water (default: the config's, lulc)")  # fmt: skip
-    p.add_argument("--config", default="finetune_tiny",
-                   help="profile (finetune_tiny, finetune_paper) or a YAML file (default %(default)s)")  # fmt: skip
-    p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
-    p.add_argument("--pretrained", required=True, metavar="CKPT|none",
-                   help="encoder.pth of `sarcube pretrain` (or its checkpoint), local or URL; "
-                        "'none': random init (the scratch baseline)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory or URL")
+    add_finetune_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. schedule.epochs=10 seg.refine_up=false")  # fmt: skip
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint on a split (report)",
@@ -362,18 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint.pt) over a split; writes report.json, report.md "
                                    "(Table II layout), confusion_matrix.png, per_class.png and "
                                    "panels.png to --out.")  # fmt: skip
-    p.add_argument(
-        "--checkpoint", required=True, help="best.pt or checkpoint.pt of `sarcube finetune`"
-    )
-    p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
-    p.add_argument("--split", default="test", help="split to evaluate (default %(default)s)")
-    p.add_argument("--out", required=True, help="report directory or URL")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes (default 0)")
-    p.add_argument("--panels", type=int, default=4, help="SAR | prediction | truth panels")
-    p.add_argument("--method", default=None, help="first cell of the table row")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("ablation", help="train + validate the variants of Table I (refinements)",
@@ -395,40 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dates of the cube: writes pred_lulc / pred_water (uint8, 255 = no "
                                    "data) into the cube or another Zarr store, scores against the "
                                    "cube's labels, a PNG panel, and optionally a COG.")  # fmt: skip
-    p.add_argument("--cube", required=True, help="the cube URL")
-    p.add_argument(
-        "--checkpoint", required=True, help="best.pt / checkpoint.pt of `sarcube finetune`"
-    )
-    p.add_argument(
-        "--out", default=None, help="Zarr for the layer: the cube (default) or another store"
-    )
-    p.add_argument("--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"), default=None,
-                   help="region in degrees (default: the whole cube; snapped out to 256-px chunks)")  # fmt: skip
-    p.add_argument("--time", action="append", default=None, metavar="DATE|DATE/DATE",
-                   help="a date or a range (repeatable; default every date)")  # fmt: skip
-    p.add_argument("--task", choices=("lulc", "water"), default=None,
-                   help="checked against the checkpoint's task and class count")  # fmt: skip
-    p.add_argument(
-        "--overlap", type=int, default=128, help="window overlap in px (default 128 = 50%%)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="windows per forward pass (default 16)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument(
-        "--workers", type=int, default=0, help="Dask worker processes (default 0: this process)"
-    )
-    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
-    p.add_argument(
-        "--block", type=int, default=1024, help="block edge in px, a multiple of 256 (default 1024)"
-    )
-    p.add_argument(
-        "--probabilities", action="store_true", help="also write uint8 class probabilities"
-    )
-    p.add_argument(
-        "--cog", default=None, help="also export a Cloud-Optimized GeoTIFF of the first date"
-    )
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_predict_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
@@ -443,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    if getattr(args, "command", None) in raw:  # what follows the subcommand (forwarded to ranks)
+        args.argv = raw[raw.index(args.command) + 1 :]
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -146,3 +146,22 @@ def test_every_command_has_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert e.value.code == 0
     assert command in capsys.readouterr().out
+
+
+def test_launcher_forwards_the_subcommand_arguments_without_nproc():
+    """`sarcube finetune --nproc 2 …` hands torchrun's ranks exactly what was typed after the
+    subcommand, minus --nproc, and the rank-side parser accepts it."""
+    from sarcube.cli import _forwarded
+    from training.finetune import build_parser as rank_parser
+
+    raw = ["-v", "finetune", "--manifest", "m", "--nproc", "2", "--pretrained", "none", "--out", "o",
+           "--nproc=3", "--storage-option", "endpoint_url=http://h:1", "schedule.epochs=1"]  # fmt: skip
+    args = build_parser().parse_args(raw)
+    args.argv = raw[2:]
+    fwd = _forwarded(args)
+    assert fwd == ["--manifest", "m", "--pretrained", "none", "--out", "o", "--storage-option",
+                   "endpoint_url=http://h:1", "schedule.epochs=1"]  # fmt: skip
+    ns = rank_parser().parse_intermixed_args(fwd)
+    assert ns.overrides == ["schedule.epochs=1"] and ns.storage_option == [
+        "endpoint_url=http://h:1"
+    ]

@@ -40,6 +40,7 @@ __all__ = [
     "barrier",
     "cleanup",
     "detect",
+    "env_rank",
     "get_rank",
     "get_world_size",
     "init_distributed",
@@ -145,6 +146,15 @@ def select_device(info: DistInfo, device: str = "auto") -> torch.device:
             raise RuntimeError("device 'cuda' requested but CUDA is not available")
         return torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
     return torch.device(device)
+
+
+def env_rank() -> int:
+    """This process's global rank as the launcher's variables give it (0 when there are none or
+    they are malformed: for naming messages, not for joining a group)."""
+    try:
+        return detect().rank
+    except ValueError:
+        return 0
 
 
 def init_distributed(

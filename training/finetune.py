@@ -39,7 +39,6 @@ import argparse
 import io
 import logging
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -54,9 +53,11 @@ from torch import Tensor, nn
 from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES
 from sarcube.errors import SarcubeError
 from sarcube.storage import is_remote, join_url
+from sarcube.training_arguments import add_finetune_arguments
 
 from .checkpoint import load_checkpoint, read_bytes, write_bytes
 from .config import Config, ConfigError, config_from_dict, load_config
+from .distributed import env_rank
 from .engine import NonFiniteLossError, Trainer, TrainResult
 from .layer_decay import param_groups_layer_decay
 from .metrics import ConfusionMatrix, binary_scores, segmentation_scores
@@ -414,7 +415,7 @@ def evaluate(checkpoint: str, manifest: str, split: str, out: str,
 
     so = dict(storage_options or {})
     ck = load_model_checkpoint(checkpoint, so)
-    cfg = config_from_dict({k: v for k, v in ck["config"].items()})
+    cfg = config_from_dict(ck["config"])
     cfg.seg.pretrained = None  # the checkpoint holds every weight
     cfg.data.num_workers = num_workers
     if batch_size:
@@ -454,31 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune the refined UPerNet (LULC or water) on sarcube shards, validate "
         "each epoch, test the best weights (one process, or one per rank under torchrun / mpirun).",
     )
-    p.add_argument("--task", choices=("lulc", "water"), default=None,
-                   help="9-class LULC or binary water (default: the config's seg.task)")  # fmt: skip
-    p.add_argument("--config", default="finetune_tiny",
-                   help="profile (finetune_tiny, finetune_paper; 'tiny'/'paper') or a YAML file "
-                        "(default %(default)s)")  # fmt: skip
-    p.add_argument("--manifest", required=True, help="shard manifest URL (or its directory)")
-    p.add_argument("--pretrained", required=True, metavar="CKPT|none",
-                   help="encoder weights: encoder.pth (or a pretraining checkpoint) of "
-                        "`sarcube pretrain`, local or URL; 'none' for random init (the scratch baseline)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory or URL")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option for the manifest, shards, weights and output "
-                        "(repeatable)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. schedule.epochs=5 seg.refine_up=false")  # fmt: skip
+    add_finetune_arguments(p)
     return p
-
-
-def _rank_env() -> str | None:
-    return (
-        os.environ.get("RANK")
-        or os.environ.get("OMPI_COMM_WORLD_RANK")
-        or os.environ.get("PMI_RANK")
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,8 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    rank = _rank_env()
-    main_rank = rank in (None, "", "0")
+    rank = env_rank()
+    main_rank = rank == 0
     prefix = "finetune" if main_rank else f"finetune[rank {rank}]"
     try:
         overrides = list(args.overrides)
@@ -522,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_evaluate_args(args: argparse.Namespace, parse_storage_options) -> int:
+def run_evaluate_args(args: argparse.Namespace) -> int:
+    """``sarcube evaluate`` (arguments: ``sarcube.training_arguments.add_evaluate_arguments``)."""
+    from sarcube.storage import parse_storage_options
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -72,7 +72,7 @@ from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES, nine_class_lut, wate
 from sarcube.cube import PREDICTIONS_FORMAT, cube_grid, open_group, zarr_store
 from sarcube.errors import InputError
 from sarcube.grid import CubeGrid
-from sarcube.storage import is_remote, join_url, url_to_fs
+from sarcube.storage import is_remote, join_url, put_bytes, url_to_fs
 
 __all__ = [
     "LAYERS",
@@ -334,8 +334,6 @@ def run_block(spec: Predictor | tuple[str, Mapping[str, Any], str], job: _Job) -
         k = 9 if pr.task == "lulc" else 2
         info["cm"] = _confusion(cls, truth, k).tolist()
     fs, path = url_to_fs(job.marker, job.so)
-    from sarcube.storage import put_bytes
-
     put_bytes(fs, path, json.dumps(info).encode())
     return info
 
@@ -832,9 +830,13 @@ def run_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sarcube.cli import build_parser
+    from sarcube.training_arguments import add_predict_arguments
 
-    args = build_parser().parse_args(["predict", *(argv if argv is not None else sys.argv[1:])])
+    p = argparse.ArgumentParser(
+        prog="python -m training.predict", description=__doc__.splitlines()[0]
+    )
+    add_predict_arguments(p)
+    args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,7 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sarcube.training_arguments import add_pretrain_arguments
+
 from .config import Config, ConfigError, load_config
+from .distributed import env_rank
 from .engine import NonFiniteLossError, Trainer, TrainResult, step_generator
 from .masking import mask_to_pixels, simmim_mask
 from .mixing import mixmae_mask, plot_mixmae_reconstruction
@@ -285,21 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain the Swin encoder with SAR-W-SimMIM or SAR-W-MixMAE on sarcube shards "
         "(one process, or one per rank under torchrun / mpirun).",
     )
-    p.add_argument("--config", default="simmim_tiny",
-                   help="profile name (simmim_paper, simmim_tiny, mixmae_paper, mixmae_tiny; "
-                        "'tiny'/'paper' with --method) or a YAML file (default %(default)s)")  # fmt: skip
-    p.add_argument("--method", choices=("simmim", "mixmae"), default=None,
-                   help="pretraining method (overrides the config's)")  # fmt: skip
-    p.add_argument("--manifest", required=True, help="shard manifest URL (or its directory)")
-    p.add_argument(
-        "--out", required=True, help="output directory or URL (checkpoints, encoder.pth, metrics)"
-    )
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option for the manifest, shards and output, e.g. "
-                        "endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. optim.base_lr=1e-3 train.max_steps=100")  # fmt: skip
+    add_pretrain_arguments(p)
     return p
 
 
@@ -311,12 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    rank = (
-        os.environ.get("RANK")
-        or os.environ.get("OMPI_COMM_WORLD_RANK")
-        or os.environ.get("PMI_RANK")
-    )
-    prefix = f"pretrain[rank {rank}]" if rank not in (None, "", "0") else "pretrain"
+    rank = env_rank()
+    prefix = f"pretrain[rank {rank}]" if rank else "pretrain"
     try:
         cfg = load_config(args.config, args.overrides, method=args.method)
         so = parse_storage_options(args.storage_option)
@@ -327,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 3
-    if rank in (None, "", "0"):
+    if rank == 0:
         state = "finished" if res.finished else "stopped at train.max_steps"
         print(f"{prefix}: {state} after step {res.step} (epoch {res.epoch}), last loss "
               f"{res.last_loss if res.last_loss is None else f'{res.last_loss:.5f}'}; "
