@@ -12,6 +12,39 @@ from typing import Any
 log = logging.getLogger("sarcube.cluster")
 
 
+def check_cluster_arguments(workers: int | None = None, memory_limit: str | None = None) -> None:
+    """Refuse arguments that would start a cluster that can never run a task (InputError)."""
+    from .errors import InputError
+
+    if workers is not None and int(workers) < 1:
+        raise InputError(f"--workers must be ≥ 1 (worker processes), got {workers}")
+    if memory_limit is not None and str(memory_limit).lower() != "auto":
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(memory_limit) <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise InputError(
+                f"--memory-limit {memory_limit!r}: expected a size such as 2GB, 1500MiB or auto"
+            ) from None
+
+
+def _connect(scheduler: str):
+    """A Client of the scheduler at ``scheduler``; InputError (one line) when unreachable."""
+    from distributed import Client
+
+    from .errors import InputError
+
+    try:
+        return Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as e:
+        raise InputError(
+            f"--scheduler {scheduler}: cannot connect to a Dask scheduler there "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'timed out'})"
+        ) from None
+
+
 @contextlib.contextmanager
 def dask_client(
     client=None,
@@ -30,8 +63,9 @@ def dask_client(
     quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
     if quiet:  # (distributed resets it on import)
         logging.getLogger("distributed").setLevel(logging.WARNING)  # the dashboard link is printed
+    check_cluster_arguments(workers, memory_limit)
     if scheduler:
-        own = Client(scheduler)
+        own = _connect(scheduler)
         cluster = None
     else:
         cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,

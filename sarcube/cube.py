@@ -72,8 +72,18 @@ def _crs_attrs(grid: CubeGrid) -> dict[str, Any]:
 
 def create_cube(url: str, grid: CubeGrid, storage_options: Mapping[str, Any] | None = None,
                 provenance: Mapping[str, Any] | None = None) -> zarr.Group:  # fmt: skip
-    """Create an empty cube (no time slices yet) with its coordinates, CRS and attributes."""
-    root = zarr.open_group(zarr_store(url, storage_options), mode="w-", zarr_format=3)
+    """Create an empty cube (no time slices yet) with its coordinates, CRS and attributes.
+
+    The caller holds the cube's lock (``sarcube.locking``), whose object may already be in the
+    folder: so "create" means "no Zarr group here yet" rather than "empty folder"."""
+    store = zarr_store(url, storage_options)
+    try:
+        zarr.open_group(store, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        pass
+    else:
+        raise CubeError(f"{url}: a Zarr group exists here already")
+    root = zarr.open_group(store, mode="a", zarr_format=3)
     h, w, c, s = grid.height, grid.width, grid.chunk, grid.shard
     shard_hw = (min(s, h), min(s, w))
     cfg = {"write_empty_chunks": False}

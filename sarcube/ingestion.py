@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from affine import Affine
 
-from .cluster import dask_client, run_tasks, task_key
+from .cluster import check_cluster_arguments, dask_client, run_tasks, task_key
 from .cube import (
     CubeError,
     create_cube,
@@ -48,8 +48,9 @@ from .cube import (
 )
 from .errors import InputError, SarcubeError
 from .grid import DEFAULT_CELLS_PER_DEGREE, CubeGrid, parse_resolution
+from .registry import SliceRegistry, clear_slots, time_layers
 from .sources import LulcSource, SceneSource, SourceError, expand_urls, inspect_lulc, inspect_scene
-from .storage import gdal_path, rasterio_env
+from .storage import gdal_path, is_local_fs, rasterio_env, url_to_fs
 
 log = logging.getLogger("sarcube.ingestion")
 
@@ -305,6 +306,19 @@ def _source_from_json(d: Mapping[str, Any]) -> SceneSource:
                           "bounds_4326": tuple(d["bounds_4326"])})  # fmt: skip
 
 
+def check_bbox(bbox: Sequence[float], what: str = "--bbox") -> tuple[float, float, float, float]:
+    """(W, S, E, N) in degrees within −180…180 / −90…90 with W < E and S < N, else InputError."""
+    if len(bbox) != 4 or not all(math.isfinite(float(v)) for v in bbox):
+        raise InputError(f"{what} {tuple(bbox)}: expected four finite numbers W S E N (degrees)")
+    w, s, e, n = (float(v) for v in bbox)
+    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+        raise InputError(
+            f"{what} {w} {s} {e} {n}: expected W < E within −180…180 and S < N within −90…90 "
+            "(degrees, EPSG:4326)"
+        )
+    return (w, s, e, n)
+
+
 def ingest(
     scenes: Sequence[str],
     cube: str,
@@ -321,6 +335,8 @@ def ingest(
     memory_limit: str | None = None,
     progress: bool = True,
     client=None,
+    wait: float = 0.0,
+    break_stale_lock: bool = False,
 ) -> IngestReport:
     """Ingest SAR scenes and HR-LULC tiles into the cube at ``cube`` (created if absent).
 
@@ -331,12 +347,18 @@ def ingest(
         bbox: (W, S, E, N) in degrees for a new cube; default: the label tiles' extent.
         resolution: cube cell size for a new cube, 1/n degree (default 1/6000).
         scheduler: address of a running Dask scheduler; else a LocalCluster of ``workers``.
-        strict: raise IngestError when any input had a problem (otherwise report and go on).
+        strict: all or nothing: every input is checked in full (every pixel decoded) before
+            anything is written, and nothing is written (or committed) if any has a problem.
         storage_options: fsspec/s3fs options (endpoint_url, key, secret, ...).
         mosaic_date: acquisition date for yearly mosaic tiles without their JAXA XML.
         edge_nodata_pct: a cube cell is no data when at least this % of its source pixels are.
-    Returns an IngestReport; raises IngestError when nothing could be ingested.
+        wait: seconds to wait for another writer's lock on the cube (0: fail at once).
+        break_stale_lock: break the cube's lock if its holder stopped heart-beating.
+    Returns an IngestReport; raises IngestError when nothing could be ingested, LockHeldError when
+    another run writes the cube.
     """
+    from .locking import StoreLock
+
     t0 = time.perf_counter()
     so = dict(storage_options or {})
     report = IngestReport(cube=str(cube))
@@ -347,6 +369,9 @@ def ingest(
             raise InputError(f"--mosaic-date {mosaic_date!r}: expected YYYY-MM-DD") from None
     if not (0 <= edge_nodata_pct <= 100):
         raise InputError(f"edge_nodata_pct must be within 0..100, got {edge_nodata_pct}")
+    if bbox is not None:
+        bbox = check_bbox(bbox)
+    check_cluster_arguments(workers, memory_limit)
 
     scene_urls, problems = expand_urls(scenes, so)
     lulc_urls, lulc_problems = expand_urls(lulc, so) if lulc else ([], [])
@@ -356,10 +381,16 @@ def ingest(
         raise IngestError(
             "nothing to ingest: " + ("; ".join(report.problems) or "no input URL given")
         )
+    _check_cube_destination(cube, so)
 
-    with dask_client(client, scheduler, workers, memory_limit) as client:
+    with (
+        StoreLock(
+            cube, so, command="sarcube ingest", wait=wait, break_stale=break_stale_lock
+        ) as lock,
+        dask_client(client, scheduler, workers, memory_limit) as client,
+    ):
         # 1. inspect every input in parallel
-        futs = {("scene", u): client.submit(_bad_input_as_value, inspect_scene, u, so, mosaic_date,
+        futs = {("scene", u): client.submit(_bad_input_as_value, inspect_scene, u, so, mosaic_date, strict,
                                             key=task_key(f"inspect-{i}-{u}"), pure=False)
                 for i, u in enumerate(scene_urls)}  # fmt: skip
         futs.update({("lulc", u): client.submit(_bad_input_as_value, inspect_lulc, u, so,
@@ -384,12 +415,13 @@ def ingest(
                 "nothing was ingested:\n" + "\n".join(f"  {p}" for p in report.problems)
             )
 
-        # 2. the cube
-        root, grid = _open_or_create(cube, so, bbox, resolution, shard_chunks, tiles, good_scenes)
-        report.labels = _ingest_labels(client, root, cube, so, grid, tiles, progress)
+        # 2. the cube's grid (the cube itself is created only once everything checked out)
+        root, grid = _existing_cube(cube, so, bbox, resolution)
+        if grid is None:
+            grid = _new_grid(bbox, resolution, shard_chunks, tiles)
         coverage = [t.bounds for t in tiles] or (
             [tuple(root.attrs["labels"]["coverage"])]
-            if root.attrs.get("labels", {}).get("coverage")
+            if root is not None and root.attrs.get("labels", {}).get("coverage")
             else []
         )
         by_date: dict[dt.date, list[SceneSource]] = defaultdict(list)
@@ -404,39 +436,104 @@ def ingest(
                 )
             else:
                 by_date[s.date].append(s)
+        if strict and report.problems:
+            raise IngestError(
+                "--strict: input problems (nothing was written):\n"
+                + "\n".join(f"  {p}" for p in report.problems)
+            )
 
-        # 3. SAR slices, one date at a time in the registry, all shards in parallel
-        _ingest_slices(client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress)
+        created = root is None
+        if created:
+            root = create_cube(cube, grid, so, provenance=_provenance(bbox, grid))
+        try:
+            report.labels = _ingest_labels(client, root, cube, so, grid, tiles, progress)
+            # 3. SAR slices: each date built in a fresh slot, all committed in one registry write
+            _ingest_slices(client, root, cube, so, grid, by_date, edge_nodata_pct, report,
+                           progress, lock, strict)  # fmt: skip
+        finally:
+            if created and not _has_content(root):
+                _remove_store(cube, so)  # a failed first run leaves nothing behind
 
     report.seconds = time.perf_counter() - t0
     if not report.ingested and not report.skipped and report.labels in ("none", "failed"):
         raise IngestError("nothing was ingested:\n" + "\n".join(f"  {p}" for p in report.problems))
     if strict and report.problems:
         raise IngestError(
-            "--strict: input problems:\n" + "\n".join(f"  {p}" for p in report.problems)
+            "--strict: input problems (nothing was committed):\n"
+            + "\n".join(f"  {p}" for p in report.problems)
         )
     return report
 
 
-def _open_or_create(cube, so, bbox, resolution, shard_chunks, tiles, scenes):
+def _check_cube_destination(cube: str, so: Mapping[str, Any]) -> None:
+    """The cube URL is a cube, or nothing yet: never a file or a folder of other things."""
+    from .locking import LOCK_NAME
+
+    fs, path = url_to_fs(cube, so)
+    try:
+        if fs.isfile(path):
+            raise InputError(
+                f"--cube {cube}: is an existing file, not a cube (a Zarr folder/prefix)"
+            )
+        if fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            return
+        if fs.isdir(path):
+            others = [p for p in fs.ls(path, detail=False) if not p.rstrip("/").endswith(LOCK_NAME)]
+            if others:
+                raise InputError(
+                    f"--cube {cube}: an existing folder that is not a sarcube cube ({len(others)} "
+                    "entries, no zarr.json); give a new path or an existing cube"
+                )
+    except PermissionError as e:
+        raise InputError(f"--cube {cube}: access denied ({e})") from None
+
+
+def _has_content(root) -> bool:
+    attrs = root.attrs.asdict()
+    return bool(attrs.get("slices")) or attrs.get("labels", {}).get("status") == "complete"
+
+
+def _remove_store(cube: str, so: Mapping[str, Any]) -> None:
+    """Delete a cube this run created and never committed to (the lock file stays: its
+    owner removes it, and with it the empty folder)."""
+    from .locking import LOCK_NAME
+
+    fs, path = url_to_fs(cube, so)
+    try:
+        files = [p for p in fs.find(path) if not p.endswith(LOCK_NAME)]
+        if files:
+            fs.rm(files)
+        if is_local_fs(fs):
+            for d in sorted((p for p in fs.find(path, withdirs=True) if fs.isdir(p)), reverse=True):
+                try:
+                    fs.rmdir(d)
+                except OSError:
+                    pass
+    except Exception as e:  # best effort: the run already failed for a reason worth showing
+        log.warning("%s: could not remove the cube created by this failed run (%s)", cube, e)
+
+
+def _existing_cube(cube, so, bbox, resolution):
+    """(group, grid) of the cube at ``cube``, checked against the requested grid; (None, None)."""
     try:
         root = open_group(cube, so, mode="r+")
     except CubeError:
-        root = None
-    if root is not None:
-        grid = cube_grid(root)
-        if resolution is not None and parse_resolution(resolution) != grid.cells_per_degree:
-            raise InputError(f"{cube}: the cube exists with resolution 1/{grid.cells_per_degree}°; "
-                             f"--resolution {resolution} differs (new scenes are resampled to the cube's grid)")  # fmt: skip
-        if (
-            bbox is not None
-            and CubeGrid.from_bounds(bbox, grid.cells_per_degree, grid.chunk, grid.shard_chunks)
-            != grid
-        ):
-            raise InputError(
-                f"{cube}: the cube exists with bounds {grid.bounds}; --bbox {tuple(bbox)} differs"
-            )
-        return root, grid
+        return None, None
+    grid = cube_grid(root)
+    if resolution is not None and parse_resolution(resolution) != grid.cells_per_degree:
+        raise InputError(f"{cube}: the cube exists with resolution 1/{grid.cells_per_degree}°; "
+                         f"--resolution {resolution} differs (new scenes are resampled to the cube's grid)")  # fmt: skip
+    if (
+        bbox is not None
+        and CubeGrid.from_bounds(bbox, grid.cells_per_degree, grid.chunk, grid.shard_chunks) != grid
+    ):
+        raise InputError(
+            f"{cube}: the cube exists with bounds {grid.bounds}; --bbox {tuple(bbox)} differs"
+        )
+    return root, grid
+
+
+def _new_grid(bbox, resolution, shard_chunks, tiles) -> CubeGrid:
     n = parse_resolution(resolution) if resolution is not None else DEFAULT_CELLS_PER_DEGREE
     if bbox is None:
         if not tiles:
@@ -451,12 +548,14 @@ def _open_or_create(cube, so, bbox, resolution, shard_chunks, tiles, scenes):
             max(x[3] for x in b),
         )
     kw = {} if shard_chunks is None else {"shard_chunks": int(shard_chunks)}
-    grid = CubeGrid.from_bounds(tuple(bbox), n, **kw)
-    prov = {
+    return CubeGrid.from_bounds(tuple(bbox), n, **kw)
+
+
+def _provenance(bbox, grid: CubeGrid) -> dict[str, Any]:
+    return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "bbox": list(bbox),
+        "bbox": list(bbox if bbox is not None else grid.bounds),
     }
-    return create_cube(cube, grid, so, provenance=prov), grid
 
 
 def _ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
@@ -497,53 +596,55 @@ def _no_valid_pixel(s: SceneSource) -> str:
 
 
 def _ingest_slices(
-    client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress
+    client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress, lock, strict
 ) -> None:
-    slices = dict(root.attrs.get("slices", {}))
+    """Build each changed or new date in a fresh time slot, then commit all of them at once.
+
+    See ``sarcube.registry``: what ``open_cube`` shows changes only at ``registry.commit()``;
+    a date whose attempt failed keeps its previous complete slice, byte for byte.
+    """
+    registry = SliceRegistry(root)
+    garbage = set(registry.free)
     pending = {}
     for date, new in sorted(by_date.items()):
         key = date.isoformat()
-        entry = slices.get(key)
+        entry = registry.slices.get(key)
         # A date already in the cube keeps its scenes: new ones join them (same id: replaced).
         merged = {d["product_id"]: _source_from_json(d) for d in (entry or {}).get("sources", [])}
         merged.update({s.product_id: s for s in new})
         scenes = sorted(merged.values(), key=lambda s: s.product_id)
         sig = _slice_signature(scenes)
-        if entry and entry.get("status") in ("complete", "empty") and entry.get("inputs") == sig:
+        if entry and entry.get("inputs") == sig:
             # scenes that gave no valid pixel are reported again, not counted as in the cube
             used = set(entry.get("scenes", []))
             report.skipped += [pid for pid in sig if pid in used]
             report.problems += [_no_valid_pixel(s) for s in scenes if s.product_id not in used]
             report.slices[key] = entry["status"]
             continue
-        if entry is None:
-            # The next free slot: past every registered slice and both arrays (a crash may have
-            # left one array longer than the other).
-            used = [v["time_index"] for v in slices.values()]
-            t = max(root["hh_db"].shape[0], root["time"].shape[0], max(used, default=-1) + 1)
-            entry = {"time_index": t}
-        # Register the slice as being written *before* touching the arrays: readers skip it until
-        # it is complete, and a re-run after a crash at any point finds its slot here.
-        entry = {
-            **entry,
-            "status": "writing",
-            "inputs": sig,
-            "sources": [_source_to_json(x) for x in scenes],
-        }
-        slices[key] = entry
-        root.attrs["slices"] = slices
-        t = entry["time_index"]
-        for name, arr in root.arrays():  # hh_db and any derived (time, ...) layer (predictions)
-            dims = arr.metadata.dimension_names or ()
-            if name != "time" and dims[:1] == ("time",) and arr.shape[0] <= t:
-                arr.resize((t + 1, *arr.shape[1:]))
-        if root["time"].shape[0] <= t:
-            root["time"].resize((t + 1,))
-        root["time"][t] = date_to_days(date)
-        pending[key] = (t, scenes)
+        t = registry.begin(key, {"inputs": sig, "sources": [_source_to_json(x) for x in scenes]})
+        pending[key] = (t, scenes, entry)
+
+    if not pending:
+        _reclaim(cube, root, so, registry, garbage)
+        return
+    # A slot may hold an abandoned attempt's pixels: clear it before writing (missing objects
+    # read as NaN, so blocks the new mosaic leaves empty cannot show old data).
+    clear_slots(cube, root, {t for t, _, _ in pending.values()}, so)
+    # Register the attempts before touching the arrays: a crash at any point leaves them here
+    # (never in ``slices``), and the next run frees their slots.
+    registry.publish_attempts()
+    n_slots = max(t for t, _, _ in pending.values()) + 1
+    for name in time_layers(root):  # hh_db and any derived (time, ...) layer (predictions)
+        arr = root[name]
+        if arr.shape[0] < n_slots:
+            arr.resize((n_slots, *arr.shape[1:]))
+    if root["time"].shape[0] < n_slots:
+        root["time"].resize((n_slots,))
+    for key, (t, _, _) in pending.items():
+        root["time"][t] = date_to_days(dt.date.fromisoformat(key))
 
     futs = {}
-    for key, (t, scenes) in pending.items():
+    for key, (t, scenes, _) in pending.items():
         for blk in grid.shard_blocks():
             here = [s for s in scenes if _intersects(s.bounds_4326, grid.window_bounds(*blk))]
             futs[(key, blk)] = client.submit(_bad_input_as_value, ingest_sar_block, cube, so, grid, t,
@@ -551,19 +652,24 @@ def _ingest_slices(
                                              key=task_key(f"sar-{key}-{blk}"), pure=False)  # fmt: skip
     results = run_tasks(client, futs, "sar", progress)
 
-    for key, (_t, scenes) in pending.items():
+    outcome = {}
+    for key, (_t, scenes, old) in pending.items():
         res = {blk: r for (k, blk), r in results.items() if k == key}
         errors = [r for r in res.values() if isinstance(r, Exception)]
+        kept = (
+            f"the previous slice ({len(old.get('scenes', []))} scenes) is kept unchanged"
+            if old
+            else "not written"
+        )
         if errors:
             e = errors[0]
-            slices[key] = {**slices[key], "status": "failed"}
             if isinstance(e, SourceError):  # names the file
-                report.problems.append(f"{e} (slice {key} not written)")
+                report.problems.append(f"{e} (slice {key}: {kept})")
             else:
                 report.problems.append(
-                    f"date {key}: writing the slice failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-run to retry"
+                    f"date {key}: writing the slice failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {kept}; re-run to retry"
                 )
-            report.slices[key] = "failed"
+            outcome[key] = None
             continue
         per_scene = defaultdict(int)
         for r in res.values():
@@ -571,14 +677,34 @@ def _ingest_slices(
                 per_scene[pid] += n
         report.problems += [_no_valid_pixel(s) for s in scenes if per_scene[s.product_id] == 0]
         used = sorted(pid for pid in per_scene if per_scene[pid] > 0)
+        outcome[key] = (used, int(sum(per_scene.values())))
+
+    all_or_nothing = strict and (report.problems or None in outcome.values())
+    for key, result in outcome.items():
+        if result is None or all_or_nothing:
+            registry.abandon(key)
+            old = registry.slices.get(key)
+            report.slices[key] = f"{old['status']} (unchanged)" if old else "not written"
+            continue
+        used, cells = result
         status = "complete" if used else "empty"
-        slices[key] = {
-            **slices[key],
-            "status": status,
-            "scenes": used,
-            "valid_cells": int(sum(per_scene.values())),
-        }
+        registry.succeed(key, status=status, scenes=used, valid_cells=cells)
         report.ingested += used
         report.slices[key] = status
-    root.attrs["slices"] = slices
-    log.info("slices: %s", {k: v["status"] for k, v in slices.items()})
+    lock.check()  # never commit after losing the lock
+    registry.commit()
+    _reclaim(cube, root, so, registry, garbage | registry.free)
+    log.info("slices: %s", {k: v["status"] for k, v in registry.slices.items()})
+
+
+def _reclaim(cube, root, so, registry: SliceRegistry, slots: set[int]) -> None:
+    """Free the space of abandoned attempts and replaced slices (best effort: a failure here
+    loses nothing, the next run tries again)."""
+    slots = set(slots) & registry.free
+    if not slots:
+        return
+    try:
+        clear_slots(cube, root, slots, so)
+    except Exception as e:
+        log.warning("%s: reclaiming free time slots %s failed (%s); the next run retries",
+                    cube, sorted(slots), e)  # fmt: skip
