@@ -625,6 +625,9 @@ def _ingest_slices(
         pending[key] = (t, scenes, entry)
 
     if not pending:
+        if root.attrs.get("attempts") or garbage != set(root.attrs.get("free_slots", [])):
+            lock.check()
+            registry.commit()  # forget a dead run's attempts; their slots are free
         _reclaim(cube, root, so, registry, garbage)
         return
     # A slot may hold an abandoned attempt's pixels: clear it before writing (missing objects
