@@ -35,10 +35,12 @@ def _connect(scheduler: str):
     from distributed import Client
 
     from .errors import InputError
+    from .security import security_for
 
+    security = security_for(scheduler)  # before the try: its InputError is a ValueError
     try:
-        return Client(scheduler, timeout="20s")
-    except (OSError, TimeoutError, ValueError) as e:
+        return Client(scheduler, timeout="10s", security=security)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:  # TypeError: tls:// without certs
         raise InputError(
             f"--scheduler {scheduler}: cannot connect to a Dask scheduler there "
             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'timed out'})"

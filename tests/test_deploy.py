@@ -318,7 +318,7 @@ def test_compose_stack_shape():
 
 
 def test_env_example_lists_the_compose_variables_and_env_is_git_ignored():
-    text = (DEPLOY / "compose.yaml").read_text()
+    text = (DEPLOY / "compose.yaml").read_text() + (DEPLOY / "compose.tls.yaml").read_text()
     used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text))
     example = dict(
         ln.split("=", 1)
@@ -335,6 +335,126 @@ def test_env_example_lists_the_compose_variables_and_env_is_git_ignored():
         ignored = _run(["git", "check-ignore", "-q", "deploy/.env"])
         assert ignored.returncode == 0, "deploy/.env must be git-ignored"
         assert _run(["git", "check-ignore", "-q", "deploy/env.example"]).returncode == 1
+
+
+def _env_example() -> dict[str, str]:
+    return dict(
+        ln.split("=", 1)
+        for ln in (DEPLOY / "env.example").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    )
+
+
+def _published_ip(port, known: dict[str, str]) -> str | None:
+    """The host address a compose port entry publishes on (None: every interface)."""
+    if isinstance(port, dict):  # long syntax
+        return _expand(str(port.get("host_ip", "")), known) or None
+    spec = _expand(str(port), known).split("/")[0]
+    if spec.startswith("["):  # [::1]:8786:8786
+        return spec[1 : spec.index("]")]
+    parts = spec.split(":")
+    return parts[0] if len(parts) == 3 else None  # HOST:CONTAINER or CONTAINER: all interfaces
+
+
+def _compose_files() -> dict[str, dict]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted(DEPLOY.glob("compose*.yaml"))}
+
+
+def test_compose_publishes_every_port_on_loopback_by_default():
+    """A Dask scheduler runs any Python a client sends: nothing may listen beyond this machine
+    unless the user opts in (SARCUBE_BIND), with the defaults of compose.yaml and of env.example
+    (the deploy/.env a user starts from)."""
+    files = _compose_files()
+    assert {"compose.yaml", "compose.tls.yaml"} <= set(files)
+    example = _env_example()
+    published = 0
+    for name, doc in files.items():
+        for svc_name, svc in doc["services"].items():
+            where = f"{name} service {svc_name}"
+            assert svc.get("network_mode") != "host", f"{where}: host networking publishes all"
+            for port in svc.get("ports", []):
+                published += 1
+                for known in ({}, example):
+                    ip = _published_ip(port, known)
+                    assert ip == "127.0.0.1", f"{where}: {port!r} publishes on {ip or 'all'}"
+    assert published >= 4  # s3, scheduler, dashboard, jupyter
+    ports = {str(p) for p in files["compose.yaml"]["services"]["scheduler"]["ports"]}
+    assert any(p.startswith("${SARCUBE_BIND:-127.0.0.1}:") for p in ports)  # the opt-in
+    for var in ("SARCUBE_BIND", "DASK_DASHBOARD_BIND", "JUPYTER_BIND"):
+        assert example[var] == "127.0.0.1", var
+    # the check itself catches the usual forms of "every interface"
+    for bad in ("8786:8786", "${DASK_SCHEDULER_PORT:-8786}:8786", "8786", "0.0.0.0:8786:8786",
+                "${SARCUBE_BIND:-0.0.0.0}:8786:8786", {"target": 8786, "published": 8786}):  # fmt: skip
+        assert _published_ip(bad, {}) != "127.0.0.1", bad
+    assert _published_ip({"target": 1, "host_ip": "127.0.0.1"}, {}) == "127.0.0.1"
+
+
+def _dask_cli(argv: list[str], tls_dir: Path, where: str) -> dict:
+    """``dask scheduler …`` / ``dask worker …`` parsed by Dask's own command (click), the
+    in-container certificate folder mapped onto ``tls_dir`` (the options need existing files)."""
+    from distributed.cli import dask_scheduler, dask_worker
+
+    assert argv[0] == "dask" and argv[1] in ("scheduler", "worker"), where
+    cmd = {"scheduler": dask_scheduler.main, "worker": dask_worker.main}[argv[1]]
+    args = [re.sub(r"^(/etc/sarcube/tls|/run/sarcube-tls)/", f"{tls_dir}/", _expand(str(a), {}))
+            for a in argv[2:]]  # fmt: skip
+    try:
+        return cmd.make_context(f"dask {argv[1]}", args).params
+    except Exception as e:  # click's usage errors
+        pytest.fail(f"{where}: {shlex.join(argv)}: {e}")
+
+
+def _check_dask_tls(argv: list[str], tls_dir: Path, where: str, scheduler: str | None = None):
+    params = _dask_cli(argv, tls_dir, where)
+    assert params["tls_ca_file"] == str(tls_dir / "ca.pem"), where
+    assert params["tls_cert"] == str(tls_dir / "cluster.pem"), where
+    assert params["tls_key"] == str(tls_dir / "cluster.key"), where
+    if argv[1] == "scheduler":
+        assert params["protocol"] == "tls", f"{where}: the scheduler must listen on tls:// only"
+    else:
+        assert params["scheduler"] == scheduler, where
+        assert params["scheduler"].startswith("tls://"), where
+    return params
+
+
+def test_compose_tls_override_secures_every_dask_process(tmp_path):
+    from sarcube.security import generate_tls_certs
+
+    tls = tmp_path / "tls"
+    generate_tls_certs(tls)
+    check = [*_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
+    out = _run([*check, str(DEPLOY / "compose.tls.yaml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+    files = _compose_files()
+    base, over = files["compose.yaml"]["services"], files["compose.tls.yaml"]["services"]
+    assert set(over) <= set(base), "the override only changes services of compose.yaml"
+    assert {"scheduler", "worker", "jupyter", "sarcube"} <= set(over)
+    # base commands run without TLS, on the stack's own network
+    _dask_cli(base["scheduler"]["command"], tls, "compose.yaml scheduler")
+    _dask_cli(base["worker"]["command"], tls, "compose.yaml worker")
+    _check_dask_tls(over["scheduler"]["command"], tls, "compose.tls.yaml scheduler")
+    w = _check_dask_tls(over["worker"]["command"], tls, "compose.tls.yaml worker",
+                        scheduler="tls://scheduler:8786")  # fmt: skip
+    assert w["nthreads"] == 2 and w["memory_limit"] == "4GiB"  # same settings as compose.yaml
+    for name, svc in over.items():
+        env = svc["environment"]
+        assert env["DASK_SCHEDULER_ADDRESS"] == "tls://scheduler:8786", name
+        assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True", name
+        for key, f in (("CA_FILE", "ca.pem"), ("CLIENT__CERT", "cluster.pem"),
+                       ("CLIENT__KEY", "cluster.key")):  # fmt: skip
+            assert env[f"DASK_DISTRIBUTED__COMM__TLS__{key}"] == f"/run/sarcube-tls/{f}", name
+        assert env["SARCUBE_TLS_DIR"] == "/run/sarcube-tls", name
+        (mount,) = [v for v in svc["volumes"] if ":/run/sarcube-tls" in v]
+        assert mount == "${TLS_DIR:-./tls}:/run/sarcube-tls:ro", name
+    # the certificates: deploy/tls by default, never in git, never in the build context
+    assert _env_example()["TLS_DIR"] == "./tls"
+    assert "tls/" in (DEPLOY / ".gitignore").read_text().split()
+    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.strip().startswith("#")]  # fmt: skip
+    for f in ("ca.pem", "ca.key", "cluster.pem", "cluster.key"):
+        assert _dockerignore_excludes(f"deploy/tls/{f}", patterns), f
+    if (REPO / ".git").exists():
+        assert _run(["git", "check-ignore", "-q", "deploy/tls/cluster.key"]).returncode == 0
 
 
 def test_create_bucket_script_against_a_real_s3_server(s3, monkeypatch, capsys):
@@ -542,6 +662,51 @@ def test_kubernetes_references_resources_and_rendezvous_agree():
     assert int(ta.nnodes) == js["completions"] and ta.node_rank == "$(JOB_COMPLETION_INDEX)"
     assert int(ta.nproc_per_node) == int(c["resources"]["limits"]["nvidia.com/gpu"])
     assert ta.master_port == svc["spec"]["ports"][0]["port"]
+
+
+def test_kubernetes_dask_clusters_use_tls(tmp_path):
+    """Every Dask scheduler in the manifests listens on tls:// only, every worker connects with
+    the certificate, and the pipeline runner has it too (Secret sarcube-dask-tls)."""
+    from sarcube.security import generate_tls_certs
+
+    tls = tmp_path / "tls"
+    generate_tls_certs(tls)
+    docs = [d for _, d in _k8s_docs() if d["kind"] in ("DaskCluster", "DaskJob")]
+    assert sorted(d["kind"] for d in docs) == ["DaskCluster", "DaskJob"]
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        for where, spec in _pod_specs(doc).items():
+            where = f"{doc['kind']} {name} {where}"
+            (c,) = spec["containers"]
+            tls_volumes = {v["name"] for v in spec.get("volumes", [])
+                           if v.get("secret", {}).get("secretName") == "sarcube-dask-tls"}  # fmt: skip
+            mounts = [m for m in c.get("volumeMounts", []) if m["name"] in tls_volumes]
+            assert [(m["mountPath"], m.get("readOnly")) for m in mounts] == [
+                ("/etc/sarcube/tls", True)
+            ], where
+            # the files are group-readable by the container user only
+            (vol,) = [v for v in spec["volumes"] if v["name"] in tls_volumes]
+            assert vol["secret"]["defaultMode"] & 0o007 == 0, where
+            assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"]
+            argv = [*(c.get("command") or []), *(c.get("args") or [])]
+            if c["name"] == "scheduler":
+                _check_dask_tls(argv, tls, where)
+            elif c["name"] == "worker":
+                _check_dask_tls(argv, tls, where, scheduler=f"tls://{name}-scheduler:8786")
+            else:  # the DaskJob runner: sarcube connects with SARCUBE_TLS_DIR
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env["SARCUBE_TLS_DIR"] == "/etc/sarcube/tls", where
+                script = argv[-1]
+                assert 'sched="tls://${DASK_SCHEDULER_ADDRESS#*://}"' in script, where
+                assert script.count('--scheduler "$sched"') == 2, where
+    # the check catches a plain scheduler, a plain worker and a mistyped option
+    for argv in (["dask", "scheduler", "--port", "8786"],
+                 ["dask", "worker", "tcp://s:8786", "--tls-ca-file", "/etc/sarcube/tls/ca.pem",
+                  "--tls-cert", "/etc/sarcube/tls/cluster.pem",
+                  "--tls-key", "/etc/sarcube/tls/cluster.key"],
+                 ["dask", "scheduler", "--protocol", "tls", "--tls-ca", "/etc/sarcube/tls/ca.pem"]):  # fmt: skip
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            _check_dask_tls(argv, tls, "broken", scheduler="tls://s:8786")
 
 
 def _torchrun_args(argv: list[str]) -> argparse.Namespace:
@@ -774,7 +939,7 @@ def test_every_command_line_in_deploy_parses_with_the_real_parsers():
         where = f"{source} ({kind})"
         if kind == "sarcube":
             ns = _parse(build_parser(), argv, where)
-            parse_storage_options([s for s in ns.storage_option if "=" in s])
+            parse_storage_options([s for s in getattr(ns, "storage_option", []) if "=" in s])
             if ns.command == "pretrain":
                 _check_config(ns.config, ns.overrides, ns.method, where)
             elif ns.command in ("finetune", "ablation"):
@@ -807,6 +972,9 @@ def test_every_command_line_in_deploy_parses_with_the_real_parsers():
         ("deploy/hpc/torchrun-node.sh", "torchrun"),
         *(("deploy/README.md", c) for c in ("synth", "ingest", "sample", "shards", "pretrain")),
     }
+    if "tls-certs" in _sarcube_subcommands():  # sarcube.security.add_tls_certs_parser
+        expected |= {("deploy/README.md", "tls-certs"), ("deploy/k8s/daskcluster.yaml", "tls-certs"),
+                     ("deploy/compose.tls.yaml", "tls-certs")}  # fmt: skip
     assert expected <= seen, f"not found: {sorted(expected - seen)}"
 
 
