@@ -9,10 +9,11 @@ Chunks are one 256 × 256 patch; Zarr shards group ``shard_chunks``² chunks so 
 stay low on S3. Writes go through ``write_region``, which refuses any region not aligned to whole
 shards (two writers touching one shard would silently lose data). All-NaN chunks are not stored.
 
-The group attributes hold the grid, the calibration, and a registry of time slices: for each
-acquisition date its status (``writing`` → ``complete``, or ``empty``), the product ids and content
-hashes of its scenes. ``open_cube`` shows only complete slices, so a half-written slice never looks
-valid.
+The group attributes hold the grid, the calibration, and a registry of time slices
+(``sarcube.registry``): for each acquisition date the time slot holding its complete mosaic
+(``complete``, or ``empty``), the product ids and content hashes of its scenes; attempts in
+progress and free slots are listed apart. ``open_cube`` shows only the registered slices, so a
+half-written or abandoned slot never looks valid.
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ The job, on a Dask cluster (an address, or a LocalCluster it starts):
    Memory per task is bounded by one shard and one 512-row strip of source pixels, whatever the
    scene size.
 
-Resumable and idempotent: a date's slice is marked ``writing`` before its tasks run and
-``complete`` after all of them succeeded; a re-run skips complete slices whose scenes (product ids
-and sha256) are unchanged and rewrites any other, so a killed run re-runs to the same cube. New
-dates append time slices without touching existing ones.
+Transactional, resumable and idempotent (``sarcube.registry``): under the cube's lock
+(``sarcube.locking``), every new or changed date is built in a fresh time slot registered as an
+attempt, and one registry write commits all of the run's dates at once; a failure leaves the
+previous complete slices exactly as they were. A re-run skips dates whose scenes (product ids and
+sha256) are unchanged, so a killed run re-runs to the same cube. ``strict`` is all-or-nothing:
+every input is read in full before anything is written, and nothing is committed on any problem.
 """
 
 from __future__ import annotations
