@@ -26,7 +26,7 @@ format: env
 	$(BIN)/ruff format .
 
 bench: env
-	$(BIN)/python benchmarks/synth.py
+	for b in ingest sampling shards loader train_step predict; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

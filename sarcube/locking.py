@@ -58,6 +58,10 @@ class LockHeldError(SarcubeError):
     """Another writer holds the store's lock."""
 
 
+class LockUnsupportedError(SarcubeError):
+    """The object store cannot do the atomic create-if-absent a lock needs."""
+
+
 class LockLostError(SarcubeError):
     """This run's lock was broken or replaced while it ran; it must not commit."""
 
@@ -173,7 +177,25 @@ class StoreLock:
         except FileExistsError:
             return False
         self._etag = (out or {}).get("ETag")
+        self._check_conditional_writes(data)
         return True
+
+    def _check_conditional_writes(self, data: bytes) -> None:
+        """Prove the server honours ``If-None-Match: *``: a second create of the object we just
+        wrote must be refused. (Some S3-compatible servers ignore the header; on those two
+        writers would both "acquire" the lock.) The probe writes the same bytes, so even a
+        server that accepts it changes nothing but the ETag."""
+        try:
+            out = self.fs.pipe_file(self.path, data, mode="create")
+        except FileExistsError:
+            return
+        self._etag = (out or {}).get("ETag", self._etag)
+        self.release()
+        raise LockUnsupportedError(
+            f"{self.url}: this S3 server ignores conditional writes (If-None-Match: *), so it "
+            "cannot hold a write lock; use a server that supports them (AWS S3 does) "
+            "or run one writer at a time yourself"
+        )
 
     def read(self) -> dict[str, Any] | None:
         """The lock record now in the store (None: no lock)."""

@@ -161,3 +161,21 @@ def test_two_processes_one_lock(tmp_path, trial):
     assert sorted(o.split(":")[0].strip() for o in outs) == ["refused", "won"], outs
     lines = open(log).read().split()
     assert len(lines) == 4 and lines[1] == "in" and lines[3] == "out"  # one in/out pair
+
+
+def test_server_ignoring_conditional_writes_is_refused(s3):
+    """A server that ignores If-None-Match (emulated by dropping the header client-side, the
+    server stays real) is detected: no lock is claimed on it, and nothing is left behind."""
+    from sarcube.locking import LockUnsupportedError
+
+    lock = StoreLock(s3.url("store"), s3.storage_options)
+    real = lock.fs.pipe_file
+
+    def without_condition(path, data, mode="overwrite", **kw):
+        return real(path, data, **kw)
+
+    lock.fs.pipe_file = without_condition
+    with pytest.raises(LockUnsupportedError, match="ignores conditional writes"):
+        lock.acquire()
+    lock.fs.pipe_file = real
+    assert StoreLock(s3.url("store"), s3.storage_options).read() is None
