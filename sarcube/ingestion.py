@@ -453,7 +453,7 @@ def ingest(
             _ingest_slices(client, root, cube, so, grid, by_date, edge_nodata_pct, report,
                            progress, lock, strict)  # fmt: skip
         finally:
-            if created and not _has_content(root):
+            if created and (not _has_content(root) or (strict and report.problems)):
                 _remove_store(cube, so)  # a failed first run leaves nothing behind
 
     report.seconds = time.perf_counter() - t0

@@ -199,17 +199,20 @@ def _strips(ds, rows: int = 1024):
         yield Window(0, r0, ds.width, min(rows, ds.height - r0))
 
 
-def _check_all_pixels(ds, url: str) -> None:
-    """Decode every pixel (``--strict``): a file damaged in the middle fails here, before any
-    write, instead of while its slice is being written."""
+def _check_all_pixels(ds, url: str, nodata: int) -> None:
+    """Decode every pixel (``--strict``): a file damaged in the middle, or one holding nothing
+    but no data, fails here, before any write, instead of while its slice is being written."""
+    valid = 0
     for win in _strips(ds):
         try:
-            ds.read(1, window=win)
+            valid += int(np.count_nonzero(ds.read(1, window=win) != nodata))
         except Exception as e:
             raise SourceError(
                 f"{url}: pixel data cannot be read at rows {win.row_off}–{win.row_off + win.height} "
                 f"(truncated or corrupt file): {str(e).splitlines()[0][:160]}"
             ) from None
+    if not valid:
+        raise SourceError(f"{url}: no valid pixel (every pixel is the no-data value {nodata})")
 
 
 def check_label_codes(ds, url: str, allowed: Iterable[int]) -> None:
@@ -303,7 +306,7 @@ def inspect_scene(
                 raise SourceError(f"{url}: the GeoTIFF has no geotransform")
             _check_readable(ds, url)
             if full_read:
-                _check_all_pixels(ds, url)
+                _check_all_pixels(ds, url, nodata)
             bounds = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
             src = SceneSource(url=url, product_id=product_id, kind=kind, date=date, cf_db=cf, nodata=nodata,
                               crs_wkt=ds.crs.to_wkt(), transform=tuple(ds.transform)[:6], width=ds.width,

@@ -373,3 +373,23 @@ def test_failed_first_ingest_leaves_no_cube(small_synth, dask_client, tmp_path):
     with pytest.raises(IngestError, match="nothing was ingested"):
         ingest([bad], str(cube), bbox=bbox, client=dask_client, progress=False)
     assert not cube.exists()
+
+
+def test_strict_is_all_or_nothing_for_an_all_nodata_scene(small_synth, tmp_path, capsys):
+    """--strict with one good scene and one holding only no data: exit 2 naming the bad file,
+    and no cube (no slice registered for the empty scene, no good scene written either)."""
+    from test_ingest_errors import _rewrite, _with_date
+
+    scene = small_synth.scene_urls[0]
+    with rasterio.open(scene) as ds:
+        zeros = np.zeros((1, ds.height, ds.width), np.uint16)
+    empty = _rewrite(scene, tmp_path / _with_date(scene, "220922"), data=zeros)
+    cube = tmp_path / "cube.zarr"
+    argv = ["ingest", "--scenes", scene, empty, "--lulc", *small_synth.lulc_urls,
+            "--cube", str(cube), "--workers", "1", "--strict"]  # fmt: skip
+    from sarcube.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: no valid pixel" in err and "nothing was written" in err
+    assert not cube.exists()
