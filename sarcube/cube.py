@@ -19,6 +19,7 @@ half-written or abandoned slot never looks valid.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,12 @@ from .errors import InputError, SarcubeError
 from .grid import CubeGrid
 from .radiometry import CALIBRATION_FACTORS_DB, CALIBRATION_FORMULA
 from .storage import is_remote, redact
+
+# Zarr warns about any object it does not know when it lists a group; the write lock
+# (sarcube.locking) is ours and is there only while a writer runs.
+warnings.filterwarnings(
+    "ignore", message=r"Object at \.sarcube-lock\.json is not recognized", category=UserWarning
+)
 
 EPOCH = dt.date(1970, 1, 1)
 FORMAT = "sarcube-cube/1"

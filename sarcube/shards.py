@@ -43,16 +43,25 @@ combined from per-shard float64 sums, sums of squares and counts) and its class 
 frequencies (14 JAXA codes and the 9-class map, from the index histograms, which every shard task
 checks against the cube's labels), plus the seed, shard size, cube URL and fingerprint, the index
 metadata (sampling parameters and seed), the sarcube version and the storage options with secrets
-redacted. A run starts by deleting any manifest at the destination, so while it runs, and after
-it fails, nothing there looks complete. Readers (``iter_samples``, ``shard_urls``) trust only the
-shards a manifest lists.
+redacted. A run starts by deleting any manifest at the destination (after reading the shard
+hashes it recorded, see Resuming), so while it runs, and after it fails, nothing there looks
+complete. Readers (``iter_samples``, ``shard_urls``, the training loader) trust only the shards a
+manifest lists, and only by relative names inside the manifest's folder: an entry that is an
+absolute path, contains ``..`` or is a URL is refused (``ShardError`` naming the manifest and the
+entry). ``iter_samples(verify=True)`` and the training loader check each shard's size, sha256
+and sample count against the manifest.
 
-Resuming: a re-run plans the same shards; a task keeps an existing shard when it parses as a tar
-whose member names are exactly the planned ones, in order, whose JSON members equal the planned
-bytes (same index rows, same cube fingerprint) and whose arrays decode with the right shape and
-dtype (and labels match the index histograms); otherwise it rewrites the shard. Kept shards are
-hashed and their statistics recomputed from their payload, so the manifest equals that of an
-uninterrupted run. Files named like shards of the written splits that are not in the plan (left
+Resuming: a re-run plans the same shards; a task keeps an existing shard only when it parses as
+a tar whose member names are exactly the planned ones, in order, whose JSON members equal the
+planned bytes (same index rows, same cube fingerprint), whose arrays decode with the right shape
+and dtype (and labels match the index histograms), whose bytes hash to the sha256 the previous
+manifest recorded for it (when the destination had one: a run that completed before), and
+whose spot-checked samples (two per shard, chosen by ``spot_checks`` from the shard's name; all
+of them with ``verify=True`` / ``sarcube shards --verify``) are byte-equal to a fresh cut from
+the cube; otherwise it rewrites the shard from the cube, and the run logs each such shard and
+reports how many it rewrote. Without a previous manifest (a run that crashed) a damaged payload
+outside the spot checks is only found with ``verify``. Kept shards are hashed and their
+statistics recomputed from their payload, so the manifest equals that of an uninterrupted run. Files named like shards of the written splits that are not in the plan (left
 by an earlier run with other parameters), and temporary files of killed local writes, are
 deleted before the manifest is written. Memory per task: about twice the shard size.
 
@@ -266,8 +275,10 @@ def _read_patch(
     return sar, None if lulc is None else np.asarray(lulc[ys, xs], dtype=np.uint8)
 
 
-def _existing_shard(data: bytes, plan: ShardPlan, patch: int) -> _Stats | None:
-    """Statistics of an existing shard when it holds exactly the planned samples, else None."""
+def _existing_shard(data: bytes, plan: ShardPlan, patch: int, keep: Sequence[int] = ()
+                    ) -> tuple[_Stats, dict[int, dict[str, bytes]]] | None:  # fmt: skip
+    """Statistics of an existing shard when it holds exactly the planned samples (and the
+    members of the samples numbered ``keep``), else None."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             members = tar.getmembers()
@@ -276,8 +287,9 @@ def _existing_shard(data: bytes, plan: ShardPlan, patch: int) -> _Stats | None:
             ):
                 return None
             stats = _Stats()
+            kept: dict[int, dict[str, bytes]] = {}
             it = iter(members)
-            for spec in plan.samples:
+            for i, spec in enumerate(plan.samples):
                 got = {ext: tar.extractfile(next(it)).read() for ext in members_of(plan.split)}  # type: ignore[union-attr]
                 if got["json"] != spec.json:
                     return None
@@ -293,9 +305,46 @@ def _existing_shard(data: bytes, plan: ShardPlan, patch: int) -> _Stats | None:
                     ):
                         return None
                 stats.add(sar)
-            return stats
+                if i in keep:
+                    kept[i] = got
+            return stats, kept
     except Exception:  # truncated, not a tar, undecodable member: rewrite it
         return None
+
+
+def spot_checks(plan: ShardPlan, n: int = 2) -> list[int]:
+    """Indices of the ``n`` samples of a kept shard compared with a fresh cut from the cube:
+    drawn from a generator seeded with the shard's name (the same on every run)."""
+    k = len(plan.samples)
+    if k <= n:
+        return list(range(k))
+    rng = np.random.default_rng(list(hashlib.sha256(plan.name.encode()).digest()[:8]))
+    return sorted(int(i) for i in rng.choice(k, size=n, replace=False))
+
+
+def _differs_from_cube(cube_url: str, so: Mapping[str, Any], plan: ShardPlan, patch: int,
+                       payloads: Mapping[int, Mapping[str, bytes]]) -> str | None:  # fmt: skip
+    """The first of ``payloads`` (sample number -> members) whose npy bytes differ from the
+    same patch cut from the cube now, as a message; None when all are equal."""
+    import zarr
+
+    from .cube import zarr_store
+
+    root = zarr.open_group(zarr_store(cube_url, so, read_only=True), mode="r", zarr_format=3)
+    hh, lulc = root["hh_db"], root["lulc"]
+    for i in sorted(payloads):
+        spec = plan.samples[i]
+        sar, lab = _read_patch(hh, lulc if plan.with_lulc else None, spec.t_index, spec.row,
+                               spec.col, patch)  # fmt: skip
+        fresh = {"sar.npy": npy_bytes(sar)}
+        if lab is not None:
+            fresh["lulc.npy"] = npy_bytes(lab)
+        for ext, b in fresh.items():
+            if payloads[i].get(ext) != b:
+                return (
+                    f"different from the cube (sample {spec.key}: {ext} differs from a fresh cut)"
+                )
+    return None
 
 
 def _read_bytes(fs, path: str) -> bytes | None:
@@ -306,9 +355,14 @@ def _read_bytes(fs, path: str) -> bytes | None:
 
 
 def write_shard(cube_url: str, storage_options: Mapping[str, Any] | None, out_url: str,
-                plan: ShardPlan, patch: int = 256) -> dict[str, Any]:  # fmt: skip
-    """Write (or keep) one shard; returns its name, samples, bytes, sha256, dB sums and whether
-    it was written."""
+                plan: ShardPlan, patch: int = 256, expected_sha256: str | None = None,
+                verify: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Write (or keep) one shard; returns its name, samples, bytes, sha256, dB sums, whether it
+    was written and, for an existing shard that was rewritten, why (``damaged``).
+
+    An existing shard is kept only when it holds exactly the planned samples, its bytes hash to
+    ``expected_sha256`` (the previous manifest's, when there was one) and its spot-checked
+    samples (``spot_checks``; all of them with ``verify``) equal a fresh cut from the cube."""
     import zarr
 
     from .cube import zarr_store
@@ -316,7 +370,18 @@ def write_shard(cube_url: str, storage_options: Mapping[str, Any] | None, out_ur
     so = dict(storage_options or {})
     fs, path = url_to_fs(join_url(out_url, plan.name), so)
     existing = _read_bytes(fs, path)
-    stats = _existing_shard(existing, plan, patch) if existing is not None else None
+    stats, damaged = None, None
+    if existing is not None:
+        sha = hashlib.sha256(existing).hexdigest()
+        checks = range(len(plan.samples)) if verify else spot_checks(plan)
+        got = _existing_shard(existing, plan, patch, checks)
+        if got is None:
+            damaged = "not the planned samples (unreadable, truncated or of another plan)"
+        elif expected_sha256 and sha != expected_sha256:
+            damaged = f"of sha256 {sha[:12]}…, not the previous manifest's {expected_sha256[:12]}…"
+        else:
+            damaged = _differs_from_cube(cube_url, so, plan, patch, got[1])
+            stats = None if damaged else got[0]
     written = stats is None
     if written:
         root = zarr.open_group(zarr_store(cube_url, so, read_only=True), mode="r", zarr_format=3)
@@ -346,9 +411,10 @@ def write_shard(cube_url: str, storage_options: Mapping[str, Any] | None, out_ur
                     tar.addfile(_tarinfo(f"{spec.key}.{ext}", len(data)), io.BytesIO(data))
         existing = buf.getvalue()
         put_bytes(fs, path, existing)
+        sha = hashlib.sha256(existing).hexdigest()
     return {"name": plan.name, "split": plan.split, "samples": len(plan.samples), "bytes": len(existing),
-            "sha256": hashlib.sha256(existing).hexdigest(), "sum": stats.sum, "sumsq": stats.sumsq,
-            "count": stats.count, "written": written}  # fmt: skip
+            "sha256": sha, "sum": stats.sum, "sumsq": stats.sumsq,
+            "count": stats.count, "written": written, "damaged": damaged}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,8 +515,21 @@ def _check_index(df: pd.DataFrame, meta: Mapping[str, Any], root, cube_url: str,
     return {d: complete[d] for d in dates}
 
 
-def _prepare_destination(out_url: str, so: Mapping[str, Any]) -> None:
-    """Create the destination and prove it writable; remove any manifest (nothing looks complete)."""
+def _previous_hashes(data: bytes | None) -> dict[str, str]:
+    """Shard name -> sha256 recorded by a previous manifest (empty when there is none usable)."""
+    try:
+        manifest = json.loads(data) if data else {}
+        if manifest.get("format") != FORMAT:
+            return {}
+        return {str(e["name"]): str(e["sha256"]) for sp in manifest["splits"].values()
+                for e in sp["shards"] if e.get("sha256")}  # fmt: skip
+    except Exception:  # unreadable: nothing to compare with (kept shards are still checked)
+        return {}
+
+
+def _check_destination(out_url: str, so: Mapping[str, Any]) -> None:
+    """Create the destination and prove it writable (before taking its lock, which is written
+    there too): a file, a missing bucket or no permission is one ShardError naming it."""
     fs, path = url_to_fs(out_url, so)
     where = f"{out_url} (storage options {redact(so)})" if so else out_url
     try:
@@ -461,12 +540,21 @@ def _prepare_destination(out_url: str, so: Mapping[str, Any]) -> None:
         probe = join_url(path, ".sarcube-write-probe")
         put_bytes(fs, probe, b"")
         fs.rm_file(probe)
-        manifest = join_url(path, MANIFEST)
-        fs.invalidate_cache()
-        if fs.exists(manifest):
-            fs.rm_file(manifest)
     except Exception as e:
         raise ShardError(f"{where}: cannot write shards there ({type(e).__name__}: {e})") from None
+
+
+def _prepare_destination(out_url: str, so: Mapping[str, Any]) -> dict[str, str]:
+    """Remove any manifest (nothing looks complete while this run writes), returning the shard
+    hashes it recorded (``_previous_hashes``). Runs under the prefix's lock."""
+    fs, path = url_to_fs(out_url, so)
+    manifest = join_url(path, MANIFEST)
+    fs.invalidate_cache()
+    previous = None
+    if fs.exists(manifest):
+        previous = _read_bytes(fs, manifest)
+        fs.rm_file(manifest)
+    return _previous_hashes(previous)
 
 
 def _remove_stale(
@@ -531,6 +619,9 @@ def write_shards(
     splits: Sequence[str] = SPLITS,
     update_index: bool = True,
     scheduler: str | None = None,
+    verify: bool = False,
+    wait: float = 0.0,
+    break_stale_lock: bool = False,
 ) -> dict[str, Any]:
     """Cut the patches of an index out of the cube into WebDataset shards under ``out_url``.
 
@@ -547,10 +638,15 @@ def write_shards(
             LocalCluster of ``workers`` processes (default 2) started for this call.
         splits: the splits to write; each must have patches in the index.
         update_index: write the index URL back with its ``shard`` column filled.
+        verify: compare every sample of a kept shard with a fresh cut from the cube (default:
+            two per shard, ``spot_checks``); a shard that differs is rewritten.
+        wait / break_stale_lock: wait this many seconds for another writer's lock on
+            ``out_url``; break a lock whose holder stopped heart-beating.
     Returns the manifest (also written to ``{out_url}/manifest.json``, last).
     """
     from .cluster import dask_client, run_tasks, task_key
     from .cube import open_group
+    from .locking import StoreLock
 
     so = dict(storage_options or {})
     splits = tuple(splits)
@@ -574,66 +670,79 @@ def write_shards(
     plans = plan_shards(
         df, t_index, fingerprint, splits, shard_size_mb, min_shards_per_split, seed, patch
     )
-    _prepare_destination(out_url, so)
+    _check_destination(out_url, so)
+    # One writer per prefix: a second run would delete the first one's shards as stale and
+    # commit a manifest naming shards the other removed (sarcube.locking).
+    with StoreLock(out_url, so, command="sarcube shards", wait=wait,
+                   break_stale=break_stale_lock) as lock:  # fmt: skip
+        previous = _prepare_destination(out_url, so)
 
-    all_plans = [p for s in splits for p in plans[s]]
-    with dask_client(client, scheduler, workers) as client:
-        futures = {p.name: client.submit(write_shard, cube_url, so, out_url, p, patch,
-                                         key=task_key(f"shard-{p.name}"), pure=False)
-                   for p in all_plans}  # fmt: skip
-        results = run_tasks(client, futures, "shards", progress)
-    failed = {k: v for k, v in results.items() if isinstance(v, BaseException)}
-    if failed:
-        first = sorted(failed)[:5]
-        lines = [f"  {k}: {type(failed[k]).__name__}: {failed[k]}" for k in first]
-        if any(isinstance(v, ShardError) for v in failed.values()):
-            raise next(v for v in failed.values() if isinstance(v, ShardError))
-        raise ShardError(f"{len(failed)} of {len(all_plans)} shards failed (no manifest written; "
-                         "re-run to resume):\n" + "\n".join(lines))  # fmt: skip
-    written = sorted(k for k, v in results.items() if v["written"])
-    removed = _remove_stale(out_url, so, plans)
+        all_plans = [p for s in splits for p in plans[s]]
+        with dask_client(client, scheduler, workers) as client:
+            futures = {p.name: client.submit(write_shard, cube_url, so, out_url, p, patch,
+                                             previous.get(p.name), bool(verify),
+                                             key=task_key(f"shard-{p.name}"), pure=False)
+                       for p in all_plans}  # fmt: skip
+            results = run_tasks(client, futures, "shards", progress)
+        failed = {k: v for k, v in results.items() if isinstance(v, BaseException)}
+        if failed:
+            first = sorted(failed)[:5]
+            lines = [f"  {k}: {type(failed[k]).__name__}: {failed[k]}" for k in first]
+            if any(isinstance(v, ShardError) for v in failed.values()):
+                raise next(v for v in failed.values() if isinstance(v, ShardError))
+            raise ShardError(f"{len(failed)} of {len(all_plans)} shards failed (no manifest written; "
+                             "re-run to resume):\n" + "\n".join(lines))  # fmt: skip
+        written = sorted(k for k, v in results.items() if v["written"])
+        rewritten = sorted(k for k, v in results.items() if v.get("damaged"))
+        for k in rewritten:
+            log.warning("shard %s was rewritten from the cube: the existing file was %s", k,
+                        results[k]["damaged"])  # fmt: skip
+        removed = _remove_stale(out_url, so, plans)
 
-    # the index with its shard column, next to the shards (and back at its URL)
-    shard_of = {s.key: p.name for p in all_plans for s in p.samples}
-    df["shard"] = [shard_of.get(k, "") for k in df["patch_id"]]
-    index_meta = {**meta, "shards_url": out_url}
-    write_index(df, join_url(out_url, INDEX_COPY), index_meta, so)
-    if update_index and index_url is not None:
-        write_index(df, index_url, index_meta, so)
+        # the index with its shard column, next to the shards (and back at its URL)
+        shard_of = {s.key: p.name for p in all_plans for s in p.samples}
+        df["shard"] = [shard_of.get(k, "") for k in df["patch_id"]]
+        index_meta = {**meta, "shards_url": out_url}
+        write_index(df, join_url(out_url, INDEX_COPY), index_meta, so)
+        if update_index and index_url is not None:
+            write_index(df, index_url, index_meta, so)
 
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "sarcube_version": __version__,
-        "url": out_url,
-        "cube": {"url": cube_url, "fingerprint": fingerprint},
-        "index": {"url": index_url, "copy": INDEX_COPY, "rows": len(df)},
-        "sampling": redact(meta),
-        "seed": int(seed),
-        "shard_size_mb": shard_size_mb,
-        "min_shards_per_split": int(min_shards_per_split),
-        "shard_count_rule": "min(max(ceil(split bytes / shard size), min_shards_per_split), samples)",
-        "patch_size": patch,
-        "crs": CRS,
-        "storage_options": redact(so),
-        "splits": {},
-    }
-    for split in splits:
-        res = [results[p.name] for p in plans[split]]
-        manifest["splits"][split] = {
-            "samples": sum(r["samples"] for r in res),
-            "bytes": sum(r["bytes"] for r in res),
-            "members": list(members_of(split)),
-            "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in res],
-            "db_stats": _db_stats(res),
-            "classes": _class_frequencies(df[df["split"] == split]),
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "sarcube_version": __version__,
+            "url": out_url,
+            "cube": {"url": cube_url, "fingerprint": fingerprint},
+            "index": {"url": index_url, "copy": INDEX_COPY, "rows": len(df)},
+            "sampling": redact(meta),
+            "seed": int(seed),
+            "shard_size_mb": shard_size_mb,
+            "min_shards_per_split": int(min_shards_per_split),
+            "shard_count_rule": "min(max(ceil(split bytes / shard size), min_shards_per_split), samples)",
+            "patch_size": patch,
+            "crs": CRS,
+            "storage_options": redact(so),
+            "splits": {},
         }
-    fs, path = url_to_fs(join_url(out_url, MANIFEST), so)
-    put_bytes(fs, path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-    msg = (f"shards: {len(written)} written, {len(all_plans) - len(written)} kept"
-           + (f", {len(removed)} stale removed" if removed else "") + f"; manifest {join_url(out_url, MANIFEST)}")  # fmt: skip
-    log.info(msg)
-    if progress:
-        print(msg, flush=True)
+        for split in splits:
+            res = [results[p.name] for p in plans[split]]
+            manifest["splits"][split] = {
+                "samples": sum(r["samples"] for r in res),
+                "bytes": sum(r["bytes"] for r in res),
+                "members": list(members_of(split)),
+                "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in res],
+                "db_stats": _db_stats(res),
+                "classes": _class_frequencies(df[df["split"] == split]),
+            }
+        lock.check()  # never commit a manifest after losing the lock
+        fs, path = url_to_fs(join_url(out_url, MANIFEST), so)
+        put_bytes(fs, path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        fixed = (f" ({len(rewritten)} existing shard(s) damaged or stale, rewritten: "
+                 f"{', '.join(rewritten[:5])}{' …' if len(rewritten) > 5 else ''})") if rewritten else ""
+        msg = (f"shards: {len(written)} written{fixed}, {len(all_plans) - len(written)} kept"
+               + (f", {len(removed)} stale removed" if removed else "") + f"; manifest {join_url(out_url, MANIFEST)}")  # fmt: skip
+        log.info(msg)
+        if progress:
+            print(msg, flush=True)
     return manifest
 
 
@@ -673,8 +782,27 @@ def shard_urls(manifest_url: str, split: str, storage_options: Mapping[str, Any]
         raise ShardError(
             f"split {split!r} is not in the manifest (splits: {sorted(manifest['splits'])})"
         )
-    base = _manifest_url(manifest_url).rsplit("/", 1)[0]
-    return [join_url(base, s["name"]) for s in manifest["splits"][split]["shards"]]
+    murl = _manifest_url(manifest_url)
+    base = murl.rsplit("/", 1)[0]
+    out = []
+    for s in manifest["splits"][split]["shards"]:
+        name = s.get("name") if isinstance(s, Mapping) else None
+        if not _inside(name):
+            raise ShardError(f"{murl}: split {split!r} lists the shard {name!r}, which is not a "
+                             "file inside the manifest's folder (absolute paths, '..' and URLs "
+                             "are refused)")  # fmt: skip
+        out.append(join_url(base, name))
+    return out
+
+
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _inside(name: Any) -> bool:
+    """True for a relative shard name that stays inside the manifest's folder."""
+    if not isinstance(name, str) or not name or "\\" in name or _SCHEME_RE.match(name):
+        return False
+    return not name.startswith("/") and all(p not in ("", ".", "..") for p in name.split("/"))
 
 
 def _samples_of_tar(fileobj, shard: str) -> Iterator[dict[str, Any]]:

@@ -36,26 +36,46 @@ def _tars(d: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_killed_shards_rerun_to_identical_shards(seed, small_shards, small_cube, dask_cluster,
-                                                 tmp_path):  # fmt: skip
+def test_killed_shards_rerun_to_identical_shards(seed, small_shards, small_cube, tmp_path):
     """SIGKILL (whole process group) at a seeded random moment of the writing phase, re-run:
     the same shard bytes and manifest as the uninterrupted session run, no lock left."""
     index = tmp_path / "index.parquet"
     shutil.copy(small_shards.parent / "index.parquet", index)
     out = tmp_path / "shards"
-    cmd = [*SARCUBE, "shards", "--cube", small_cube, "--index", str(index), "--out", str(out),
-           "--shard-size-mb", "64", "--min-shards", "2", "--scheduler", dask_cluster.scheduler_address]  # fmt: skip
+    cmd = [
+        *SARCUBE,
+        "shards",
+        "--cube",
+        small_cube,
+        "--index",
+        str(index),
+        "--out",
+        str(out),
+        "--shard-size-mb",
+        "64",
+        "--min-shards",
+        "2",
+        "--workers",
+        "1",
+    ]  # own cluster: killed with it
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     rng = random.Random(seed)
-    # wait until the run holds its lock (it is writing), then a random extra delay
+    # wait until the first shard bytes appear (the writing phase), then a random extra delay
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not (out / LOCK_NAME).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 1.5))
-    if proc.poll() is None:
+    while (
+        proc.poll() is None
+        and time.monotonic() < deadline
+        and not any(p.suffix in (".tar", ".partial") for p in out.glob("*"))
+    ):
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.3))
+    killed = proc.poll() is None
+    if killed:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    assert killed, "the run ended before it could be killed"
+    assert (out / LOCK_NAME).exists() and not (out / "manifest.json").exists()
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

@@ -393,3 +393,41 @@ def test_strict_is_all_or_nothing_for_an_all_nodata_scene(small_synth, tmp_path,
     err = capsys.readouterr().err
     assert f"{empty}: no valid pixel" in err and "nothing was written" in err
     assert not cube.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 3: two shard writers on one prefix
+
+
+def _manifest_consistent(out: Path) -> dict:
+    """The manifest names only shards that exist, with the bytes and hashes it records."""
+    import hashlib
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            data = (out / entry["name"]).read_bytes()
+            assert len(data) == entry["bytes"], entry["name"]
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["name"]
+    return manifest
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_concurrent_shard_writers(trial, small_shards, small_cube, dask_cluster, tmp_path):
+    index = tmp_path / "index.parquet"
+    shutil.copy(small_shards.parent / "index.parquet", index)
+    out = tmp_path / "shards"
+    common = ["shards", "--cube", small_cube, "--index", str(index), "--out", str(out),
+              "--shard-size-mb", "64", "--scheduler", dask_cluster.scheduler_address]  # fmt: skip
+    outs = _race([[*common, "--min-shards", n] for n in ("2", "3")])
+    ok = [o for o in outs if o.returncode == 0]
+    assert ok, [o.stderr for o in outs]
+    for o in outs:
+        if o.returncode != 0:
+            line = _one_line_error(o, "shards")
+            assert "locked by another writer" in line and "sarcube shards" in line, line
+    manifest = _manifest_consistent(out)
+    if len(ok) == 1:  # the winner's manifest, with its own shard count
+        want = 2 if outs[0].returncode == 0 else 3
+        assert manifest["min_shards_per_split"] == want
+    assert not (out / LOCK_NAME).exists()

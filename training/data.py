@@ -72,13 +72,35 @@ of the epoch (up to one epoch of the rank's shards) plus tar parsing; no GPU tim
 ``num_workers > 0`` the DataLoader worker process ``d`` plays logical worker ``(d + k) mod W`` so
 that the first batch (step ``k``) comes from the right one.
 
+Verified reads: every shard is checked against its manifest entry (``name``, ``samples``,
+``bytes``, ``sha256``) while it streams, with no extra pass over the data: the tar iterator reads
+through a ``VerifyingReader`` that counts and sha256-hashes the bytes (``verify=False``: no hash;
+~1 GB/s of one core otherwise), and at the end of the tar the rest of the file (padding, or
+everything after a header the parser could not read) is read too, so a corrupt header in the
+middle, a flipped payload byte, a truncated or replaced file or a wrong sample count are all
+found. The byte size is also checked up front when the opener knows it (local files, fsspec).
+Samples are emitted while the shard streams, before its hash is known; each is held back until
+the next one is parsed, so the shard's last sample (the one a truncation cuts) only comes after
+the verification. A mismatch is a ``ShardIntegrityError`` naming the shard, or, within
+``max_bad_shards`` (a budget per logical worker per epoch, like ``skip_errors``), a skip that is
+logged (ERROR) and counted in ``stats`` (``shards_bad``, ``bad_urls``); the skipped shard is
+not read again in that epoch and the quota is met by wrapping around. Samples the bad shard gave
+before the end of its tar were already used (shards are not buffered: they are 256 MB);
+``iter_samples(verify=True)`` or ``sarcube shards`` re-run find such a shard ahead of training.
+Evaluation (``eval_batches``) never skips: every sample of the split or an error. Fast-forwarded
+samples (mid-epoch resume) are read and hashed like the others; a shard a worker leaves mid-way
+(its quota met) is not verified in that epoch.
+
 Decoding: ``np.load(io.BytesIO(b), allow_pickle=False)`` (``load_npy``: repeated, byte-identical
-headers are parsed once). Malformed input:
+headers are parsed once). Malformed input (every ``DataError`` is a ``SarcubeError``: the
+command line prints it as one line, exit status 2; errors in DataLoader worker processes reach
+the main process as themselves):
 
 - ``SampleError``: a malformed sample (undecodable npy, wrong shape or dtype, no ``sar.npy``,
   or no ``lulc.npy`` for a fine-tuning task), naming the sample key and the shard URL.
 - ``ShardReadError``: a shard that cannot be read (absent, not a tar, or a transient error that
-  outlasted the opener's retries while ``skip_errors`` is spent), naming the shard URL.
+  outlasted the opener's retries while ``skip_errors`` is spent), naming the shard URL;
+  ``ShardIntegrityError`` (a subclass): its bytes differ from the manifest (see above).
 - Transient object-store errors (connection refused/reset, timeouts, HTTP 5xx/429) are retried by
   the opener with exponential backoff (``retries``, ``backoff``): each read fetches one byte range
   and a retry re-requests that range, so a shard resumes where it stopped. When the retries are
@@ -86,11 +108,14 @@ headers are parsed once). Malformed input:
   it stay), the skip is logged and counted in ``stats`` and the quota is met by wrapping around.
   ``skip_errors`` is a budget per logical worker per epoch (with ``num_workers = 0``: per rank).
 
-``stats`` (cumulative over the object's life, merged from the workers with every batch):
-``shards_read`` (shards streamed to their end), ``shards_skipped`` and ``skipped_urls``,
-``read_retries`` (transient errors retried by the opener), ``failed_reads`` (reads that failed
-after all retries), ``samples_decoded``, ``samples_fast_forwarded`` (skipped for a resume) and
-``wraps`` (passes started after a worker's first one).
+``stats`` (cumulative over the object's life, merged from the workers with every batch; the
+training engine writes them into each epoch's ``metrics.jsonl`` record and the rank summaries
+as ``loader``): ``shards_read`` (shards streamed to their end and verified),
+``shards_skipped`` and ``skipped_urls`` (transient failures), ``shards_bad`` and ``bad_urls``
+(bad shards skipped under ``max_bad_shards``), ``read_retries`` (transient errors retried by
+the opener), ``failed_reads`` (reads that failed after all retries), ``samples_decoded``,
+``samples_fast_forwarded`` (skipped for a resume) and ``wraps`` (passes started after a
+worker's first one).
 """
 
 from __future__ import annotations
@@ -105,6 +130,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +142,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sarcube.classes import IGNORE_INDEX, nine_class_lut, water_lut
+from sarcube.errors import SarcubeError
 from sarcube.shards import read_manifest, shard_urls
 
 from .sar_weight import WEIGHT_DOMAINS
@@ -125,6 +152,7 @@ __all__ = [
     "TASKS",
     "DataError",
     "SampleError",
+    "ShardIntegrityError",
     "ShardReadError",
     "ShardStream",
     "TransientReadError",
@@ -146,16 +174,20 @@ _NATIVE_SCHEMES = frozenset({"pipe", "http", "https", "ais", "sftp", "ftps", "sc
 _LOCAL_SCHEMES = frozenset({"", "file", "local"})
 _TAG_SHARDS, _TAG_SHUFFLE = 0x5A4D, 0x5B0F  # separate generator streams for the two draws
 _CHUNK = 8  # samples per element-wise pass in collate (8 × 256² float32 = 2 MiB)
-_STAT_KEYS = ("shards_read", "shards_skipped", "read_retries", "failed_reads", "samples_decoded",
-              "samples_fast_forwarded", "wraps")  # fmt: skip
+_STAT_KEYS = ("shards_read", "shards_skipped", "shards_bad", "read_retries", "failed_reads",
+              "samples_decoded", "samples_fast_forwarded", "wraps")  # fmt: skip
+_STAT_LISTS = ("skipped_urls", "bad_urls")
+_ERROR = "_data_error"  # a batch dict carrying a worker's DataError
 
 
 # ---------------------------------------------------------------------------------------------
 # Errors
 
 
-class DataError(Exception):
-    """A training-data problem; ``str()`` is the message (WebDataset appends to ``args``)."""
+class DataError(SarcubeError):
+    """A training-data problem; ``str()`` is the message (WebDataset appends to ``args``).
+
+    A ``SarcubeError``: the command line prints it as one line and exits with status 2."""
 
     def __init__(self, message: str, *, key: str | None = None, shard: str | None = None):
         super().__init__(message)
@@ -166,6 +198,9 @@ class DataError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):  # pickles across DataLoader workers whatever was appended to args
+        return (type(self), (self.message,), {"key": self.key, "shard": self.shard})
+
 
 class SampleError(DataError):
     """A malformed sample in a shard (names the sample key and the shard URL)."""
@@ -173,6 +208,11 @@ class SampleError(DataError):
 
 class ShardReadError(DataError):
     """A shard that could not be read (names the shard URL)."""
+
+
+class ShardIntegrityError(ShardReadError):
+    """A shard whose bytes differ from its manifest entry: sha256, byte size or sample count
+    (a damaged, truncated or replaced file; names the shard URL)."""
 
 
 class TransientReadError(DataError):
@@ -432,6 +472,100 @@ def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> Retry
 
 
 # ---------------------------------------------------------------------------------------------
+# Verified reads
+
+
+class VerifyingReader(io.RawIOBase):
+    """A sequential reader over ``raw`` that counts and (``hash=True``) sha256-hashes every byte
+    read through it: the tar iterator reads the shard anyway, so its hash costs one pass of
+    ``hashlib`` (~1 GB/s) over bytes already in memory. ``raw`` is read ``block`` bytes at a time
+    (hashed in one call each; the tar parser asks for 10 KiB records). ``finish()`` reads what
+    the tar parser left (the end-of-archive padding, or everything after a header it could not
+    parse) and returns ``(bytes, sha256 hex or None)`` of the whole file."""
+
+    def __init__(self, raw, url: str, hash: bool = True, block: int = MIB) -> None:
+        super().__init__()
+        self.raw, self.url, self.block = raw, url, int(block)
+        self._sha = hashlib.sha256() if hash else None
+        self.nbytes = 0
+        self._buf = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _next_block(self, n: int) -> bytes:
+        data = self.raw.read(n)
+        if self._sha is not None:
+            self._sha.update(data)
+        self.nbytes += len(data)
+        return data
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:  # everything left
+            out = self._buf[self._pos :] + self._next_block(-1)
+            self._buf, self._pos = b"", 0
+            return out
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = self._next_block(max(n, self.block)), 0
+        out = self._buf[self._pos : self._pos + n]  # may be short at a block's end
+        self._pos += len(out)
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def finish(self) -> tuple[int, str | None]:
+        self._buf, self._pos = b"", 0
+        while self._next_block(self.block):
+            pass
+        return self.nbytes, None if self._sha is None else self._sha.hexdigest()
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
+        finally:
+            super().close()
+
+    def __repr__(self) -> str:  # WebDataset appends the stream to error messages
+        return f"<shard {self.url}>"
+
+
+def _known_size(raw) -> int | None:
+    """The byte size of an opened shard when it costs nothing to know (local file, fsspec)."""
+    size = getattr(raw, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        st = os.fstat(raw.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None  # not a pipe's 0
+
+
+def shard_mismatch(
+    entry: Mapping[str, Any] | None,
+    *,
+    samples: int | None = None,
+    nbytes: int | None = None,
+    sha256: str | None = None,
+) -> str | None:
+    """What differs between a shard as read and its manifest entry (None: nothing)."""
+    if not entry:
+        return None
+    out = []
+    if samples is not None and "samples" in entry and samples != int(entry["samples"]):
+        out.append(f"{samples} samples, the manifest lists {int(entry['samples'])}")
+    if nbytes is not None and "bytes" in entry and nbytes != int(entry["bytes"]):
+        out.append(f"{nbytes} bytes, the manifest lists {int(entry['bytes'])}")
+    if sha256 is not None and entry.get("sha256") and sha256 != entry["sha256"]:
+        out.append(f"sha256 {sha256[:12]}…, the manifest lists {str(entry['sha256'])[:12]}…")
+    return "; ".join(out) or None
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoding .npy members
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -524,15 +658,22 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
 
 
 def _empty_stats() -> dict[str, Any]:
-    return {**dict.fromkeys(_STAT_KEYS, 0), "skipped_urls": []}
+    return {**dict.fromkeys(_STAT_KEYS, 0), **{k: [] for k in _STAT_LISTS}}
 
 
 def _merge_stats(base: Mapping[str, Any], parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    out = {k: base.get(k, 0) + sum(p.get(k, 0) for p in parts) for k in _STAT_KEYS}
-    out["skipped_urls"] = list(base.get("skipped_urls", [])) + [
-        u for p in parts for u in p.get("skipped_urls", [])
-    ]
+    out: dict[str, Any] = {k: base.get(k, 0) + sum(p.get(k, 0) for p in parts) for k in _STAT_KEYS}
+    for k in _STAT_LISTS:
+        out[k] = list(base.get(k, [])) + [u for p in parts for u in p.get(k, [])]
     return out
+
+
+class _Bad(Exception):
+    """Internal: the shard being read is bad (message: what is wrong)."""
+
+    def __init__(self, what: str, integrity: bool = True) -> None:
+        super().__init__(what)
+        self.integrity = integrity
 
 
 class _WorkerState:
@@ -541,11 +682,13 @@ class _WorkerState:
 
     def __init__(self, opener: bool = True) -> None:
         self.counts = _empty_stats()
+        self.bad: set[str] = set()  # shards found bad (and skipped) this epoch: not read again
         self._opener0 = dict(_COUNTERS) if opener else None
 
     def snapshot(self) -> dict[str, Any]:
         snap = dict(self.counts)
-        snap["skipped_urls"] = list(self.counts["skipped_urls"])
+        for k in _STAT_LISTS:
+            snap[k] = list(self.counts[k])
         if self._opener0 is not None:
             for k in _COUNTERS:
                 snap[k] = _COUNTERS[k] - self._opener0[k]
@@ -570,6 +713,12 @@ class ShardStream:
         shuffle_buffer: raw samples held by each worker's shuffle buffer (≤ 1: no shuffle).
         storage_options: fsspec options for the manifest and the shards.
         skip_errors: transient shard failures each worker may skip per epoch (0: raise).
+        max_bad_shards: bad shards (missing, not a readable tar, or bytes / sha256 / sample
+            count differing from the manifest) each worker may skip per epoch, each one logged
+            and counted in ``stats`` (0: raise ``ShardReadError``; see the module doc).
+            Evaluation (``eval_batches``) never skips.
+        verify: check each shard's sha256 while streaming it (byte size and sample count are
+            always checked).
         stats_split: split whose ``db_stats`` z-score the input (default per task, see above).
         retries, timeout, backoff, block_size: the opener's settings (``register_fsspec_opener``).
         pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader.
@@ -597,6 +746,8 @@ class ShardStream:
         shuffle_buffer: int = 256,
         storage_options: Mapping[str, Any] | None = None,
         skip_errors: int = 0,
+        max_bad_shards: int = 0,
+        verify: bool = True,
         stats_split: str | None = None,
         retries: int = 3,
         timeout: float = 60.0,
@@ -622,8 +773,8 @@ class ShardStream:
             raise ValueError(
                 f"need 0 ≤ rank < world_size, got rank {rank}, world_size {world_size}"
             )
-        if int(num_workers) < 0 or int(skip_errors) < 0 or int(seed) < 0:
-            raise ValueError("num_workers, skip_errors and seed must be ≥ 0")
+        if min(int(num_workers), int(skip_errors), int(max_bad_shards), int(seed)) < 0:
+            raise ValueError("num_workers, skip_errors, max_bad_shards and seed must be ≥ 0")
         self.manifest_url = str(manifest_url)
         self.split = split
         self.batch_size = int(batch_size)
@@ -636,6 +787,8 @@ class ShardStream:
         self.shuffle_buffer = int(shuffle_buffer)
         self.storage_options = dict(storage_options or {})
         self.skip_errors = int(skip_errors)
+        self.max_bad_shards = int(max_bad_shards)
+        self.verify = bool(verify)
         self.pin_memory, self.prefetch_factor = bool(pin_memory), prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.prepare = prepare
@@ -647,6 +800,10 @@ class ShardStream:
         entries = splits[split]["shards"]
         self.shards: list[str] = list(urls)
         self.shard_samples: list[int] = [int(e["samples"]) for e in entries]
+        # URL -> manifest entry (name, samples, bytes, sha256): what every read is checked against
+        self.shard_entries: dict[str, dict[str, Any]] = {
+            u: dict(e) for u, e in zip(urls, entries, strict=True)
+        }
         self.total_samples = sum(self.shard_samples)
         self.patch = int(manifest.get("patch_size", 256))
         if not self.shards:
@@ -736,38 +893,84 @@ class ShardStream:
         if cfg is None or cfg.storage_options != self._opener["storage_options"]:
             register_fsspec_opener(**self._opener)  # a spawned worker process
 
-    def _shard_raw(self, url: str, state: _WorkerState) -> Iterator[dict[str, Any]]:
+    def _shard_raw(
+        self, url: str, state: _WorkerState, tolerant: bool = True
+    ) -> Iterator[dict[str, Any]]:
         """Raw samples ({__key__, __url__, ext: bytes}) of one shard via WebDataset's tar
-        iterators; transient failures are skipped within the budget."""
+        iterators, verified against the shard's manifest entry (byte size up front when known;
+        sha256, byte size and sample count at the end of the tar). Each sample is held back
+        until the next one is parsed, so the last one (the one a truncation or a bad header
+        would cut) comes only after the verification. With ``tolerant``, transient failures
+        are skipped within ``skip_errors`` and bad shards within ``max_bad_shards``."""
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        src: dict[str, Any] = {"url": url}
+        if url in state.bad:  # found bad (and skipped) earlier this epoch
+            return
+        entry = self.shard_entries.get(url)
+        reader: VerifyingReader | None = None
+        bad: str | None = None
         try:
-            if "://" not in url or url.startswith("file://"):  # 1 MiB buffer: fewer syscalls
-                src["stream"] = open(url.removeprefix("file://"), "rb", buffering=MIB)
-            else:  # WebDataset's gopen: our fsspec opener (register_fsspec_opener)
-                src["stream"] = _wds_gopen().gopen(url, "rb")
-            yield from group_by_keys(tar_file_expander([src]))
+            try:
+                if "://" not in url or url.startswith("file://"):  # 1 MiB buffer: fewer syscalls
+                    raw = open(url.removeprefix("file://"), "rb", buffering=MIB)
+                else:  # WebDataset's gopen: our fsspec opener (register_fsspec_opener)
+                    raw = _wds_gopen().gopen(url, "rb")
+            except FileNotFoundError:
+                raise _Bad("the shard is missing", integrity=False) from None
+            reader = VerifyingReader(raw, url, hash=self.verify)
+            bad = shard_mismatch(entry, nbytes=_known_size(raw))
+            if bad:
+                raise _Bad(f"the shard differs from the manifest: {bad}")
+            held, n = None, 0
+            for s in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
+                if held is not None:
+                    yield held
+                held, n = s, n + 1
+            nbytes, sha = reader.finish()
+            bad = shard_mismatch(entry, samples=n, nbytes=nbytes, sha256=sha)
+            if bad:
+                raise _Bad(f"the shard differs from the manifest: {bad}")
+            if held is not None:
+                yield held
             state.counts["shards_read"] += 1
+        except _Bad as e:
+            self._bad_shard(url, str(e), state, tolerant, integrity=e.integrity)
         except TransientReadError as e:
-            if state.counts["shards_skipped"] < self.skip_errors:
+            if tolerant and state.counts["shards_skipped"] < self.skip_errors:
                 state.counts["shards_skipped"] += 1
                 state.counts["skipped_urls"].append(url)
                 log.warning("skipping the rest of shard %s after a transient read error "
                             "(%d of skip_errors=%d this epoch): %s", url,
                             state.counts["shards_skipped"], self.skip_errors, e.message)  # fmt: skip
                 return
-            raise ShardReadError(f"shard {url}: {e.message} (skip_errors={self.skip_errors} "
-                                 "spent; raise it to skip such shards)", shard=url) from e  # fmt: skip
+            how = (f"skip_errors={self.skip_errors} spent; raise it to skip such shards"
+                   if tolerant else "evaluation reads every shard; retry, or raise retries")  # fmt: skip
+            raise ShardReadError(f"shard {url}: {e.message} ({how})", shard=url) from e
         except DataError:
             raise
         except Exception as e:
-            raise ShardReadError(f"shard {url}: cannot read it as a WebDataset tar "
-                                 f"({type(e).__name__}: {e})", shard=url) from e  # fmt: skip
+            what = e.args[0] if e.args else e  # WebDataset appends the stream and URL to args
+            self._bad_shard(url, f"the shard cannot be read as a WebDataset tar "
+                            f"({type(e).__name__}: {what})", state, tolerant, cause=e)  # fmt: skip
         finally:
-            stream = src.get("stream")
-            if stream is not None:
-                stream.close()
+            if reader is not None:
+                reader.close()
+
+    def _bad_shard(self, url: str, what: str, state: _WorkerState, tolerant: bool,
+                   integrity: bool = False, cause: BaseException | None = None) -> None:  # fmt: skip
+        """Skip a bad shard (counted, logged) within ``max_bad_shards``, else raise."""
+        if tolerant and state.counts["shards_bad"] < self.max_bad_shards:
+            state.counts["shards_bad"] += 1
+            state.counts["bad_urls"].append(url)
+            state.bad.add(url)
+            log.error("skipping bad shard %s (%d of max_bad_shards=%d this epoch; samples it gave "
+                      "before the end of the tar were used): %s", url, state.counts["shards_bad"],
+                      self.max_bad_shards, what)  # fmt: skip
+            return
+        how = ("re-run `sarcube shards` to rewrite it"
+               + ("; data.max_bad_shards > 0 skips such shards in training" if tolerant else ""))  # fmt: skip
+        cls = ShardIntegrityError if integrity else ShardReadError
+        raise cls(f"{what}; {how} ({url})", shard=url) from cause
 
     def _shuffled(self, it: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         size = self.shuffle_buffer
@@ -971,7 +1174,7 @@ class ShardStream:
         state = _WorkerState(worker == 0)
         buf: list[dict[str, Any]] = []
         for i in self.eval_shards()[worker::nw]:
-            for s in self._shard_raw(self.shards[i], state):
+            for s in self._shard_raw(self.shards[i], state, tolerant=False):
                 buf.append(s)
                 if len(buf) == self.batch_size:
                     yield self.collate(0, buf, augment=False)
@@ -997,7 +1200,9 @@ class ShardStream:
                         multiprocessing_context=self.multiprocessing_context)  # fmt: skip
         it = iter(dl)
         try:
-            yield from it
+            for batch in it:
+                _raise_forwarded(batch)
+                yield batch
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
@@ -1020,8 +1225,8 @@ class _EpochDataset(IterableDataset):
         if nw != self.stream._nw:
             raise RuntimeError(f"DataLoader has {nw} workers, the stream plans {self.stream._nw}")
         self.stream._ensure_opener()
-        yield from self.stream._worker_batches(
-            self.epoch, (d + self.start_step) % nw, self.start_step
+        yield from _forward_errors(
+            self.stream._worker_batches(self.epoch, (d + self.start_step) % nw, self.start_step)
         )
 
 
@@ -1032,7 +1237,23 @@ class _EvalDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         self.stream._ensure_opener()
-        yield from self.stream._eval_batches(info.id, info.num_workers)
+        yield from _forward_errors(self.stream._eval_batches(info.id, info.num_workers))
+
+
+def _forward_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """In a DataLoader worker: a ``DataError`` travels to the main process as an item, which
+    raises it there as itself (torch would re-raise a new one whose message is the worker's
+    whole traceback)."""
+    try:
+        yield from batches
+    except DataError as e:
+        yield {_ERROR: e}
+
+
+def _raise_forwarded(batch: Mapping[str, Any]) -> None:
+    e = batch.get(_ERROR)
+    if e is not None:
+        raise e
 
 
 class EpochLoader:
@@ -1057,6 +1278,7 @@ class EpochLoader:
         it = iter(dl)
         try:
             for batch in it:
+                _raise_forwarded(batch)
                 w, snap = batch.pop("_stats")
                 latest[w] = snap
                 s.stats = _merge_stats(base, list(latest.values()))
