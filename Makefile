@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo-output
 
-.PHONY: env demo test lint format bench clean
+.PHONY: env demo test test-fast lint format bench clean
 
 env:
 	@bash tools/bootstrap.sh
@@ -16,6 +16,13 @@ test: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop while developing: everything but the tests marked slow (concurrency trials,
+# fault injection, notebooks), about a third of the time.
+test-fast: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from . import __version__
@@ -87,9 +88,39 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         mosaic_date=args.mosaic_date,
         edge_nodata_pct=args.edge_nodata_pct,
         memory_limit=args.memory_limit,
+        wait=args.wait,
+        break_stale_lock=args.break_stale_lock,
     )
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def add_lock_arguments(p: argparse.ArgumentParser) -> None:
+    """``--wait`` / ``--break-stale-lock`` of every command that writes shared state."""
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for another writer's lock on the output (default: fail at once)")  # fmt: skip
+    p.add_argument("--break-stale-lock", action="store_true",
+                   help="break the output's lock if its holder stopped heart-beating "
+                        "(SARCUBE_LOCK_STALE_AFTER seconds, default 120)")  # fmt: skip
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from .locking import break_lock
+    from .storage import parse_storage_options
+
+    print(break_lock(args.url, parse_storage_options(args.storage_option), force=args.force))
+    return 0
+
+
+def _check_io(so: dict, read: dict[str, str], write: dict[str, tuple[str, str]]) -> None:
+    """Up-front checks of a command's inputs and outputs (bucket there and allowed, paths of the
+    right kind), so that a bad URL is one line naming it before any work starts."""
+    from .storage import check_readable, check_writable
+
+    for what, url in read.items():
+        check_readable(url, so, what)
+    for what, (url, kind) in write.items():
+        check_writable(url, so, what, kind)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -106,7 +137,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         max_nodata=args.max_nodata,
         block=args.block,
     )
-    res = sample_patches(args.cube, args.out, params, parse_storage_options(args.storage_option))
+    so = parse_storage_options(args.storage_option)
+    _check_io(so, read={"--cube": args.cube}, write={"--out": (args.out, "file")})
+    res = sample_patches(args.cube, args.out, params, so)
     counts = res.index.groupby("split").size().to_dict()
     print(
         f"wrote {args.out}: {len(res.index)} patches ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
@@ -121,6 +154,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from .shards import write_shards
     from .storage import join_url, parse_storage_options
 
+    _check_io(parse_storage_options(args.storage_option),
+              read={"--cube": args.cube, "--index": args.index}, write={"--out": (args.out, "dir")})  # fmt: skip
     manifest = write_shards(
         args.cube,
         args.index,
@@ -131,6 +166,9 @@ def cmd_shards(args: argparse.Namespace) -> int:
         storage_options=parse_storage_options(args.storage_option),
         scheduler=args.scheduler,
         workers=args.workers,
+        verify=args.verify,
+        wait=args.wait,
+        break_stale_lock=args.break_stale_lock,
     )
     for split, info in manifest["splits"].items():
         n = sum(s["samples"] for s in info["shards"])
@@ -153,31 +191,84 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    return _launch("training.pretrain", _forwarded(args), args.nproc)
+    return _launch("training.pretrain", _forwarded(args), args.nproc, args.command, args.verbose)
 
 
-def _launch(module: str, argv: list[str], nproc: int) -> int:
+def _launch(module: str, argv: list[str], nproc: int, command: str = "",
+            verbose: bool = False) -> int:  # fmt: skip
     """``module``'s main in-process for one process, else ``torch.distributed.run`` with
-    ``nproc`` local ranks (gloo on CPU, NCCL on GPUs)."""
+    ``nproc`` local ranks (gloo on CPU, NCCL on GPUs).
+
+    The arguments are checked here first (config, manifest, output), so that bad input is one
+    line before any rank starts. Secret storage options (``key``, ``secret``, ``token`` …) are
+    not put on the ranks' command lines, which every user of the machine can read, nor printed:
+    they travel in the ``SARCUBE_SECRET_STORAGE_OPTIONS`` environment variable, which the ranks'
+    entry points merge back."""
+    import importlib
+    import json
+    import os
+
+    from . import training_arguments as ta
+    from .storage import SECRET_OPTIONS_ENV, redact_argv, split_secret_storage_options
+
     if nproc < 1:
         raise InputError(f"--nproc must be ≥ 1, got {nproc}")
+    # the arguments checked before torch is imported or any rank starts (SarcubeError)
+    parser = argparse.ArgumentParser(prog=f"sarcube {command}")
+    kind = module.rsplit(".", 1)[-1]
+    getattr(ta, f"add_{kind}_arguments")(parser)
+    getattr(ta, f"check_{kind}_args")(parser.parse_intermixed_args(argv))
+    mod = importlib.import_module(module)  # the model side, imported lazily
+    prog = f"sarcube {command}" if command else None
     if nproc == 1:
-        import importlib
+        return mod.main(argv, prog=prog, verbose=verbose)
+    forwarded, secrets = split_secret_storage_options(argv)
+    shown = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={nproc}", "-m", module, *redact_argv(argv)]  # fmt: skip
+    print("launching: " + " ".join(shown), flush=True)
+    handed = {
+        SECRET_OPTIONS_ENV: json.dumps(secrets) if secrets else None,
+        "SARCUBE_PROG": prog,
+    }  # the ranks' error lines read "sarcube <command>: error: …"
+    saved = {k: os.environ.get(k) for k in handed}
+    for k, v in handed.items():
+        if v is not None:
+            os.environ[k] = v
+    try:
+        return _torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *forwarded],
+                         verbose)  # fmt: skip
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-        return importlib.import_module(module).main(argv)  # the model side, imported lazily
-    import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", module, *argv]  # fmt: skip
-    print("launching: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+def _torchrun(args: list[str], verbose: bool = False) -> int:
+    """``torch.distributed.run`` in this process; a rank's failure is its exit status (each rank
+    printed its own one-line error), without torchrun's ChildFailedError traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if not verbose:
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+    return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    return _launch("training.finetune", _forwarded(args), args.nproc)
+    return _launch("training.finetune", _forwarded(args), args.nproc, args.command, args.verbose)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training_arguments import check_evaluate_args
+
+    check_evaluate_args(args)  # before torch is imported: bad input fails in a second
     from training.finetune import run_evaluate_args
 
     return run_evaluate_args(args)
@@ -200,6 +291,9 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .training_arguments import check_predict_args
+
+    check_predict_args(args)  # before torch is imported: bad input fails in a second
     from training.predict import run_args
 
     return run_args(args)
@@ -245,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cube", required=True, help="cube URL (local path or s3://bucket/cube.zarr)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    g.add_argument(
+        "--scheduler",
+        help="address of a running Dask scheduler (tcp://host:8786, or tls://host:8786 with SARCUBE_TLS_DIR)",
+    )
     g.add_argument(
         "--workers", type=int, help="start a LocalCluster with N worker processes (default 2)"
     )
@@ -263,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a cell is no data when at least this %% of its source pixels are (default 50)")  # fmt: skip
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
+    add_lock_arguments(p)
     p.set_defaults(func=cmd_ingest)
 
     from .classes import FOREST_CODES
@@ -312,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", help="address of a running Dask scheduler")
     g.add_argument("--workers", type=int, help="LocalCluster worker processes (default 2)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--verify", action="store_true",
+                   help="compare every sample of each kept shard with a fresh cut from the cube "
+                        "(default: 2 per shard; kept shards are always hashed against the old manifest)")  # fmt: skip
+    add_lock_arguments(p)
     p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("pretrain", help="pretrain the Swin encoder (SAR-W-SimMIM / SAR-W-MixMAE) on shards",
@@ -362,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_arguments(p)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("unlock", help="remove the write lock of a cube, shard prefix or run folder",
+                       description="Remove <URL>/.sarcube-lock.json left by a writer that died. Refuses a "
+                                   "lock whose holder still heart-beats unless --force.")  # fmt: skip
+    p.add_argument("url", help="the store: cube, shard prefix, prediction store or run folder")
+    p.add_argument(
+        "--force", action="store_true", help="break even a live lock (its writer may corrupt)"
+    )
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_unlock)
+
     p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
                        description="The end-to-end demo: synthetic inputs and each pipeline stage "
                                    "built so far, with a summary of what was produced and where.")  # fmt: skip
@@ -369,13 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
     _add_synth_options(p)
     p.set_defaults(func=cmd_demo)
+
+    from .security import add_tls_certs_parser
+
+    add_tls_certs_parser(sub)
     return parser
+
+
+_URL_ARGUMENTS = ("cube", "index", "out", "manifest", "checkpoint", "pretrained", "cog", "url")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)
+    args, extra = parser.parse_known_args(raw)
+    if extra:  # key=value overrides after options (`… --resume optim.base_lr=1e-5`) are theirs
+        if hasattr(args, "overrides") and all("=" in t and not t.startswith("-") for t in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(raw)  # argparse's own message and exit status 2
     if getattr(args, "command", None) in raw:  # what follows the subcommand (forwarded to ranks)
         args.argv = raw[raw.index(args.command) + 1 :]
     logging.basicConfig(
@@ -395,7 +519,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except SarcubeError as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"sarcube {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # storage failures (missing bucket, denied, no credentials): one line
+        from .storage import storage_error_message
+
+        msg = storage_error_message(e)
+        if msg is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        if "://" not in msg:  # s3fs does not say which object: name the command's URLs
+            urls = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+                    if k in _URL_ARGUMENTS and isinstance(v, str) and "://" in v]  # fmt: skip
+            msg += f" (on {', '.join(urls)})" if urls else ""
+        print(f"sarcube {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sarcube {args.command}: interrupted", file=sys.stderr)

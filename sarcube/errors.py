@@ -11,3 +11,8 @@ class SarcubeError(Exception):
 
 class InputError(SarcubeError, ValueError):
     """An argument, file or URL that is not what was expected."""
+
+
+class StorageError(SarcubeError):
+    """A URL that cannot be read or written: a missing bucket or object, no permission, no
+    credentials, an endpoint that cannot be reached. The message names the URL."""

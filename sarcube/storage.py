@@ -194,3 +194,207 @@ def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets on command lines, and storage errors as one line
+
+SECRET_OPTIONS_ENV = "SARCUBE_SECRET_STORAGE_OPTIONS"
+
+
+def is_secret_key(key: str) -> bool:
+    """True for a storage-option key whose value must not be printed (``key``, ``secret`` …)."""
+    k = str(key).strip().lower()
+    return k in SECRET_KEYS or "secret" in k or "token" in k or "password" in k
+
+
+def split_secret_storage_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv without the secret --storage-option pairs, those KEY=VALUE pairs)``: both the
+    ``--storage-option K=V`` and the ``--storage-option=K=V`` forms."""
+    out: list[str] = []
+    secrets: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--storage-option" and i + 1 < len(argv):
+            pair = argv[i + 1]
+            if is_secret_key(pair.split("=", 1)[0]):
+                secrets.append(pair)
+            else:
+                out += [tok, pair]
+            i += 2
+            continue
+        if tok.startswith("--storage-option="):
+            pair = tok.split("=", 1)[1]
+            if is_secret_key(pair.split("=", 1)[0]):
+                secrets.append(pair)
+                i += 1
+                continue
+        out.append(tok)
+        i += 1
+    return out, secrets
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A copy of a command line safe to print: secret ``--storage-option K=V`` values as ``***``."""
+    out: list[str] = []
+    for i, tok in enumerate(argv):
+        if tok.startswith("--storage-option="):
+            k = tok.split("=", 2)[1]
+            tok = f"--storage-option={k}=***" if is_secret_key(k) else tok
+        elif i > 0 and argv[i - 1] == "--storage-option" and is_secret_key(tok.split("=", 1)[0]):
+            tok = tok.split("=", 1)[0] + "=***"
+        out.append(tok)
+    return out
+
+
+def secret_storage_options_from_env() -> list[str]:
+    """The ``KEY=VALUE`` pairs a launcher handed to its ranks in :data:`SECRET_OPTIONS_ENV`
+    (a JSON list; not on the command line, where every user of the machine could read them)."""
+    import json
+
+    raw = os.environ.get(SECRET_OPTIONS_ENV)
+    if not raw:
+        return []
+    try:
+        pairs = json.loads(raw)
+    except ValueError:
+        return []
+    return [str(p) for p in pairs] if isinstance(pairs, list) else []
+
+
+def storage_error_message(exc: BaseException) -> str | None:
+    """One line describing a storage failure (missing bucket/object, access denied, no
+    credentials, unreachable endpoint), naming the path when the exception carries one; ``None``
+    when ``exc`` (and what caused it) is not a storage error."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msg = _describe_storage_error(e)
+        if msg is not None:
+            return msg
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _describe_storage_error(e: BaseException) -> str | None:
+    try:
+        import botocore.exceptions as bx
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        bx = None
+    if bx is not None:
+        if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
+            return ("no S3 credentials (pass --storage-option key=... --storage-option secret=..., "
+                    "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or --storage-option anon=true)")  # fmt: skip
+        if isinstance(e, bx.EndpointConnectionError | bx.ConnectTimeoutError):
+            return f"cannot reach the storage endpoint: {e}"
+        if isinstance(e, bx.ClientError):
+            err = (getattr(e, "response", None) or {}).get("Error", {})
+            return f"{err.get('Code', 'error')}: {err.get('Message') or e}"
+        if isinstance(e, bx.BotoCoreError):
+            return str(e)
+    if isinstance(e, OSError):
+        text = e.strerror or (str(e.args[0]) if e.args else "") or type(e).__name__
+        if isinstance(e, PermissionError):
+            text = f"access denied ({text})"
+        elif isinstance(e, FileNotFoundError) and "not found" not in text.lower():
+            text = f"not found ({text})"
+        where = e.filename
+        if where is not None and str(where) not in text:
+            return f"{text} ({where})"
+        return text
+    return None
+
+
+def _bucket_check(url: str, fs, path: str, what: str) -> None:
+    """For ``s3://``: the bucket exists and these credentials may use it (HEAD bucket)."""
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise _storage_error(f"{what} {url}: the bucket {bucket!r} does not exist") from None
+    except PermissionError:
+        raise _storage_error(f"{what} {url}: access to the bucket {bucket!r} is denied (check "
+                             "the credentials: --storage-option key=/secret= or AWS_*)") from None  # fmt: skip
+    except TypeError as e:  # an option s3fs / botocore does not take
+        raise _storage_error(f"{what} {url}: a --storage-option the S3 client does not accept "
+                             f"({e})") from None  # fmt: skip
+    except Exception as e:
+        msg = storage_error_message(e)
+        if msg is None:
+            raise
+        raise _storage_error(f"{what} {url}: {msg}") from None
+
+
+def _storage_error(msg: str):
+    from .errors import StorageError
+
+    return StorageError(msg)
+
+
+def check_readable(url: str, storage_options: Mapping[str, Any] | None = None,
+                   what: str = "") -> None:  # fmt: skip
+    """Raise :class:`sarcube.errors.StorageError` naming ``url`` unless something is there and
+    can be reached (a file, object, directory or prefix). Cheap: one or two metadata calls."""
+    url = str(url)
+    label = f"{what} " if what else ""
+    try:
+        fs, path = url_to_fs(url, storage_options)
+    except (ValueError, ImportError) as e:
+        raise _storage_error(f"{label}{url}: {e}") from None
+    if is_remote(url) and "s3" in (fs.protocol if isinstance(fs.protocol, tuple | list)
+                                   else (fs.protocol,)):  # fmt: skip
+        _bucket_check(url, fs, path, label.strip())
+    try:
+        ok = fs.exists(path)
+    except Exception as e:
+        msg = storage_error_message(e)
+        if msg is None:
+            raise
+        raise _storage_error(f"{label}{url}: {msg}") from None
+    if not ok:
+        raise _storage_error(f"{label}{url}: not found")
+
+
+def check_writable(url: str, storage_options: Mapping[str, Any] | None = None, what: str = "",
+                   kind: str = "dir") -> None:  # fmt: skip
+    """Raise :class:`sarcube.errors.StorageError` naming ``url`` when it clearly cannot be
+    written as ``kind`` (``"dir"``: a directory/prefix/store; ``"file"``): an S3 bucket that is
+    missing or denied; locally an existing file where a directory is wanted (or the reverse), a
+    parent that is a file, or a directory without write permission. Writes nothing."""
+    url = str(url)
+    label = f"{what} " if what else ""
+    if is_remote(url):
+        try:
+            fs, path = url_to_fs(url, storage_options)
+        except (ValueError, ImportError) as e:
+            raise _storage_error(f"{label}{url}: {e}") from None
+        protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+        if "s3" in protocols:
+            _bucket_check(url, fs, path, label.strip())
+        return
+    p = Path(url.removeprefix("file://")).expanduser().absolute()
+    if kind == "dir" and p.is_file():
+        raise _storage_error(f"{label}{url}: an existing file, not a directory")
+    if kind == "file" and p.is_dir():
+        raise _storage_error(f"{label}{url}: an existing directory, not a file")
+    anc = p if p.exists() else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise _storage_error(f"{label}{url}: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise _storage_error(f"{label}{url}: no permission to write in {anc}")
+
+
+class RedactedOptions(dict):
+    """Storage options whose ``repr``/``str`` hide the secrets (``redact``): what Dask prints of a
+    failed task's arguments, a dataclass's repr or a traceback's locals then shows ``***``.
+    Otherwise a plain dict (pickles, compares and unpacks as one); ``dict(x)`` drops the
+    protection, so pass the object itself along."""
+
+    def __repr__(self) -> str:
+        return repr(redact(self))
+
+    __str__ = __repr__

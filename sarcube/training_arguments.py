@@ -93,3 +93,218 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cog", default=None,
                    help="also export a Cloud-Optimized GeoTIFF of the first date")  # fmt: skip
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of values argparse cannot express (one-line errors before any work starts)
+
+
+def check_device(value: str, flag: str = "--device", allow_auto: bool = True) -> str:
+    """``value`` if it names a usable device (``auto``, ``cpu``, ``cuda``, ``cuda:N``), else an
+    :class:`~sarcube.errors.InputError` naming the flag; ``cuda`` needs a CUDA build and device."""
+    import re
+
+    from .errors import InputError
+
+    forms = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
+    v = str(value).strip()
+    if not (re.fullmatch(r"cpu|cuda(:\d+)?", v) or (allow_auto and v == "auto")):
+        raise InputError(f"{flag} {value!r}: not a device; expected {forms}")
+    if v.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"{flag} {value}: CUDA is not available on this machine (use cpu)")
+        if ":" in v and int(v.split(":")[1]) >= torch.cuda.device_count():
+            raise InputError(f"{flag} {value}: there are {torch.cuda.device_count()} CUDA devices")
+    return v
+
+
+def check_positive(value: int | None, flag: str, minimum: int = 1) -> None:
+    """An :class:`~sarcube.errors.InputError` naming ``flag`` unless ``value`` ≥ ``minimum``
+    (``None``: the default, accepted)."""
+    from .errors import InputError
+
+    if value is not None and value < minimum:
+        raise InputError(f"{flag} must be ≥ {minimum}, got {value}")
+
+
+def storage_options_of(args: argparse.Namespace) -> dict:
+    """``--storage-option`` pairs plus the secret ones a launcher handed over in the
+    environment (``sarcube.storage.SECRET_OPTIONS_ENV``); a malformed pair is an InputError."""
+    from .errors import InputError
+    from .storage import RedactedOptions, parse_storage_options, secret_storage_options_from_env
+
+    try:
+        pairs = [*args.storage_option, *secret_storage_options_from_env()]
+        return RedactedOptions(parse_storage_options(pairs))  # repr hides the secrets
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _exists(url: str, so: dict) -> bool:
+    from .storage import url_to_fs
+
+    fs, path = url_to_fs(url, so)
+    try:
+        return bool(fs.exists(path))
+    except FileNotFoundError:
+        return False
+
+
+def check_run_io(args: argparse.Namespace, so: dict) -> None:
+    """A training run's manifest can be read, ``--out`` written, and ``--resume`` fits what is
+    there (a checkpoint to resume; none to overwrite without it)."""
+    from .errors import InputError
+    from .storage import check_readable, check_writable, join_url
+
+    check_readable(args.manifest, so, "--manifest")
+    check_writable(args.out, so, "--out", "dir")
+    ckpt = join_url(str(args.out).rstrip("/"), "checkpoint.pt")
+    if args.resume and not _exists(ckpt, so):
+        raise InputError(f"--resume: no checkpoint at {ckpt} to resume from")
+    if not args.resume and _exists(ckpt, so):
+        raise InputError(f"{ckpt} exists: pass --resume to continue that run, or choose another "
+                         "--out")  # fmt: skip
+
+
+def check_pretrain_split(split: str, manifest: str, so: dict) -> None:
+    """The split to pretrain on exists and holds valid SAR pixels: a split whose samples are all
+    no data (``db_stats.pixels == 0``) would train on constant fill values without a word."""
+    from .errors import InputError
+    from .shards import read_manifest
+
+    man = read_manifest(manifest, so)
+    splits = man.get("splits", {})
+    if split not in splits:
+        raise InputError(f"--manifest {manifest}: no split {split!r} to pretrain on "
+                         f"(splits {sorted(splits)}; data.split chooses)")  # fmt: skip
+    info = splits[split]
+    db = info.get("db_stats") or {}
+    if not db.get("pixels") or db.get("mean") is None:
+        n = info.get("samples", sum(int(s.get("samples", 0)) for s in info.get("shards", [])))
+        raise InputError(f"--manifest {manifest}: the {split!r} split has no valid SAR pixel (all "
+                         f"{n} samples are no data): nothing to pretrain on; sample patches "
+                         "with data (sarcube sample --max-nodata) and write the shards again")  # fmt: skip
+
+
+def check_resume_config(args: argparse.Namespace, cfg, so: dict) -> None:
+    """On ``--resume``: the config differs from the run's (``OUT/config.yaml``) only where a
+    resume may change it — ``train.*``, loader settings, and the keys of
+    ``training.engine.RESUME_MAY_OVERRIDE`` named as overrides (``optim.base_lr=1e-5``). The
+    engine checks the same against the checkpoint; this says it before any model is built."""
+    import yaml
+
+    from .errors import InputError
+    from .storage import join_url, url_to_fs
+
+    if not args.resume:
+        return
+    out = str(args.out).rstrip("/")
+    url = join_url(out, "config.yaml")
+    if not _exists(url, so):
+        return
+    fs, path = url_to_fs(url, so)
+    try:
+        old = yaml.safe_load(fs.cat_file(path))
+    except yaml.YAMLError:
+        return
+    if not isinstance(old, dict):
+        return
+    from training.config import config_diff
+    from training.engine import RESUME_MAY_CHANGE, RESUME_MAY_OVERRIDE
+
+    named = [o.split("=", 1)[0].strip() for o in args.overrides if "=" in o]
+    allowed = tuple(k for k in named if k in RESUME_MAY_OVERRIDE)
+    diff = config_diff(old, cfg, ignore=(*RESUME_MAY_CHANGE, *allowed))
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise InputError(f"cannot resume from {join_url(out, 'checkpoint.pt')}: the config "
+                         f"differs from the run's in {lines} (only train.* and data loader "
+                         f"settings may change on a resume, and {' / '.join(RESUME_MAY_OVERRIDE)} "
+                         "when named as overrides, e.g. --resume optim.base_lr=1e-5)")  # fmt: skip
+
+
+def _load_config(config, overrides, method):
+    from training.config import ConfigError, load_config  # yaml only: no torch
+
+    from .errors import InputError
+
+    try:
+        return load_config(config, overrides, method=method)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+
+
+def check_pretrain_args(args: argparse.Namespace):
+    """Everything ``pretrain`` can check before a rank starts (no torch): the config and
+    overrides, the manifest and its split, the output and ``--resume``. Returns the config."""
+    cfg = _load_config(args.config, args.overrides, args.method)
+    so = storage_options_of(args)
+    check_run_io(args, so)
+    check_resume_config(args, cfg, so)
+    check_pretrain_split(cfg.data.split, args.manifest, so)
+    return cfg
+
+
+def check_finetune_args(args: argparse.Namespace):
+    """``finetune``'s checks before a rank starts: config and overrides, the manifest, the
+    pretrained weights, the output and ``--resume``. Returns the config (``seg.pretrained``
+    set)."""
+    from .storage import check_readable
+
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.insert(0, f"seg.task={args.task}")
+    pre = None if args.pretrained.strip().lower() == "none" else args.pretrained
+    cfg = _load_config(args.config, overrides, "finetune")
+    cfg.seg.pretrained = pre
+    so = storage_options_of(args)
+    check_run_io(args, so)
+    check_resume_config(args, cfg, so)
+    if pre is not None:
+        check_readable(pre, so, "--pretrained")
+    return cfg
+
+
+def check_evaluate_args(args: argparse.Namespace) -> None:
+    """``evaluate``'s arguments before any work: batch size, device, the checkpoint and manifest
+    readable, the report directory writable."""
+    from .storage import check_readable, check_writable
+
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.num_workers, "--num-workers", 0)
+    check_positive(args.panels, "--panels", 0)
+    check_device(args.device)
+    so = storage_options_of(args)
+    check_readable(args.checkpoint, so, "--checkpoint")
+    check_readable(args.manifest, so, "--manifest")
+    check_writable(args.out, so, "--out", "dir")
+
+
+def check_predict_args(args: argparse.Namespace) -> None:
+    """``predict``'s arguments before any work: numbers, the device, the cube and checkpoint
+    readable, ``--out`` and ``--cog`` writable (a COG's directory must exist)."""
+    from pathlib import Path
+
+    from .errors import InputError
+    from .storage import check_readable, check_writable, is_remote
+
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.workers, "--workers", 0)
+    if not 0 <= int(args.overlap) < 256:
+        raise InputError(f"--overlap must be in [0, 255] pixels, got {args.overlap}")
+    if args.block < 256 or args.block % 256:
+        raise InputError(f"--block must be a positive multiple of 256 pixels, got {args.block}")
+    check_device(args.device, allow_auto=False)
+    so = storage_options_of(args)
+    check_readable(args.cube, so, "--cube")
+    check_readable(args.checkpoint, so, "--checkpoint")
+    if args.out:
+        check_writable(args.out, so, "--out", "dir")
+    if args.cog:
+        check_writable(args.cog, so, "--cog", "file")
+        if not is_remote(args.cog):
+            parent = Path(args.cog).expanduser().absolute().parent
+            if not parent.is_dir():
+                raise InputError(f"--cog {args.cog}: the directory {parent} does not exist")

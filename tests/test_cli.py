@@ -165,3 +165,17 @@ def test_launcher_forwards_the_subcommand_arguments_without_nproc():
     assert ns.overrides == ["schedule.epochs=1"] and ns.storage_option == [
         "endpoint_url=http://h:1"
     ]
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    """`sarcube pretrain … --resume optim.base_lr=1e-5` (the form the non-finite-loss advice
+    prints): key=value overrides after options are overrides, not unrecognized arguments."""
+    from sarcube.cli import main
+
+    rc = main(["pretrain", "--manifest", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+               "data.batch_size=2", "--resume", "optim.base_lr=1e-5"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "unrecognized arguments" not in err
+    assert err.strip() == f"sarcube pretrain: error: --manifest {tmp_path / 'none'}: not found"
+    with pytest.raises(SystemExit):  # anything else after the options still is an error
+        main(["pretrain", "--manifest", "m", "--out", "o", "--bogus"])

@@ -35,6 +35,7 @@ def _tars(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.tar"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_killed_shards_rerun_to_identical_shards(seed, small_shards, small_cube, tmp_path):
     """SIGKILL (whole process group) at a seeded random moment of the writing phase, re-run:
@@ -100,6 +101,7 @@ def outage_s3():
         o.stop()
 
 
+@pytest.mark.slow
 def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, dask_client):
     """The S3 server goes away for 3 s while an ingest writes an S3 cube. The run either rides
     it out (retries) or fails with one line per problem; the re-run gives the same cube as the

@@ -229,6 +229,7 @@ def _check_outcome(cube: str, outs, dates_by_run: list[str]) -> int:
     return refused
 
 
+@pytest.mark.slow  # real processes racing, repeated
 @pytest.mark.parametrize("trial", range(5))
 def test_concurrent_ingests_of_different_dates(trial, labelled_cube, small_synth, dask_cluster,
                                                tmp_path):  # fmt: skip
@@ -247,6 +248,7 @@ def test_concurrent_ingests_of_different_dates(trial, labelled_cube, small_synth
     assert sorted(str(t)[:10] for t in open_cube(cube).time.values) == dates
 
 
+@pytest.mark.slow  # real processes racing, repeated
 @pytest.mark.parametrize("trial", range(5))
 def test_concurrent_creation_of_one_cube(trial, small_synth, dask_cluster, tmp_path):
     cube = str(tmp_path / "new.zarr")
@@ -261,6 +263,7 @@ def test_concurrent_creation_of_one_cube(trial, small_synth, dask_cluster, tmp_p
     _check_outcome(cube, outs, dates)
 
 
+@pytest.mark.slow  # real processes racing, repeated
 def test_wait_serialises_two_writers(labelled_cube, small_synth, dask_cluster, tmp_path):
     """With --wait both runs complete, one after the other, and no update is lost."""
     cube = str(tmp_path / "cube.zarr")
@@ -412,6 +415,7 @@ def _manifest_consistent(out: Path) -> dict:
     return manifest
 
 
+@pytest.mark.slow  # real processes racing, repeated
 @pytest.mark.parametrize("trial", range(5))
 def test_concurrent_shard_writers(trial, small_shards, small_cube, dask_cluster, tmp_path):
     index = tmp_path / "index.parquet"

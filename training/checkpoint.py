@@ -30,12 +30,14 @@ from sarcube.storage import url_to_fs
 from sarcube.storage import write_bytes as storage_write_bytes
 
 __all__ = [
+    "CheckpointError",
     "exists",
     "load_checkpoint",
     "read_bytes",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "torch_load_safe",
     "write_bytes",
 ]
 
@@ -80,7 +82,32 @@ def load_checkpoint(
     if not exists(url, storage_options):
         raise FileNotFoundError(f"no checkpoint at {url}")
     data = read_bytes(url, storage_options)
-    return torch.load(io.BytesIO(data), weights_only=True, map_location=map_location)
+    return torch_load_safe(data, url, map_location)
+
+
+class CheckpointError(ValueError):
+    """A file that ``torch.load(weights_only=True)`` refuses: not a sarcube checkpoint."""
+
+
+def torch_load_safe(data: bytes, url: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of ``data``; a file it refuses is a
+    :class:`CheckpointError` naming ``url`` and what is wrong (never torch's advice to load with
+    ``weights_only=False``, which would run the file's pickled code)."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location=map_location)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (a {m.group(1)} object)" if m else ""
+        raise CheckpointError(f"{url}: not a sarcube checkpoint: it contains non-tensor "
+                              f"objects{what} that a safe load (weights only) refuses; sarcube "
+                              "checkpoints hold only tensors, numbers, strings, lists and "
+                              "dicts") from None  # fmt: skip
+    except Exception as e:  # truncated, not a torch file at all, ...
+        raise CheckpointError(f"{url}: not a sarcube checkpoint: not a readable torch file "
+                              f"({type(e).__name__}{': ' + str(e)[:200] if str(e) else ''})") from None  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

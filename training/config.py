@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -105,7 +106,10 @@ class DataConfig:
     num_workers: int = 8  # DataLoader processes per rank (0: in the training process)
     augment: bool = True
     shuffle_buffer: int = 256
-    skip_errors: int = 0
+    skip_errors: int = 0  # transient shard read failures a loader worker may skip per epoch
+    # bad shards (missing, unreadable, sha256 / size / sample count differing from the manifest)
+    # a loader worker may skip per epoch, each logged and counted in the loader stats (0: fail)
+    max_bad_shards: int = 0
     retries: int = 3
     timeout: float = 60.0
     # where the z-score, SAR weight map and int64 labels are made: "device" (the training step,
@@ -176,7 +180,7 @@ class TrainConfig:
     figure: bool = True  # reconstruction PNG at the end
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True
-    log_dir: str | None = None  # local metrics/TensorBoard dir; None: out (or ./runs/<name>)
+    log_dir: str | None = None  # local metrics/TensorBoard dir; None: out (or a temporary dir)
     rank_summary: bool = True  # ranks/rank-NNNNN.json: steps, samples, parameter checksum
 
 
@@ -205,6 +209,8 @@ class Config:
         errs = []
         if self.data.batch_size < 1:
             errs.append(f"data.batch_size must be >= 1, got {self.data.batch_size}")
+        if self.data.max_bad_shards < 0:
+            errs.append(f"data.max_bad_shards must be >= 0, got {self.data.max_bad_shards}")
         if self.optim.accum_steps < 1:
             errs.append(f"optim.accum_steps must be >= 1, got {self.optim.accum_steps}")
         if self.optim.lr_batch_base < 1:
@@ -220,6 +226,10 @@ class Config:
             )
         if not 0.0 <= self.mask.ratio <= 1.0:
             errs.append(f"mask.ratio must be in [0, 1], got {self.mask.ratio}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.train.device)):
+            errs.append(
+                f"train.device must be auto, cpu, cuda or cuda:N, got {self.train.device!r}"
+            )
         if self.train.log_every < 1:
             errs.append(f"train.log_every must be >= 1, got {self.train.log_every}")
         if self.train.max_steps is not None and self.train.max_steps < 1:

@@ -44,13 +44,21 @@ On CPU the per-step losses after a resume equal those of an uninterrupted run bi
                             fine-tuning; format sarcube-model/1: model, config, extra, scores)
     encoder.pth             encoder state dict (SwinEncoder keys) when the run ends
     config.yaml             the resolved config
+    history.jsonl           one line per start / resume of the run, with the config keys a
+                            resume changed (``--resume optim.base_lr=1e-5``; see below)
     metrics.jsonl           one line per logged step, per epoch and per validation (rank 0)
     tb/                     TensorBoard events (rank 0)
     reconstruction.png      the task's figure at the end (rank 0)
     ranks/rank-NNNNN.json   per rank: steps per epoch, samples, parameter checksum
 
 Metrics and TensorBoard are written to a local directory (``out`` itself when local, else
-``train.log_dir`` or ``./runs/<name>``) and ``metrics.jsonl`` is uploaded with each checkpoint.
+``train.log_dir`` or a temporary directory removed at the end: nothing in the working directory)
+and ``metrics.jsonl`` is uploaded with each checkpoint.
+
+**Changes on a resume.** Besides ``train.*`` and the data loader settings, the keys of
+:data:`RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may differ from the
+checkpoint's when named as overrides of the resuming command (``Trainer.fit(allow_changes=…)``):
+the restored schedule is rescaled / extended, and the change is recorded in ``history.jsonl``.
 """
 
 from __future__ import annotations
@@ -123,8 +131,14 @@ NO_DECAY_SUFFIXES: tuple[str, ...] = ("absolute_pos_embed", "pos_embed", "relati
                                       "mask_token", "cls_token")  # fmt: skip
 # Keys that may change between a run and its resume (everything else must match the checkpoint).
 RESUME_MAY_CHANGE: tuple[str, ...] = ("train", "data.num_workers", "data.retries", "data.timeout",
-                                      "data.skip_errors", "seg.pretrained", "seg.test_split",
+                                      "data.skip_errors", "data.max_bad_shards", "seg.pretrained",
+                                      "seg.test_split",
                                       "seg.panels", "seg.eval_batch_size")  # fmt: skip
+# Keys that may change on a resume when named as overrides on its command line (``--resume
+# optim.base_lr=1e-5``): the change is applied to the restored optimiser and schedule and
+# recorded in ``history.jsonl`` and the checkpoint's ``history``.
+RESUME_MAY_OVERRIDE: tuple[str, ...] = ("optim.base_lr", "schedule.epochs")
+HISTORY = "history.jsonl"
 _TAG_MASK, _TAG_DATA = 0, 1
 
 
@@ -162,11 +176,13 @@ class NonFiniteLossError(RuntimeError):
         checkpoint: URL of the last good checkpoint, or ``None`` if none was written.
     """
 
-    def __init__(self, step: int, epoch: int, value: float, what: str, checkpoint: str | None):
+    def __init__(self, step: int, epoch: int, value: float, what: str, checkpoint: str | None,
+                 base_lr: float | None = None):  # fmt: skip
         self.step, self.epoch, self.value, self.checkpoint = step, epoch, value, checkpoint
-        last = (f"the last good checkpoint is {checkpoint} (resume from it with --resume, e.g. "
-                "with a lower optim.base_lr)" if checkpoint else
-                "no checkpoint was written yet")  # fmt: skip
+        lower = f"{base_lr / 10:.3g}" if base_lr else "<lower>"
+        last = (f"the last good checkpoint is {checkpoint}; to continue from it with a lower "
+                f"learning rate, run the same command again with --resume optim.base_lr={lower} "
+                "added" if checkpoint else "no checkpoint was written yet")  # fmt: skip
         super().__init__(f"non-finite {what} ({value}) at step {step} (epoch {epoch}); training "
                          f"stopped before applying this update; {last}")  # fmt: skip
 
@@ -445,6 +461,8 @@ class Trainer:
 
         self.ckpt_url = join_url(self.out, CHECKPOINT)
         self.last_checkpoint: str | None = None
+        self.history: list[dict[str, Any]] = []  # starts and resumes of the run (checkpointed)
+        self._tmp_log_dir: Path | None = None
         self.log_dir = self._log_dir() if self.main else None
 
     # -- small helpers ------------------------------------------------------------------------
@@ -454,8 +472,12 @@ class Trainer:
             return Path(self.cfg.train.log_dir).expanduser().absolute()
         if not is_remote(self.out):
             return Path(self.out)
-        name = self.out.split("://", 1)[1].strip("/").replace("/", "_")
-        return Path("runs") / name
+        # a remote run: a private temporary directory (metrics.jsonl and tb/ are uploaded to
+        # out; a resume fetches metrics.jsonl back), removed when fit() ends: nothing in the cwd
+        import tempfile
+
+        self._tmp_log_dir = Path(tempfile.mkdtemp(prefix="sarcube-run-"))
+        return self._tmp_log_dir
 
     def _url(self, name: str) -> str:
         return join_url(self.out, name)
@@ -477,6 +499,18 @@ class Trainer:
                     v = v.contiguous(memory_format=torch.channels_last)
             out[k] = v
         return out
+
+    def _loader_stats(self) -> dict[str, Any]:
+        """``{"loader": the data source's stats}`` (shards read, skipped, bad …) when it keeps
+        any (``training.data.ShardStream.stats``: cumulative, this rank), else ``{}``."""
+        stats = getattr(self.data, "stats", None)
+        if not isinstance(stats, Mapping):
+            return {}
+        bad = int(stats.get("shards_bad", 0)) + int(stats.get("shards_skipped", 0))
+        if bad:
+            log.warning("rank %d: the loader skipped %d shard(s) so far: %s", self.rank, bad,
+                        [*stats.get("bad_urls", []), *stats.get("skipped_urls", [])])  # fmt: skip
+        return {"loader": dict(stats)}
 
     def _fetch(self, it: Iterator[dict[str, Any]], epoch: int) -> dict[str, Any]:
         """Next batch, under a forked RNG seeded by (seed, epoch, rank): whatever the loader
@@ -522,6 +556,7 @@ class Trainer:
             "rng": rngs,
             "config": self.cfg.to_dict(),
             "extra": self.extra_state,
+            "history": list(self.history),
             "time": time.time(),
         }
 
@@ -540,19 +575,22 @@ class Trainer:
         self.last_checkpoint = self.ckpt_url
         return self.ckpt_url
 
-    def _restore(self, ck: Mapping[str, Any]) -> dict[str, Any]:
+    def _restore(self, ck: Mapping[str, Any], allow_changes: Sequence[str] = ()) -> dict[str, Any]:
         if ck.get("format") != FORMAT:
             raise ValueError(
                 f"{self.ckpt_url}: not a sarcube checkpoint (format {ck.get('format')!r})"
             )
-        diff = config_diff(ck["config"], self.cfg, ignore=RESUME_MAY_CHANGE)
+        allowed = tuple(k for k in allow_changes if k in RESUME_MAY_OVERRIDE)
+        diff = config_diff(ck["config"], self.cfg, ignore=(*RESUME_MAY_CHANGE, *allowed))
         if diff:
             lines = "; ".join(
                 f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items())
             )
             raise ValueError(f"cannot resume from {self.ckpt_url}: the config differs from the "
                              f"checkpoint's in {lines} (only train.* and data loader settings "
-                             "may change on a resume)")  # fmt: skip
+                             f"may change on a resume, and {' / '.join(RESUME_MAY_OVERRIDE)} "
+                             "when named as overrides, e.g. --resume optim.base_lr=1e-5)")  # fmt: skip
+        self.resume_changes = {k: list(v) for k, v in config_diff(ck["config"], self.cfg).items()}
         if ck["world_size"] != self.world or ck["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"cannot resume from {self.ckpt_url} exactly: it was written by "
                              f"{ck['world_size']} rank(s) with {ck['steps_per_epoch']} steps per "
@@ -560,10 +598,12 @@ class Trainer:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        self._apply_schedule_changes(ck["config"])
         for group, lr in zip(
             self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
         ):
             group["lr"] = lr  # LambdaLR.load_state_dict does not touch the optimiser
+        self.history = [dict(h) for h in ck.get("history") or []]
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.last_checkpoint = self.ckpt_url
@@ -577,6 +617,47 @@ class Trainer:
             "best_value": best.get("value"),
             "best_epoch": best.get("epoch"),
         }
+
+    def _apply_schedule_changes(self, old: Mapping[str, Any]) -> None:
+        """After the scheduler state is restored: a new ``optim.base_lr`` scales every group's
+        base lr (the cosine floor stays ``schedule.min_lr``), a new ``schedule.epochs`` moves the
+        end of the cosine; the lrs of the next update follow."""
+        sched = self.scheduler
+        fn = sched.lr_lambdas[0]
+        changed = False
+        old_base = float(old.get("optim", {}).get("base_lr", self.cfg.optim.base_lr))
+        if old_base != self.cfg.optim.base_lr and old_base > 0:
+            f = self.cfg.optim.base_lr / old_base
+            sched.base_lrs = [b * f for b in sched.base_lrs]
+            for g in self.optimizer.param_groups:
+                g["initial_lr"] = g.get("initial_lr", g["lr"]) * f
+            changed = True
+        if isinstance(fn, WarmupCosine) and (fn.total_steps != self.total_steps or changed):
+            fn.total_steps = self.total_steps
+            fn.warmup_steps = self.warmup_steps
+            fn.min_ratio = self.cfg.schedule.min_lr / self.lr if self.lr > 0 else 0.0
+            changed = True
+        if changed:  # the lr of the last update as the new schedule gives it
+            sched._last_lr = [b * lam(sched.last_epoch) for b, lam in
+                              zip(sched.base_lrs, sched.lr_lambdas, strict=True)]  # fmt: skip
+
+    def _record_history(self, resume: bool, state: Mapping[str, Any]) -> None:
+        """Append this start or resume (with the config keys that changed) to the run's history:
+        ``history.jsonl`` next to the checkpoints (rank 0; every attempt) and the checkpoint's
+        ``history`` (the attempts that led to it)."""
+        event: dict[str, Any] = {"event": "resume" if resume else "start",
+                                 "step": int(state["step"]), "epoch": int(state["epoch"]),
+                                 "time": time.time()}  # fmt: skip
+        if resume:
+            event["changes"] = dict(getattr(self, "resume_changes", {}) or {})
+        self.history.append(event)  # this checkpoint lineage's
+        if self.main:  # history.jsonl: every attempt, also those that ended before a checkpoint
+            url = self._url(HISTORY)
+            before = read_bytes(url, self.so).decode() if resume and exists(url, self.so) else ""
+            if before and not before.endswith("\n"):
+                before += "\n"
+            line = json.dumps(event, default=str) + "\n"
+            write_bytes(url, (before + line).encode(), self.so)
 
     # -- one optimiser step -------------------------------------------------------------------
 
@@ -613,7 +694,8 @@ class Trainer:
         value = float(loss_avg)
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(step + 1, epoch, value, "loss", self.last_checkpoint)
+            raise NonFiniteLossError(step + 1, epoch, value, "loss", self.last_checkpoint,
+                                     self.cfg.optim.base_lr)  # fmt: skip
         grad_norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -624,7 +706,7 @@ class Trainer:
             if not math.isfinite(grad_norm) and self.scaler is None:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(step + 1, epoch, grad_norm, "gradient norm",
-                                         self.last_checkpoint)  # fmt: skip
+                                         self.last_checkpoint, self.cfg.optim.base_lr)  # fmt: skip
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -636,13 +718,13 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def _begin(self, resume: bool) -> dict[str, Any]:
+    def _begin(self, resume: bool, allow_changes: Sequence[str] = ()) -> dict[str, Any]:
         """The loop state: restored from the checkpoint, or fresh (with per-rank RNG seeds)."""
         cfg = self.cfg
         self._pending_rng = None
         if resume:
             ck = load_checkpoint(self.ckpt_url, self.so)
-            return self._restore(ck)
+            return self._restore(ck, allow_changes)
         if exists(self.ckpt_url, self.so):
             raise FileExistsError(f"{self.ckpt_url} exists: pass --resume to continue that run, "
                                   "or choose another output")  # fmt: skip
@@ -658,15 +740,28 @@ class Trainer:
                     or (t.ckpt_every_steps and state["step"] % t.ckpt_every_steps == 0)
                     or (epoch_end and state["epoch"] % max(t.ckpt_every_epochs, 1) == 0))  # fmt: skip
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, allow_changes: Sequence[str] = ()) -> TrainResult:
         """Train to the end of ``schedule.epochs`` (or ``train.max_steps``); see the module doc.
 
         Args:
             resume: continue from ``{out}/checkpoint.pt`` exactly. Without it, an existing
                 checkpoint there is an error (nothing is overwritten by accident).
+            allow_changes: config keys named as overrides on the resume's command line; those
+                in :data:`RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may
+                differ from the checkpoint's (recorded in ``history.jsonl``).
         """
+        try:
+            return self._fit(resume, allow_changes)
+        finally:
+            if self._tmp_log_dir is not None:
+                import shutil
+
+                shutil.rmtree(self._tmp_log_dir, ignore_errors=True)
+
+    def _fit(self, resume: bool, allow_changes: Sequence[str]) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
-        state = self._begin(resume)
+        state = self._begin(resume, allow_changes)
+        self._record_history(resume, state)
         if self.main:
             write_bytes(self._url("config.yaml"), cfg.to_yaml().encode(), self.so)
             local = self.log_dir / METRICS
@@ -727,7 +822,8 @@ class Trainer:
                             metrics.write({"kind": "epoch", "step": state["step"], "epoch": epoch,
                                            "loss": state["epoch_loss_sum"] / state["epoch_steps"],
                                            "img_per_s": self.global_batch * done / secs,
-                                           "seconds": secs, "time": time.time()})  # fmt: skip
+                                           "seconds": secs, "time": time.time(),
+                                           **self._loader_stats()})  # fmt: skip
                             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0,
                                          epoch_steps=0)  # fmt: skip
                             val = self._validate(state, epoch, metrics, bar)
@@ -763,7 +859,8 @@ class Trainer:
         result = TrainResult(step=state["step"], epoch=state["epoch"], steps_taken=len(losses),
                              finished=not stopped, last_loss=losses[-1] if losses else None,
                              checkpoint=self.last_checkpoint,
-                             metrics=str(metrics.path) if metrics.path else None, losses=losses,
+                             metrics=(self._url(METRICS) if self._tmp_log_dir is not None else
+                                      str(metrics.path) if metrics.path else None), losses=losses,
                              best_value=state.get("best_value"), best_epoch=state.get("best_epoch"),
                              val=val_records)  # fmt: skip
         if state.get("best_epoch") is not None:
@@ -865,7 +962,7 @@ class Trainer:
                        "device": str(self.device), "step": result.step, "epoch": result.epoch,
                        "steps_taken": result.steps_taken, "steps_per_epoch": dict(per_epoch),
                        "samples": samples, "last_loss": result.last_loss,
-                       "param_sha256": param_checksum(self.model)}  # fmt: skip
+                       "param_sha256": param_checksum(self.model), **self._loader_stats()}  # fmt: skip
             write_bytes(self._url(f"ranks/rank-{self.rank:05d}.json"),
                         json.dumps(summary, indent=1).encode(), self.so)  # fmt: skip
         tdist.barrier()

@@ -36,9 +36,9 @@ makes the same report for any checkpoint (``best.pt`` or ``checkpoint.pt``) and 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -55,8 +55,8 @@ from sarcube.errors import SarcubeError
 from sarcube.storage import is_remote, join_url
 from sarcube.training_arguments import add_finetune_arguments
 
-from .checkpoint import load_checkpoint, read_bytes, write_bytes
-from .config import Config, ConfigError, config_from_dict, load_config
+from .checkpoint import CheckpointError, load_checkpoint, read_bytes, torch_load_safe, write_bytes
+from .config import Config, ConfigError, config_from_dict
 from .distributed import env_rank
 from .engine import NonFiniteLossError, Trainer, TrainResult
 from .layer_decay import param_groups_layer_decay
@@ -112,11 +112,9 @@ def build_segmentation_model(cfg: Config, storage_options: Mapping[str, Any] | N
         except FileNotFoundError:
             raise FileNotFoundError(f"seg.pretrained: no encoder weights at {url}") from None
         try:
-            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        except Exception as e:
-            raise EncoderWeightsError(
-                url, [], [], {}, reason=f"not a torch state dict ({e})"
-            ) from None
+            obj = torch_load_safe(data, url)
+        except CheckpointError as e:
+            raise EncoderWeightsError(url, [], [], {}, reason=str(e)) from None
         load_encoder_weights(model.encoder, obj, source=url)
     if m.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
@@ -294,7 +292,8 @@ def _stream(cfg: Config, manifest: str, split: str, so: Mapping[str, Any] | None
     return ShardStream(manifest, split, batch_size=bs, rank=rank, world_size=world,
                        num_workers=d.num_workers, seed=cfg.seed, task=cfg.seg.task,
                        augment=d.augment and train, shuffle_buffer=d.shuffle_buffer,
-                       storage_options=so, skip_errors=d.skip_errors, retries=d.retries,
+                       storage_options=so, skip_errors=d.skip_errors,
+                       max_bad_shards=d.max_bad_shards, retries=d.retries,
                        timeout=d.timeout, pin_memory=pin_memory, stats_split="train",
                        prepare=d.prepare, evaluation=not train)  # fmt: skip
 
@@ -306,7 +305,7 @@ def _upload_dir(local: Path, url: str, so: Mapping[str, Any] | None) -> None:
 
 
 def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any] | None = None,
-        resume: bool = False) -> FinetuneResult:  # fmt: skip
+        resume: bool = False, allow_changes: Sequence[str] = ()) -> FinetuneResult:  # fmt: skip
     """Fine-tune under ``cfg`` on ``manifest``'s train split, validate each epoch, test the best
     weights; writes to ``out`` (see the module docstring). Joins the process group under
     torchrun / mpirun and leaves it at the end."""
@@ -345,7 +344,7 @@ def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any]
                      "peak lr %.3g, layer decay %.2f", cfg.seg.task, cfg.model.size,
                      cfg.seg.pretrained or "random init", info.world_size, trainer.steps_per_epoch,
                      trainer.global_batch, trainer.lr, cfg.optim.layer_decay)  # fmt: skip
-        res = trainer.fit(resume=resume)
+        res = trainer.fit(resume=resume, allow_changes=allow_changes)
 
         test = report = None
         test_split = cfg.seg.test_split
@@ -436,6 +435,12 @@ def evaluate(checkpoint: str, manifest: str, split: str, out: str,
     stream = _stream(cfg, manifest, split, so, info.rank, info.world_size, train=False)
     res = evaluate_model(model, stream, cfg.seg.task, dev, cfg.seg.threshold,
                          panels=panels if info.rank == 0 else 0)  # fmt: skip
+    listed = int(man["splits"][split].get("samples", stream.total_samples))
+    if res.samples != listed:  # the loader verifies every shard; this is the last guard
+        from sarcube.shards import ShardError
+
+        raise ShardError(f"evaluated {res.samples} samples of split {split!r} but the manifest "
+                         f"lists {listed} ({manifest})")  # fmt: skip
     report: dict[str, Any] = {}
     if info.rank == 0:
         report = _write_report(res, cfg, out, so, split,
@@ -459,9 +464,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; 0 ok, 2 bad input, 3 non-finite loss."""
-    from sarcube.storage import parse_storage_options
+def check_args(args: argparse.Namespace) -> Config:
+    """What can be checked before a rank starts
+    (:func:`sarcube.training_arguments.check_finetune_args`); returns the config."""
+    from sarcube.training_arguments import check_finetune_args
+
+    return check_finetune_args(args)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None,
+         verbose: bool = False) -> int:  # fmt: skip
+    """Command-line entry point; 0 ok, 2 bad input, 3 non-finite loss. ``prog`` names the
+    command in error lines (``sarcube finetune``); ``verbose``: tracebacks too."""
+    from sarcube.storage import storage_error_message
+    from sarcube.training_arguments import storage_options_of
+
+    from .pretrain import named_overrides, peer_failure_message, report_error
 
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(
@@ -469,23 +487,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rank = env_rank()
     main_rank = rank == 0
-    prefix = "finetune" if main_rank else f"finetune[rank {rank}]"
+    name = prog or os.environ.get("SARCUBE_PROG") or "finetune"
+    prefix = name if main_rank else f"{name}[rank {rank}]"
     try:
-        overrides = list(args.overrides)
-        if args.task:
-            overrides.insert(0, f"seg.task={args.task}")
-        pre = None if args.pretrained.strip().lower() == "none" else args.pretrained
-        cfg = load_config(args.config, overrides, method="finetune")
-        cfg.seg.pretrained = pre
-        so = parse_storage_options(args.storage_option)
-        res = run(cfg, args.manifest, args.out, so, resume=args.resume)
+        cfg = check_args(args)
+        so = storage_options_of(args)
+        res = run(
+            cfg,
+            args.manifest,
+            args.out,
+            so,
+            resume=args.resume,
+            allow_changes=named_overrides(args.overrides),
+        )
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError, EncoderWeightsError,
             SarcubeError) as e:  # fmt: skip
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        report_error(prefix, e, verbose)
         return 2
     except NonFiniteLossError as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        report_error(prefix, e, verbose)
         return 3
+    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
+        msg = storage_error_message(e) or peer_failure_message(e)
+        if msg is None:
+            raise
+        report_error(prefix, e, verbose, msg)
+        return 2
     if main_rank:
         t = res.train
         best = (
@@ -496,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: {cfg.seg.task}, {t.step} steps ({t.epoch} epochs){best}")  # fmt: skip
         if res.report is not None:  # the tables; the confusion matrix stays in the file
             md = Path(res.report["markdown"]).read_text().split("## Confusion matrix")[0]
-            print(md.rstrip() + f"\n\n(full report: {Path(res.report['markdown']).parent})")
+            where = (join_url(args.out, cfg.seg.test_split) if is_remote(args.out)
+                     else Path(res.report["markdown"]).parent)  # fmt: skip
+            print(md.rstrip() + f"\n\n(full report: {where})")
     return 0
 
 
@@ -513,7 +542,21 @@ def run_evaluate_args(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, device=args.device,
                                num_workers=args.num_workers, panels=args.panels, method=args.method)  # fmt: skip
     except (ConfigError, FileNotFoundError, ValueError, SarcubeError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"sarcube evaluate: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
+        from sarcube.storage import storage_error_message
+
+        from .pretrain import report_error
+
+        msg = storage_error_message(e)
+        if msg is None:
+            raise
+        report_error("sarcube evaluate", e, getattr(args, "verbose", False), msg)
         return 2
     if report:
         print(Path(report["markdown"]).read_text())

@@ -70,9 +70,9 @@ from torch import nn
 from sarcube import __version__
 from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES, nine_class_lut, water_lut
 from sarcube.cube import PREDICTIONS_FORMAT, cube_grid, open_group, zarr_store
-from sarcube.errors import InputError
+from sarcube.errors import InputError, SarcubeError
 from sarcube.grid import CubeGrid
-from sarcube.storage import is_remote, join_url, put_bytes, url_to_fs
+from sarcube.storage import RedactedOptions, is_remote, join_url, put_bytes, url_to_fs
 
 __all__ = [
     "LAYERS",
@@ -566,7 +566,7 @@ def predict(
             a client, or a scheduler address); default in this process.
         block: block edge in pixels (a multiple of 256; memory scales with its square).
     """
-    so = dict(storage_options or {})
+    so = RedactedOptions(storage_options or {})  # Dask's repr of a failed task shows no secret
     cube = str(cube)
     out = cube if out is None else str(out)
     if not 0 <= int(overlap) < WINDOW:
@@ -577,7 +577,9 @@ def predict(
     try:
         root = open_group(cube, so)
     except Exception as e:
-        raise PredictError(str(e)) from None
+        from sarcube.storage import storage_error_message
+
+        raise PredictError(f"--cube {cube}: {storage_error_message(e) or e}") from None
     for var in ("hh_db", "time"):
         if var not in root:
             raise PredictError(f"{cube}: the cube has no {var!r} variable (not ingested?)")
@@ -688,9 +690,9 @@ def _decimated(arr, index: tuple, region: tuple[int, int, int, int], step: int, 
 
 def _panels(
     cube: str, out: str, so, layer: str, dates, region, task: str, labels: bool
-) -> list[Path]:
+) -> list[Path | str]:
     """SAR | prediction | truth | errors PNG per date (at most ~1024 px wide), next to the layer
-    (local out) or in the current directory's ``predict-panels/`` (remote out)."""
+    (a local path, or for a remote ``out`` a URL beside the store: nothing in the cwd)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -706,9 +708,11 @@ def _panels(
     k = 9 if task == "lulc" else 2
     colors = class_colors(task, k)
     cmap = ListedColormap(colors).with_extremes(bad=(1, 1, 1), over=(1, 1, 1))
-    base = Path(out).parent if not is_remote(out) else Path("predict-panels")
+    remote = is_remote(out)
+    tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-panels-")) if remote else None
+    base = tmpdir if tmpdir is not None else Path(out).parent
     base.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths: list = []
     for d, t in dates:
         sar = _decimated(src["hh_db"], (t,), region, step)
         pred = _decimated(dst[layer], (t,), region, step).astype(float)
@@ -738,7 +742,17 @@ def _panels(
         path = base / f"{Path(out.rstrip('/')).stem}_{layer}_{d}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        paths.append(path)
+        if tmpdir is not None:  # beside the store, like a local one (nothing in the cwd)
+            from sarcube.storage import write_bytes
+
+            url = join_url(out.rstrip("/").rsplit("/", 1)[0], path.name)
+            write_bytes(url, path.read_bytes(), so)
+            path.unlink()
+            paths.append(url)
+        else:
+            paths.append(path)
+    if tmpdir is not None:
+        tmpdir.rmdir()
     return paths
 
 
@@ -795,7 +809,9 @@ def export_cog(out: str, path: str, *, layer: str = "pred_lulc", time_index: int
         from sarcube.storage import write_bytes
 
         write_bytes(str(path), local.read_bytes(), so)
-    tmp.unlink()
+    import shutil
+
+    shutil.rmtree(tmpdir, ignore_errors=True)
     return str(path)
 
 
@@ -803,9 +819,18 @@ def export_cog(out: str, path: str, *, layer: str = "pred_lulc", time_index: int
 # Command line
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """``predict``'s arguments before any work
+    (:func:`sarcube.training_arguments.check_predict_args`)."""
+    from sarcube.training_arguments import check_predict_args
+
+    check_predict_args(args)
+
+
 def run_args(args: argparse.Namespace) -> int:
     from sarcube.storage import parse_storage_options
 
+    check_args(args)
     res = predict(args.cube, args.checkpoint, args.out, bbox=args.bbox, time=args.time,
                   task=args.task, overlap=args.overlap, batch_size=args.batch_size,
                   device=args.device, probabilities=args.probabilities, cog=args.cog,
@@ -842,8 +867,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return run_args(args)
-    except InputError as e:
+    except SarcubeError as e:
         print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
+        from sarcube.storage import storage_error_message
+
+        msg = storage_error_message(e)
+        if msg is None:
+            raise
+        print(f"predict: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,9 +42,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sarcube.training_arguments import add_pretrain_arguments
+from sarcube.errors import SarcubeError
+from sarcube.training_arguments import (
+    add_pretrain_arguments,
+    check_pretrain_args,
+    storage_options_of,
+)
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .distributed import env_rank
 from .engine import NonFiniteLossError, Trainer, TrainResult, step_generator
 from .masking import mask_to_pixels, simmim_mask
@@ -252,11 +258,12 @@ def build_data(cfg: Config, manifest: str, storage_options: Mapping[str, Any] | 
 
 
 def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any] | None = None,
-        resume: bool = False, data: Any = None) -> TrainResult:  # fmt: skip
+        resume: bool = False, data: Any = None, allow_changes: Sequence[str] = ()) -> TrainResult:  # fmt: skip
     """Pretrain under ``cfg`` on the shards of ``manifest``, writing to ``out``.
 
     Joins the process group when launched with several ranks (torchrun / mpirun) and leaves it
-    at the end. ``data`` replaces the ShardStream (tests).
+    at the end. ``data`` replaces the ShardStream (tests). ``allow_changes``: config keys named
+    as overrides that a resume may change (:data:`training.engine.RESUME_MAY_OVERRIDE`).
     """
     from . import distributed as tdist
 
@@ -275,7 +282,7 @@ def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any]
             log.info("%s: %s on %s, %d rank(s), %d steps/epoch, global batch %d, peak lr %.3g",
                      cfg.method, type(model).__name__, device, info.world_size,
                      trainer.steps_per_epoch, trainer.global_batch, trainer.lr)  # fmt: skip
-        return trainer.fit(resume=resume)
+        return trainer.fit(resume=resume, allow_changes=allow_changes)
     finally:
         if started:
             tdist.cleanup()
@@ -291,26 +298,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2: bad input, 3: non-finite loss)."""
-    from sarcube.storage import parse_storage_options
+def check_args(args: argparse.Namespace) -> Config:
+    """Everything about the arguments that can be checked before a rank starts
+    (:func:`sarcube.training_arguments.check_pretrain_args`); returns the config."""
+    return check_pretrain_args(args)
+
+
+def named_overrides(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys of ``key=value`` overrides (what a resume may change when allowed)."""
+    return [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
+
+
+def peer_failure_message(e: BaseException) -> str | None:
+    """One line for a collective that failed because another rank stopped (its own error line
+    says why), instead of gloo's / NCCL's traceback; ``None`` for other errors."""
+    text = str(e)
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if (dist_error and isinstance(e, dist_error)) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    ):
+        return "stopped: another rank failed (its message says why)"
+    return None
+
+
+def report_error(prefix: str, e: BaseException, verbose: bool = False,
+                 message: str | None = None) -> None:  # fmt: skip
+    """``{prefix}: error: {message or e}`` on stderr (after the traceback with ``verbose``)."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(e)
+    print(f"{prefix}: error: {message or e}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None,
+         verbose: bool = False) -> int:  # fmt: skip
+    """Command-line entry point; returns the exit status (2: bad input, 3: non-finite loss).
+    ``prog`` names the command in error lines (``sarcube pretrain``); ``verbose``: tracebacks."""
+    from sarcube.storage import storage_error_message
 
     args = build_parser().parse_intermixed_args(argv)  # overrides may come between options
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     rank = env_rank()
-    prefix = f"pretrain[rank {rank}]" if rank else "pretrain"
+    name = prog or os.environ.get("SARCUBE_PROG") or "pretrain"
+    prefix = f"{name}[rank {rank}]" if rank else name
     try:
-        cfg = load_config(args.config, args.overrides, method=args.method)
-        so = parse_storage_options(args.storage_option)
-        res = run(cfg, args.manifest, args.out, so, resume=args.resume)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        cfg = check_args(args)
+        so = storage_options_of(args)
+        res = run(
+            cfg,
+            args.manifest,
+            args.out,
+            so,
+            resume=args.resume,
+            allow_changes=named_overrides(args.overrides),
+        )
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, SarcubeError) as e:
+        report_error(prefix, e, verbose)
         return 2
     except NonFiniteLossError as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        report_error(prefix, e, verbose)
         return 3
+    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
+        msg = storage_error_message(e) or peer_failure_message(e)
+        if msg is None:
+            raise
+        report_error(prefix, e, verbose, msg)
+        return 2
     if rank == 0:
         state = "finished" if res.finished else "stopped at train.max_steps"
         print(f"{prefix}: {state} after step {res.step} (epoch {res.epoch}), last loss "

@@ -1,0 +1,395 @@
+"""Bad input to the storage and training commands: one line ``sarcube <cmd>: error: …`` naming
+the file, URL or argument, exit status 2, no traceback (``-v`` adds it), and before any long work.
+
+``CASES`` is the table of inputs and the messages they give (the README's troubleshooting table
+can be rendered from it): ``argv`` placeholders in braces are filled from fixtures —
+``{shards}`` (local shards), ``{index}`` (their patch index), ``{cube}`` (local cube), ``{ckpt}``
+(a fine-tuning checkpoint), ``{run}`` (a pretraining run stopped after one step), ``{nodata}``
+(shards whose pretrain split is all no data), ``{pickled}`` (a torch file holding a Python
+object), ``{garbage}`` (not a torch file), ``{file}`` (a regular file), ``{tmp}`` (an empty
+directory), ``{endpoint}`` (the test S3 server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SARCUBE = [sys.executable, "-m", "sarcube.cli"]
+S3 = ["--storage-option", "endpoint_url={endpoint}"]
+TINY = [
+    "data.batch_size=2",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.figure=false",
+]
+NOBUCKET = "s3://no-such-bucket-sarcube"
+
+
+@dataclass(frozen=True)
+class BadInput:
+    id: str
+    argv: tuple[str, ...]
+    expect: str  # regex searched in the one stderr line
+    description: str
+    setup: str = ""  # "forbidden": the S3 server refuses these credentials (403)
+
+
+CASES = [
+    # -- storage: a bucket that does not exist --------------------------------------------------
+    BadInput("sample-missing-bucket",
+             ("sample", "--cube", f"{NOBUCKET}/cube.zarr", "--out", "{tmp}/index.parquet", *S3),
+             rf"--cube {NOBUCKET}/cube\.zarr: the bucket 'no-such-bucket-sarcube' does not exist",
+             "sample: the cube's bucket does not exist"),
+    BadInput("shards-missing-bucket",
+             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", f"{NOBUCKET}/shards", *S3),
+             rf"--out {NOBUCKET}/shards: the bucket 'no-such-bucket-sarcube' does not exist",
+             "shards: the output bucket does not exist"),
+    BadInput("pretrain-missing-bucket",
+             ("pretrain", "--manifest", f"{NOBUCKET}/shards", "--out", "{tmp}/run", *S3, *TINY),
+             rf"--manifest {NOBUCKET}/shards: the bucket 'no-such-bucket-sarcube' does not exist",
+             "pretrain: the manifest's bucket does not exist"),
+    BadInput("pretrain-nproc2-missing-bucket",
+             ("pretrain", "--nproc", "2", "--manifest", "{shards}", "--out", f"{NOBUCKET}/run", *S3,
+              *TINY),
+             rf"--out {NOBUCKET}/run: the bucket 'no-such-bucket-sarcube' does not exist",
+             "pretrain --nproc 2: checked before torchrun starts any rank"),
+    BadInput("finetune-missing-bucket",
+             ("finetune", "--manifest", "{shards}", "--pretrained", "none", "--out",
+              f"{NOBUCKET}/ft", *S3),
+             rf"--out {NOBUCKET}/ft: the bucket 'no-such-bucket-sarcube' does not exist",
+             "finetune: the output bucket does not exist"),
+    BadInput("evaluate-missing-bucket",
+             ("evaluate", "--checkpoint", f"{NOBUCKET}/best.pt", "--manifest", "{shards}", "--out",
+              "{tmp}/ev", *S3),
+             rf"--checkpoint {NOBUCKET}/best\.pt: the bucket 'no-such-bucket-sarcube' does not exist",
+             "evaluate: the checkpoint's bucket does not exist"),
+    BadInput("predict-missing-bucket",
+             ("predict", "--cube", f"{NOBUCKET}/cube.zarr", "--checkpoint", "{ckpt}", *S3),
+             rf"--cube {NOBUCKET}/cube\.zarr: the bucket 'no-such-bucket-sarcube' does not exist",
+             "predict: the cube's bucket does not exist"),
+    BadInput("sample-missing-object",
+             ("sample", "--cube", "s3://sarcube-test/nothing.zarr", "--out", "{tmp}/i.parquet", *S3),
+             r"--cube s3://sarcube-test/nothing\.zarr: not found",
+             "sample: nothing at the cube URL (bucket there)"),
+    BadInput("predict-endpoint-down",
+             ("predict", "--cube", "s3://sarcube-test/cube.zarr", "--checkpoint", "{ckpt}",
+              "--storage-option", "endpoint_url=http://127.0.0.1:9"),
+             r"--cube s3://sarcube-test/cube\.zarr: cannot reach the storage endpoint: Could not "
+             r"connect to the endpoint URL",
+             "predict: the S3 endpoint does not answer (after botocore's retries, ~10 s)"),
+    BadInput("sample-unknown-storage-option",
+             ("sample", "--cube", "s3://sarcube-test/cube.zarr", "--out", "{tmp}/i.parquet", *S3,
+              "--storage-option", "connect_timeout=1"),
+             r"--cube s3://sarcube-test/cube\.zarr: a --storage-option the S3 client does not "
+             r"accept \(.*connect_timeout",
+             "sample: a storage option s3fs does not take"),
+    # -- storage: the server refuses the credentials (403 Forbidden) ------------------------------
+    BadInput("sample-forbidden",
+             ("sample", "--cube", "s3://sarcube-test/cube.zarr", "--out", "{tmp}/i.parquet", *S3),
+             r"--cube s3://sarcube-test/cube\.zarr: access to the bucket 'sarcube-test' is denied",
+             "sample: the server refuses the credentials (403)", "forbidden"),
+    BadInput("shards-forbidden",
+             ("shards", "--cube", "{cube}", "--index", "{index}", "--out",
+              "s3://sarcube-test/shards", *S3),
+             r"--out s3://sarcube-test/shards: access to the bucket 'sarcube-test' is denied",
+             "shards: the server refuses the credentials (403)", "forbidden"),
+    BadInput("finetune-forbidden",
+             ("finetune", "--manifest", "s3://sarcube-test/shards", "--pretrained", "none",
+              "--out", "{tmp}/ft", *S3),
+             r"--manifest s3://sarcube-test/shards: access to the bucket 'sarcube-test' is denied",
+             "finetune: the server refuses the credentials (403)", "forbidden"),
+    BadInput("predict-forbidden",
+             ("predict", "--cube", "{cube}", "--checkpoint", "s3://sarcube-test/best.pt", *S3),
+             r"--checkpoint s3://sarcube-test/best\.pt: access to the bucket 'sarcube-test' is "
+             r"denied", "predict: the server refuses the credentials (403)", "forbidden"),
+    # -- numbers and devices ----------------------------------------------------------------------
+    BadInput("evaluate-batch-size-0",
+             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{shards}", "--out", "{tmp}/ev",
+              "--batch-size", "0"),
+             r"--batch-size must be ≥ 1, got 0", "evaluate --batch-size 0"),
+    BadInput("predict-batch-size-0",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--batch-size", "0"),
+             r"--batch-size must be ≥ 1, got 0", "predict --batch-size 0"),
+    BadInput("evaluate-device-banana",
+             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{shards}", "--out", "{tmp}/ev",
+              "--device", "banana"),
+             r"--device 'banana': not a device; expected auto, cpu, cuda or cuda:N",
+             "evaluate --device banana"),
+    BadInput("predict-device-banana",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--device", "banana"),
+             r"--device 'banana': not a device; expected cpu, cuda or cuda:N",
+             "predict --device banana"),
+    BadInput("pretrain-device-banana",
+             ("pretrain", "--manifest", "{shards}", "--out", "{tmp}/run", *TINY, "train.device=banana"),
+             r"train\.device must be auto, cpu, cuda or cuda:N, got 'banana'",
+             "pretrain train.device=banana"),
+    # -- outputs ----------------------------------------------------------------------------------
+    BadInput("pretrain-out-is-a-file",
+             ("pretrain", "--manifest", "{shards}", "--out", "{file}", *TINY),
+             r"--out \S+/a-file\.txt: an existing file, not a directory",
+             "pretrain --out names an existing regular file"),
+    BadInput("evaluate-out-is-a-file",
+             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{shards}", "--out", "{file}"),
+             r"--out \S+/a-file\.txt: an existing file, not a directory",
+             "evaluate --out names an existing regular file"),
+    BadInput("predict-out-is-a-file",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{file}"),
+             r"--out \S+/a-file\.txt: an existing file, not a directory",
+             "predict --out names an existing regular file"),
+    BadInput("predict-cog-missing-directory",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.zarr",
+              "--cog", "{tmp}/no/such/dir/map.tif"),
+             r"--cog \S+/no/such/dir/map\.tif: the directory \S+/no/such/dir does not exist",
+             "predict --cog in a directory that does not exist (checked before predicting)"),
+    BadInput("predict-cog-under-a-file",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.zarr",
+              "--cog", "{file}/map.tif"),
+             r"--cog \S+/a-file\.txt/map\.tif: \S+/a-file\.txt is a file, not a directory",
+             "predict --cog below a regular file"),
+    # -- checkpoints ------------------------------------------------------------------------------
+    BadInput("evaluate-missing-checkpoint",
+             ("evaluate", "--checkpoint", "{tmp}/missing.pt", "--manifest", "{shards}", "--out",
+              "{tmp}/ev"),
+             r"--checkpoint \S+/missing\.pt: not found", "evaluate: no such checkpoint file"),
+    BadInput("predict-missing-checkpoint",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{tmp}/missing.pt"),
+             r"--checkpoint \S+/missing\.pt: not found", "predict: no such checkpoint file"),
+    BadInput("evaluate-pickled-object",
+             ("evaluate", "--checkpoint", "{pickled}", "--manifest", "{shards}", "--out", "{tmp}/ev"),
+             r"\S+/pickled\.pt: not a sarcube checkpoint: it contains non-tensor objects "
+             r"\(a argparse\.Namespace object\)",
+             "evaluate: a checkpoint that torch.load(weights_only=True) refuses"),
+    BadInput("predict-pickled-object",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{pickled}", "--out", "{tmp}/p.zarr"),
+             r"\S+/pickled\.pt: not a sarcube checkpoint: it contains non-tensor objects",
+             "predict: a checkpoint that torch.load(weights_only=True) refuses"),
+    BadInput("evaluate-not-a-torch-file",
+             ("evaluate", "--checkpoint", "{garbage}", "--manifest", "{shards}", "--out", "{tmp}/ev"),
+             r"\S+/garbage\.pt: not a sarcube checkpoint: not a readable torch file",
+             "evaluate: a file that is not a torch file at all"),
+    BadInput("finetune-pretrained-pickled",
+             ("finetune", "--manifest", "{shards}", "--pretrained", "{pickled}", "--out",
+              "{tmp}/ft", "data.batch_size=4"),
+             r"\S+/pickled\.pt: .*not a sarcube checkpoint: it contains non-tensor objects",
+             "finetune: --pretrained weights that a safe load refuses"),
+    BadInput("finetune-missing-pretrained",
+             ("finetune", "--manifest", "{shards}", "--pretrained", "{tmp}/enc.pth", "--out",
+              "{tmp}/ft"),
+             r"--pretrained \S+/enc\.pth: not found", "finetune: no such encoder file"),
+    # -- runs -------------------------------------------------------------------------------------
+    BadInput("pretrain-all-nodata-split",
+             ("pretrain", "--manifest", "{nodata}", "--out", "{tmp}/run", *TINY),
+             r"the 'pretrain' split has no valid SAR pixel \(all \d+ samples are no data\)",
+             "pretrain on a split whose samples are all no data"),
+    BadInput("pretrain-resume-nothing",
+             ("pretrain", "--manifest", "{shards}", "--out", "{tmp}/run", "--resume", *TINY),
+             r"--resume: no checkpoint at \S+/run/checkpoint\.pt to resume from",
+             "pretrain --resume where no run was written"),
+    BadInput("pretrain-existing-run",
+             ("pretrain", "--manifest", "{shards}", "--out", "{run}", *TINY),
+             r"\S+/checkpoint\.pt exists: pass --resume to continue that run",
+             "pretrain into a run folder without --resume"),
+    BadInput("pretrain-resume-model-change",
+             ("pretrain", "--manifest", "{shards}", "--out", "{run}", "--resume", *TINY,
+              "model.window_size=4"),
+             r"cannot resume from \S+/checkpoint\.pt: the config differs from the run's in "
+             r"model\.window_size: 8 -> 4",
+             "--resume with a change that is not allowed on a resume"),
+    BadInput("pretrain-nproc2-bad-override",
+             ("pretrain", "--nproc", "2", "--manifest", "{shards}", "--out", "{tmp}/run",
+              "optim.base_rate=1"),
+             r"unknown configuration key 'optim\.base_rate'",
+             "pretrain --nproc 2 with a misspelt override: one line, no torchrun output"),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A best.pt-format checkpoint of an untrained tiny segmenter."""
+    from training.config import load_config
+    from training.engine import MODEL_FORMAT
+    from training.finetune import build_segmentation_model
+
+    cfg = load_config("finetune_tiny", method="finetune")
+    path = tmp_path_factory.mktemp("ck") / "best.pt"
+    torch.save({"format": MODEL_FORMAT, "model": build_segmentation_model(cfg).state_dict(),
+                "config": cfg.to_dict(), "extra": {"task": "lulc", "num_classes": 9,
+                                                   "db_stats": [-12.0, 5.0]},
+                "epoch": 1, "step": 1, "scores": {}}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def nodata_shards(small_shards, tmp_path_factory) -> Path:
+    """``small_shards`` with a manifest that says the pretrain split holds no valid pixel (what
+    `sarcube shards` writes for patches that are all no data: ``db_stats.pixels`` 0)."""
+    out = tmp_path_factory.mktemp("nodata") / "shards"
+    shutil.copytree(small_shards, out)
+    man = json.loads((out / "manifest.json").read_text())
+    man["splits"]["pretrain"]["db_stats"].update(mean=None, std=None, pixels=0, sum=0.0, sum_sq=0.0)
+    (out / "manifest.json").write_text(json.dumps(man))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_shards, tmp_path_factory) -> Path:
+    """A pretraining run stopped after one step (checkpoint.pt, config.yaml)."""
+    from training.pretrain import main
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["--manifest", str(small_shards), "--out", str(out), *TINY,
+                 "train.max_steps=1"]) == 0  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def fill(small_shards, small_cube, ckpt, run_dir, nodata_shards, s3, tmp_path):
+    """``{name}`` placeholders -> the fixtures' paths."""
+    (tmp_path / "a-file.txt").write_text("not a directory\n")
+    torch.save({"model": argparse.Namespace(a=1)}, tmp_path / "pickled.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a torch file\n" * 4)
+    work = tmp_path / "work"
+    work.mkdir()
+    values = {"shards": str(small_shards), "index": str(small_shards.parent / "index.parquet"),
+              "cube": str(small_cube), "ckpt": str(ckpt), "run": str(run_dir),
+              "nodata": str(nodata_shards), "pickled": str(tmp_path / "pickled.pt"),
+              "garbage": str(tmp_path / "garbage.pt"), "file": str(tmp_path / "a-file.txt"),
+              "tmp": str(work), "endpoint": s3.endpoint}  # fmt: skip
+    return lambda argv: [a.format(**values) for a in argv]
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*SARCUBE, *argv], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)  # fmt: skip
+
+
+@pytest.fixture
+def forbidden(s3):
+    """Make the S3 server check credentials (moto's IAM auth on): unknown keys get 403."""
+    import urllib.request
+
+    def set_count(n: str) -> None:
+        req = urllib.request.Request(f"{s3.endpoint}/moto-api/reset-auth", data=n.encode(),
+                                     headers={"Content-Type": "text/plain"}, method="POST")  # fmt: skip
+        urllib.request.urlopen(req, timeout=10).read()
+
+    set_count("0")
+    try:
+        yield
+    finally:
+        set_count("inf")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line(case, fill, tmp_path, request):
+    argv = fill(case.argv)
+    if case.setup:
+        request.getfixturevalue(case.setup)
+    p = run(argv, tmp_path / "work")
+    cmd = case.argv[0]
+    err = p.stderr.strip()
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"sarcube {cmd}: error: "), err
+    assert re.search(case.expect, err), (case.expect, err)
+    assert "weights_only=False" not in err and "launching" not in p.stdout
+    assert not any((tmp_path / "work").iterdir())  # nothing was written
+
+
+def test_no_credentials_is_one_line(fill, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(REPO), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+    argv = fill(["shards", "--cube", "s3://sarcube-test/cube.zarr", "--index", "{index}", "--out",
+                 "{tmp}/shards", *S3])  # fmt: skip
+    p = subprocess.run([*SARCUBE, *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip() == ("sarcube shards: error: --cube s3://sarcube-test/cube.zarr: no S3 "
+                                "credentials (pass --storage-option key=... --storage-option "
+                                "secret=..., set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or "
+                                "--storage-option anon=true)")  # fmt: skip
+
+
+def test_verbose_adds_the_traceback(fill, tmp_path):
+    case = next(c for c in CASES if c.id == "evaluate-pickled-object")
+    p = run(["-v", *fill(case.argv)], tmp_path / "work")
+    assert p.returncode == 2
+    assert "Traceback" in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("sarcube evaluate: error: ")
+
+
+def test_cases_cover_every_command():
+    assert {c.argv[0] for c in CASES} == {"sample", "shards", "pretrain", "finetune", "evaluate",
+                                          "predict"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The non-finite-loss advice works as printed; --resume takes allowed overrides, recorded
+
+
+def test_nonfinite_advice_and_resume_with_a_new_base_lr(small_shards, tmp_path, capsys):
+    """A run stopped after one good step; resumed with a huge lr it diverges, and the advice it
+    prints (``--resume optim.base_lr=…``) is accepted as printed; a sane value finishes the run.
+    Every attempt is in history.jsonl; a change not allowed on a resume is refused."""
+    from sarcube.cli import main
+
+    out = tmp_path / "run"
+    argv = ["pretrain", "--manifest", str(small_shards), "--out", str(out), *TINY,
+            "schedule.warmup_epochs=0", "schedule.epochs=1"]  # fmt: skip
+    assert main([*argv, "train.max_steps=1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*argv, "--resume", "optim.base_lr=1e30"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sarcube pretrain: error: non-finite"), err
+    assert f"the last good checkpoint is {out / 'checkpoint.pt'}" in err
+    m = re.search(r"run the same command again with (--resume optim\.base_lr=(\S+)) added", err)
+    assert m, err
+    assert float(m.group(2)) == pytest.approx(1e29)
+    # the advice as printed is accepted (at that lr it may diverge again: exit 3, not 2)
+    assert main([*argv, "--resume", "optim.base_lr=1e30", *m.group(1).split()]) in (0, 3)
+    capsys.readouterr()
+    # a sane value goes on to the end of the schedule
+    assert main([*argv, "--resume", "optim.base_lr=1e-5"]) == 0, capsys.readouterr().err
+    hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in hist] == ["start", "resume", "resume", "resume"]
+    assert hist[1]["changes"] == {"optim.base_lr": [0.032, 1e30], "train.max_steps": [1, None]}
+    assert hist[2]["changes"]["optim.base_lr"] == [0.032, 1e29]
+    assert hist[3]["changes"]["optim.base_lr"] == [0.032, 1e-5]
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["optim"]["base_lr"] == 1e-5
+    assert [h["event"] for h in ck["history"]] == ["start", "resume"]  # this checkpoint's lineage
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [s["lr"] for s in steps if s["kind"] == "step" and s["step"] > 1]
+    assert lrs and all(0 < lr <= 1e-5 * 2 / 256 * (1 + 1e-9) for lr in lrs)  # the new peak
+
+    # a finished run extended by one epoch: schedule.epochs named on the resume
+    done = ck["step"]
+    assert main([*argv, "--resume", "optim.base_lr=1e-5", "schedule.epochs=2"]) == 0
+    capsys.readouterr()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["step"] == 2 * done
+    last = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
+    assert last["changes"] == {"schedule.epochs": [1, 2]}
+
+    # a change that is not allowed on a resume is still refused, in one line
+    assert main([*argv, "--resume", "model.window_size=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.window_size: 8 -> 4" in err, err
