@@ -17,6 +17,7 @@ from .errors import InputError, SarcubeError
 from .training_arguments import (
     add_evaluate_arguments,
     add_finetune_arguments,
+    add_lock_arguments,
     add_predict_arguments,
     add_pretrain_arguments,
 )
@@ -93,15 +94,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     return 0 if report.ok else 1
-
-
-def add_lock_arguments(p: argparse.ArgumentParser) -> None:
-    """``--wait`` / ``--break-stale-lock`` of every command that writes shared state."""
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait up to SECONDS for another writer's lock on the output (default: fail at once)")  # fmt: skip
-    p.add_argument("--break-stale-lock", action="store_true",
-                   help="break the output's lock if its holder stopped heart-beating "
-                        "(SARCUBE_LOCK_STALE_AFTER seconds, default 120)")  # fmt: skip
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:

@@ -93,6 +93,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cog", default=None,
                    help="also export a Cloud-Optimized GeoTIFF of the first date")  # fmt: skip
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_lock_arguments(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,3 +309,12 @@ def check_predict_args(args: argparse.Namespace) -> None:
             parent = Path(args.cog).expanduser().absolute().parent
             if not parent.is_dir():
                 raise InputError(f"--cog {args.cog}: the directory {parent} does not exist")
+
+
+def add_lock_arguments(p: argparse.ArgumentParser) -> None:
+    """``--wait`` / ``--break-stale-lock`` of every command that writes shared state."""
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for another writer's lock on the output (default: fail at once)")  # fmt: skip
+    p.add_argument("--break-stale-lock", action="store_true",
+                   help="break the output's lock if its holder stopped heart-beating "
+                        "(SARCUBE_LOCK_STALE_AFTER seconds, default 120)")  # fmt: skip

@@ -397,3 +397,30 @@ def test_cli_predicts_with_a_checkpoint_into_the_cube(small_cube, lulc_checkpoin
     assert ds.pred_lulc.attrs["task"] == "lulc"
     sep = ds.pred_lulc.sel(time="2022-09-12").values
     assert (sep != NODATA).any() and (ds.pred_lulc.sel(time="2022-10-10").values == NODATA).all()
+
+
+def test_markers_follow_the_slice_and_one_writer_per_store(tmp_path):
+    """A date rebuilt copy-on-write (new slot/scenes in the registry) is predicted again, not
+    skipped by markers of its old content; a second writer of the store is refused."""
+    import zarr
+
+    from sarcube.locking import LockHeldError, StoreLock
+
+    url = tmp_path / "cube.zarr"
+    random_cube(url, 512)
+    pr = Predictor(pointwise_model(), "lulc", MEAN, STD, sha256="pointwise")
+    out = str(tmp_path / "pred.zarr")
+    kw = dict(block=256, progress=False, panel=False)
+    assert predict(str(url), pr, out, **kw).skipped == 0
+    assert predict(str(url), pr, out, **kw).skipped == 4  # unchanged: every block done
+    root = zarr.open_group(str(url), mode="r+")
+    entry = root.attrs["slices"]["2022-09-12"]
+    root.attrs["slices"] = {"2022-09-12": {**entry, "inputs": {"another-scene": "ab12"}}}
+    assert predict(str(url), pr, out, **kw).skipped == 0  # the slice changed: all redone
+
+    with StoreLock(out, command="sarcube predict (other)"):
+        with pytest.raises(LockHeldError, match=r"locked by another writer.*\(other\)"):
+            predict(str(url), pr, out, **kw)
+    with StoreLock(str(url)):  # into the cube itself: the cube's lock (ingest excludes it)
+        with pytest.raises(LockHeldError):
+            predict(str(url), pr, None, **kw)

@@ -72,6 +72,7 @@ from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES, nine_class_lut, wate
 from sarcube.cube import PREDICTIONS_FORMAT, cube_grid, open_group, zarr_store
 from sarcube.errors import InputError, SarcubeError
 from sarcube.grid import CubeGrid
+from sarcube.locking import StoreLock
 from sarcube.storage import RedactedOptions, is_remote, join_url, put_bytes, url_to_fs
 
 __all__ = [
@@ -283,6 +284,9 @@ class _Job:
     batch_size: int
     labels: bool
     marker: str
+    slice_id: str = (
+        ""  # the cube slice's identity (its slot and scenes): markers of another are stale
+    )
 
 
 _PREDICTORS: dict[tuple[str, str], Predictor] = {}  # per process: (checkpoint, device) -> model
@@ -326,7 +330,7 @@ def run_block(spec: Predictor | tuple[str, Mapping[str, Any], str], job: _Job) -
         else:
             dst[job.prob_layer][job.t, r0:r1, c0:c1] = q[0]
     info: dict[str, Any] = {"block": list(job.block), "t": job.t, "sha256": pr.sha256,
-                            "valid_pixels": int(valid.sum())}  # fmt: skip
+                            "slice": job.slice_id, "valid_pixels": int(valid.sum())}  # fmt: skip
     if job.labels:
         lut = nine_class_lut() if pr.task == "lulc" else water_lut()
         truth = lut[np.asarray(src["lulc"][r0:r1, c0:c1])]
@@ -359,6 +363,13 @@ class PredictResult:
     scores: dict[str, Any] = field(default_factory=dict)  # date -> scores (labels present)
     panels: list[str] = field(default_factory=list)
     cog: str | None = None
+
+
+def _slice_id(entry: Mapping[str, Any]) -> str:
+    """Identity of a cube slice: its time slot and the scenes (ids, sha256) mosaicked in it. A
+    date rebuilt copy-on-write (sarcube.registry) gets another, so its old markers are stale."""
+    key = json.dumps({"t": int(entry["time_index"]), "inputs": entry.get("inputs")}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _select_dates(root, time: str | Sequence[str] | None) -> list[tuple[str, int]]:
@@ -461,7 +472,8 @@ def _prepare_output(cube: str, out: str, so: Mapping[str, Any], grid: CubeGrid, 
             if fs.exists(join_url(path, "zarr.json")):
                 raise PredictError(f"--out {out}: a Zarr store that is neither this cube nor a "
                                    "sarcube predictions store; choose another path") from None  # fmt: skip
-            root = zarr.open_group(zarr_store(out, so), mode="w-", zarr_format=3)
+            # "a", not "w-": the folder may already hold this run's lock object
+            root = zarr.open_group(zarr_store(out, so), mode="a", zarr_format=3)
             for name in ("y", "x", "spatial_ref"):
                 a = src[name]
                 dst = root.create_array(name, shape=a.shape, chunks=a.chunks,
@@ -547,6 +559,8 @@ def predict(
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     panel: bool = True,
+    wait: float = 0.0,
+    break_stale_lock: bool = False,
 ) -> PredictResult:
     """Map ``bbox`` × ``time`` of the cube with a fine-tuned segmenter (see the module doc).
 
@@ -565,6 +579,8 @@ def predict(
         workers / client / scheduler: run blocks on a Dask cluster (``workers`` local processes,
             a client, or a scheduler address); default in this process.
         block: block edge in pixels (a multiple of 256; memory scales with its square).
+        wait / break_stale_lock: wait this many seconds for another writer's lock on ``out``;
+            break a lock whose holder stopped heart-beating (``sarcube.locking``).
     """
     so = RedactedOptions(storage_options or {})  # Dask's repr of a failed task shows no secret
     cube = str(cube)
@@ -595,25 +611,33 @@ def predict(
         pr = load_predictor(str(checkpoint), so, task, device)
         spec = (str(checkpoint), so, device)
     labels = "lulc" in root and bool(root.attrs.get("labels"))
-    layer, prob_layer = _prepare_output(
-        cube, out, so, grid, pr, dates, overlap, stride, probabilities
-    )
-    blocks = _blocks(region, block)
-    jobs, done = [], {}
-    for _, t in dates:
-        for b in blocks:
-            marker = join_url(out.rstrip("/") + ".predict", layer,
-                              f"t{t:04d}-r{b[0]:07d}-c{b[2]:07d}.json")  # fmt: skip
-            m = _read_marker(marker, so)
-            if m is not None and m.get("sha256") == pr.sha256 and m.get("block") == list(b):
-                done[marker] = m
-                continue
-            jobs.append(
-                _Job(cube, out, so, layer, prob_layer, t, b, stride, batch_size, labels, marker)
-            )
-    t0 = _time.perf_counter()
-    results = _run(pr, spec, jobs, device, workers, client, scheduler, progress)
-    seconds = _time.perf_counter() - t0
+    slice_ids = {d: _slice_id(root.attrs["slices"][d]) for d, _ in dates}
+    # One writer per output store (the cube itself by default: then ingest and predict exclude
+    # each other too); the markers beside it are covered by the same lock.
+    with StoreLock(out, so, command="sarcube predict", wait=wait, break_stale=break_stale_lock):
+        layer, prob_layer = _prepare_output(
+            cube, out, so, grid, pr, dates, overlap, stride, probabilities
+        )
+        blocks = _blocks(region, block)
+        jobs, done = [], {}
+        for d, t in dates:
+            for b in blocks:
+                marker = join_url(out.rstrip("/") + ".predict", layer,
+                                  f"t{t:04d}-r{b[0]:07d}-c{b[2]:07d}.json")  # fmt: skip
+                m = _read_marker(marker, so)
+                if (
+                    m is not None
+                    and m.get("sha256") == pr.sha256
+                    and m.get("block") == list(b)
+                    and m.get("slice") == slice_ids[d]
+                ):
+                    done[marker] = m
+                    continue
+                jobs.append(_Job(cube, out, so, layer, prob_layer, t, b, stride, batch_size,
+                                 labels, marker, slice_ids[d]))  # fmt: skip
+        t0 = _time.perf_counter()
+        results = _run(pr, spec, jobs, device, workers, client, scheduler, progress)
+        seconds = _time.perf_counter() - t0
     results.update(done)
     mpx = sum((j.block[1] - j.block[0]) * (j.block[3] - j.block[2]) for j in jobs) / 1e6
     res = PredictResult(out, layer, pr.task, [d for d, _ in dates], region,
@@ -835,7 +859,8 @@ def run_args(args: argparse.Namespace) -> int:
                   task=args.task, overlap=args.overlap, batch_size=args.batch_size,
                   device=args.device, probabilities=args.probabilities, cog=args.cog,
                   workers=args.workers, scheduler=args.scheduler, block=args.block,
-                  storage_options=parse_storage_options(args.storage_option))  # fmt: skip
+                  storage_options=parse_storage_options(args.storage_option),
+                  wait=args.wait, break_stale_lock=args.break_stale_lock)  # fmt: skip
     print(f"predict: {res.task} → {res.out} [{res.layer}], dates {', '.join(res.dates)}; "
           f"{res.blocks} blocks ({res.skipped} done earlier), {res.megapixels:.1f} Mpx in "
           f"{res.seconds:.1f} s")  # fmt: skip
