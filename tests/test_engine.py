@@ -367,6 +367,23 @@ def test_no_silent_overwrite_and_resume_checks(tmp_path):
         make_trainer(tiny_cfg(), tmp_path / "empty").fit(resume=True)
 
 
+def test_one_writer_per_run_folder(tmp_path):
+    """A second run (or resume) of a folder that a live run holds is refused with the holder
+    named, before it touches anything; the lock is gone when fit() ends, even on an error."""
+    from sarcube.locking import LOCK_NAME, LockHeldError, StoreLock
+
+    out = tmp_path / "run"
+    with StoreLock(str(out), command="sarcube simmim (elsewhere)"):
+        with pytest.raises(LockHeldError, match=r"locked by another writer.*elsewhere"):
+            make_trainer(tiny_cfg("train.max_steps=1"), out).fit()
+        assert not (out / "checkpoint.pt").exists()
+    make_trainer(tiny_cfg("train.max_steps=1"), out).fit()
+    assert (out / "checkpoint.pt").exists() and not (out / LOCK_NAME).exists()
+    with pytest.raises(FileExistsError):
+        make_trainer(tiny_cfg(), out).fit()
+    assert not (out / LOCK_NAME).exists()
+
+
 # -- non-finite guard ---------------------------------------------------------------------------
 
 

@@ -83,6 +83,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from sarcube.locking import StoreLock
 from sarcube.storage import is_remote, join_url, url_to_fs
 
 from . import distributed as tdist
@@ -393,6 +394,7 @@ class Trainer:
                  dist_info: tdist.DistInfo | None = None, device: torch.device | None = None,
                  extra_state: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self._lock: StoreLock | None = None  # the run folder's lock while fit() runs (rank 0)
         self.task = task
         self.data = data
         self.out = str(out).rstrip("/")
@@ -564,6 +566,8 @@ class Trainer:
         """Write ``checkpoint.pt`` (and a snapshot copy) atomically from rank 0; all ranks wait."""
         ck = self.state_dict(state)
         if self.main:
+            if self._lock is not None:
+                self._lock.check()  # never overwrite the checkpoint after losing the run's lock
             save_checkpoint(ck, self.ckpt_url, self.so)
             if snapshot:
                 save_checkpoint(ck, self._url(snapshot), self.so)
@@ -750,9 +754,19 @@ class Trainer:
                 in :data:`RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may
                 differ from the checkpoint's (recorded in ``history.jsonl``).
         """
+        # One writer per run folder (rank 0 holds the lock for all ranks): two runs, or two
+        # resumes, of one --out would overwrite each other's checkpoints. A run killed on this
+        # host leaves a lock that the next --resume breaks (its process is gone).
+        self._lock = None
+        if self.main:
+            self._lock = StoreLock(
+                self.out, self.so, command=f"sarcube {self.cfg.method}"
+            ).acquire()
         try:
             return self._fit(resume, allow_changes)
         finally:
+            if self._lock is not None:
+                self._lock.release()
             if self._tmp_log_dir is not None:
                 import shutil
 

@@ -254,7 +254,8 @@ def build_data(cfg: Config, manifest: str, storage_options: Mapping[str, Any] | 
                        weight_domain=cfg.loss.weight_domain, weight_k=cfg.loss.weight_k,
                        shuffle_buffer=d.shuffle_buffer, storage_options=storage_options,
                        skip_errors=d.skip_errors, retries=d.retries, timeout=d.timeout,
-                       pin_memory=pin_memory, prepare=d.prepare)  # fmt: skip
+                       pin_memory=pin_memory, prepare=d.prepare,
+                       max_bad_shards=d.max_bad_shards)  # fmt: skip
 
 
 def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any] | None = None,
