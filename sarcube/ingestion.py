@@ -52,7 +52,7 @@ from .errors import InputError, SarcubeError
 from .grid import DEFAULT_CELLS_PER_DEGREE, CubeGrid, parse_resolution
 from .registry import SliceRegistry, clear_slots, time_layers
 from .sources import LulcSource, SceneSource, SourceError, expand_urls, inspect_lulc, inspect_scene
-from .storage import gdal_path, is_local_fs, rasterio_env, url_to_fs
+from .storage import RedactedOptions, gdal_path, is_local_fs, rasterio_env, url_to_fs
 
 log = logging.getLogger("sarcube.ingestion")
 
@@ -362,7 +362,7 @@ def ingest(
     from .locking import StoreLock
 
     t0 = time.perf_counter()
-    so = dict(storage_options or {})
+    so = RedactedOptions(storage_options or {})  # Dask logs of a failed task show no secret
     report = IngestReport(cube=str(cube))
     if isinstance(mosaic_date, str):
         try:

@@ -102,7 +102,7 @@ from .index import (
     read_index,
     write_index,
 )
-from .storage import is_local_fs, is_remote, join_url, put_bytes, redact, url_to_fs
+from .storage import RedactedOptions, is_local_fs, is_remote, join_url, put_bytes, redact, url_to_fs
 
 log = logging.getLogger("sarcube.shards")
 
@@ -648,7 +648,7 @@ def write_shards(
     from .cube import open_group
     from .locking import StoreLock
 
-    so = dict(storage_options or {})
+    so = RedactedOptions(storage_options or {})  # Dask logs of a failed task show no secret
     splits = tuple(splits)
     if not shard_size_mb or shard_size_mb <= 0:
         raise InputError(f"shard_size_mb must be > 0, got {shard_size_mb}")

@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from sarcube.locking import StoreLock
-from sarcube.storage import is_remote, join_url, url_to_fs
+from sarcube.storage import RedactedOptions, is_remote, join_url, url_to_fs
 
 from . import distributed as tdist
 from .checkpoint import (
@@ -400,7 +400,7 @@ class Trainer:
         self.out = str(out).rstrip("/")
         if not is_remote(self.out):
             self.out = os.path.abspath(self.out.removeprefix("file://"))
-        self.so = dict(storage_options or {})
+        self.so = RedactedOptions(storage_options or {})
         self.info = dist_info or tdist.detect()
         self.rank, self.world = self.info.rank, self.info.world_size
         self.main = self.rank == 0
