@@ -413,9 +413,10 @@ def ingest(
             else:
                 tiles.append(res)
         if not good_scenes and not tiles:
-            raise IngestError(
-                "nothing was ingested:\n" + "\n".join(f"  {p}" for p in report.problems)
-            )
+            raise IngestError(_problem_lines("nothing was ingested", report.problems))
+        if strict and report.problems:
+            raise IngestError(_problem_lines("--strict: input problems (nothing was written)",
+                                             report.problems))  # fmt: skip
 
         # 2. the cube's grid (the cube itself is created only once everything checked out)
         root, grid = _existing_cube(cube, so, bbox, resolution)
@@ -439,10 +440,8 @@ def ingest(
             else:
                 by_date[s.date].append(s)
         if strict and report.problems:
-            raise IngestError(
-                "--strict: input problems (nothing was written):\n"
-                + "\n".join(f"  {p}" for p in report.problems)
-            )
+            raise IngestError(_problem_lines("--strict: input problems (nothing was written)",
+                                             report.problems))  # fmt: skip
 
         created = root is None
         if created:
@@ -458,13 +457,19 @@ def ingest(
 
     report.seconds = time.perf_counter() - t0
     if not report.ingested and not report.skipped and report.labels in ("none", "failed"):
-        raise IngestError("nothing was ingested:\n" + "\n".join(f"  {p}" for p in report.problems))
+        raise IngestError(_problem_lines("nothing was ingested", report.problems))
     if strict and report.problems:
         raise IngestError(
-            "--strict: input problems (nothing was committed):\n"
-            + "\n".join(f"  {p}" for p in report.problems)
+            _problem_lines("--strict: input problems (nothing was committed)", report.problems)
         )
     return report
+
+
+def _problem_lines(what: str, problems: Sequence[str]) -> str:
+    """One line for one problem (``what: problem``); a header and one line each for several."""
+    if len(problems) == 1:
+        return f"{what}: {problems[0]}"
+    return f"{what}:\n" + "\n".join(f"  {p}" for p in problems)
 
 
 def _check_cube_destination(cube: str, so: Mapping[str, Any]) -> None:

@@ -644,11 +644,12 @@ def write_shards(
             ``out_url``; break a lock whose holder stopped heart-beating.
     Returns the manifest (also written to ``{out_url}/manifest.json``, last).
     """
-    from .cluster import dask_client, run_tasks, task_key
+    from .cluster import check_cluster_arguments, dask_client, run_tasks, task_key
     from .cube import open_group
     from .locking import StoreLock
 
     so = RedactedOptions(storage_options or {})  # Dask logs of a failed task show no secret
+    check_cluster_arguments(workers)  # before anything is created at the destination
     splits = tuple(splits)
     if not shard_size_mb or shard_size_mb <= 0:
         raise InputError(f"shard_size_mb must be > 0, got {shard_size_mb}")

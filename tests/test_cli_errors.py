@@ -212,6 +212,74 @@ CASES = [
               "optim.base_rate=1"),
              r"unknown configuration key 'optim\.base_rate'",
              "pretrain --nproc 2 with a misspelt override: one line, no torchrun output"),
+    # -- ingest: arguments checked before any work ---------------------------------------------
+    BadInput("ingest-workers-negative",
+             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--workers", "-2"),
+             r"--workers must be ≥ 1 \(worker processes\), got -2",
+             "ingest: a cluster with no workers would hang for ever"),
+    BadInput("ingest-bbox-out-of-range",
+             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--bbox", "-500", "35.9",
+              "-499", "36", "--workers", "1"),
+             r"--bbox -500\.0 35\.9 -499\.0 36\.0: expected W < E within −180…180",
+             "ingest: a longitude of −500"),
+    BadInput("ingest-memory-limit",
+             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--memory-limit",
+              "banana", "--workers", "1"),
+             r"--memory-limit 'banana': expected a size such as 2GB",
+             "ingest: a memory limit that is not a size"),
+    BadInput("ingest-scheduler-unreachable",
+             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--scheduler",
+              "tcp://127.0.0.1:9"),
+             r"--scheduler tcp://127\.0\.0\.1:9: cannot connect to a Dask scheduler there",
+             "ingest: no scheduler at that address"),
+    BadInput("ingest-cube-is-a-file",
+             ("ingest", "--scenes", "{scene}", "--cube", "{file}", "--workers", "1"),
+             r"--cube .*a-file\.txt: is an existing file, not a cube",
+             "ingest: --cube names a regular file"),
+    BadInput("ingest-cube-is-another-folder",
+             ("ingest", "--scenes", "{scene}", "--cube", "{shards}", "--workers", "1"),
+             r"an existing folder that is not a sarcube cube",
+             "ingest: --cube names a folder of other things"),
+    BadInput("ingest-strict-corrupt-scene",
+             ("ingest", "--scenes", "{scene}", "{corrupt}", "--cube", "{tmp}/cube.zarr",
+              "--scheduler", "{scheduler}", "--strict"),
+             r"--strict: input problems \(nothing was written\):.*pixel data cannot be read at rows",
+             "ingest --strict: a scene damaged in the middle; nothing is written"),
+    BadInput("ingest-strict-label-codes",
+             ("ingest", "--lulc", "{badlabels}", "--cube", "{tmp}/cube.zarr", "--scheduler",
+              "{scheduler}", "--strict"),
+             r"label codes outside the HR-LULC class table: 15 \(100 px\), 200 \(50 px\)",
+             "ingest --strict: label codes 15 and 200 (not in the class table)"),
+    BadInput("ingest-locked-cube",
+             ("ingest", "--scenes", "{scene}", "--cube", "{cube}", "--scheduler", "{scheduler}"),
+             r"--cube|locked by another writer: sarcube test-holder \(pid N",
+             "ingest: another writer holds the cube's lock", "cube_locked"),
+    # -- shards, predict, runs: one writer; verified shards ------------------------------------
+    BadInput("shards-workers-negative",
+             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", "{tmp}/shards",
+              "--workers", "-1"),
+             r"--workers must be ≥ 1", "shards: a cluster with no workers"),
+    BadInput("shards-out-is-a-file",
+             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", "{file}"),
+             r"--out \{file\}: an existing file, not a directory", "shards: --out names a regular file"),
+    BadInput("shards-locked-prefix",
+             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", "{shards}",
+              "--scheduler", "{scheduler}"),
+             r"locked by another writer: sarcube test-holder",
+             "shards: another writer holds the prefix's lock", "shards_locked"),
+    BadInput("predict-locked-cube",
+             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}"),
+             r"locked by another writer: sarcube test-holder",
+             "predict into the cube while another writer holds it", "cube_locked"),
+    BadInput("unlock-live-lock",
+             ("unlock", "{cube}"),
+             r"the lock is live \(sarcube test-holder .*refusing to break it without --force",
+             "unlock: the holder still heart-beats", "cube_locked"),
+    BadInput("evaluate-damaged-shard",
+             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{flipped}", "--split", "val",
+              "--out", "{tmp}/ev"),
+             r"the shard differs from the manifest: sha256 .*val-000000\.tar",
+             "evaluate: a byte flipped inside a shard (the manifest's sha256 differs)"),
 ]  # fmt: skip
 
 
@@ -258,9 +326,56 @@ def run_dir(small_shards, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def damaged_inputs(small_synth, small_shards, tmp_path_factory) -> dict[str, str]:
+    """A scene damaged in the middle, a label tile with codes 15 and 200, shards with a flipped
+    byte inside one shard."""
+    import rasterio
+    from test_ingest_errors import _corrupt_middle, _with_date
+
+    d = tmp_path_factory.mktemp("damaged")
+    scene = small_synth.scene_urls[0]
+    corrupt = _corrupt_middle(scene, d / _with_date(scene, "220916"))
+    lab = small_synth.lulc_urls[0]
+    with rasterio.open(lab) as ds:
+        profile, codes = ds.profile, ds.read()
+    codes[0, 10:20, 10:20], codes[0, 100:105, 200:210] = 15, 200
+    (d / "labels").mkdir()
+    badlabels = d / "labels" / Path(lab).name
+    with rasterio.open(badlabels, "w", **profile) as out:
+        out.write(codes)
+    flipped = d / "shards"
+    shutil.copytree(small_shards, flipped)
+    tar = flipped / "val-000000.tar"
+    raw = bytearray(tar.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    return {"corrupt": corrupt, "badlabels": str(badlabels), "flipped": str(flipped),
+            "scene": scene}  # fmt: skip
+
+
+def _held_lock(url: str):
+    from sarcube.locking import StoreLock
+
+    return StoreLock(url, command="sarcube test-holder")
+
+
 @pytest.fixture
-def fill(small_shards, small_cube, ckpt, run_dir, nodata_shards, s3, tmp_path):
-    """``{name}`` placeholders -> the fixtures' paths."""
+def cube_locked(small_cube):
+    with _held_lock(small_cube):
+        yield
+
+
+@pytest.fixture
+def shards_locked(small_shards):
+    with _held_lock(str(small_shards)):
+        yield
+
+
+@pytest.fixture
+def fill(small_shards, small_cube, ckpt, run_dir, nodata_shards, damaged_inputs, dask_cluster, s3,
+         tmp_path):  # fmt: skip
+    """``{name}`` placeholders -> the fixtures' paths (``fill.values`` holds them)."""
     (tmp_path / "a-file.txt").write_text("not a directory\n")
     torch.save({"model": argparse.Namespace(a=1)}, tmp_path / "pickled.pt")
     (tmp_path / "garbage.pt").write_bytes(b"this is not a torch file\n" * 4)
@@ -270,8 +385,21 @@ def fill(small_shards, small_cube, ckpt, run_dir, nodata_shards, s3, tmp_path):
               "cube": str(small_cube), "ckpt": str(ckpt), "run": str(run_dir),
               "nodata": str(nodata_shards), "pickled": str(tmp_path / "pickled.pt"),
               "garbage": str(tmp_path / "garbage.pt"), "file": str(tmp_path / "a-file.txt"),
-              "tmp": str(work), "endpoint": s3.endpoint}  # fmt: skip
-    return lambda argv: [a.format(**values) for a in argv]
+              "tmp": str(work), "endpoint": s3.endpoint, "scheduler": dask_cluster.scheduler_address,
+              **damaged_inputs}  # fmt: skip
+
+    def fill_in(argv):
+        return [a.format(**values) for a in argv]
+
+    fill_in.values = values
+    return fill_in
+
+
+def without_progress_bars(text: str) -> str:
+    """stderr without tqdm's progress lines ("inspect: 100%|███| 2/2 …"): progress is shown on
+    purpose, the error itself must be one line."""
+    return "\n".join(ln for ln in text.replace("\r", "\n").splitlines()
+                     if not re.match(r"^[\w ]+:\s+\d+%\|", ln))  # fmt: skip
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -304,14 +432,16 @@ def test_bad_input_is_one_line(case, fill, tmp_path, request):
         request.getfixturevalue(case.setup)
     p = run(argv, tmp_path / "work")
     cmd = case.argv[0]
-    err = p.stderr.strip()
+    err = without_progress_bars(p.stderr).strip()
     assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"sarcube {cmd}: error: "), err
-    assert re.search(case.expect, err), (case.expect, err)
+    shown = normalise(err, fill.values)
+    assert re.search(case.expect, err) or re.search(case.expect, shown), (case.expect, err)
     assert "weights_only=False" not in err and "launching" not in p.stdout
     assert not any((tmp_path / "work").iterdir())  # nothing was written
+    SEEN[case.id] = shown
 
 
 def test_no_credentials_is_one_line(fill, tmp_path):
@@ -337,8 +467,62 @@ def test_verbose_adds_the_traceback(fill, tmp_path):
 
 
 def test_cases_cover_every_command():
-    assert {c.argv[0] for c in CASES} == {"sample", "shards", "pretrain", "finetune", "evaluate",
-                                          "predict"}  # fmt: skip
+    assert {c.argv[0] for c in CASES} == {"ingest", "sample", "shards", "pretrain", "finetune",
+                                          "evaluate", "predict", "unlock"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's table of bad inputs is these cases and the messages they gave, so it cannot drift
+
+
+SEEN: dict[str, str] = {}  # case id -> the normalised message this session printed
+README = REPO / "README.md"
+TABLE_START = "<!-- bad-input-table:start"
+TABLE_END = "<!-- bad-input-table:end -->"
+
+
+def normalise(line: str, values: dict[str, str]) -> str:
+    """The message with this session's paths, ports, pids and ages replaced by placeholders."""
+    for name, value in sorted(values.items(), key=lambda kv: -len(kv[1])):
+        line = line.replace(value, "{" + name + "}")
+    line = re.sub(r"pid \d+, [^)@]+@[^)]+\)", "pid N, user@host)", line)
+    line = re.sub(r"\d+(\.\d+)? (s|min|h) ago", "N s ago", line)
+    return line
+
+
+def _code(text: str) -> str:
+    """A Markdown code span, doubled backticks when the text holds one."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def render_table(seen: dict[str, str]) -> str:
+    rows = [
+        "| # | input (`sarcube …`) | what it is | message (stderr, exit status 2) |",
+        "|---|---|---|---|",
+    ]
+    for i, case in enumerate(CASES, 1):
+        cmd = " ".join(case.argv).replace("|", "\\|")
+        msg = seen[case.id].replace("|", "\\|")
+        rows.append(f"| {i} | {_code(cmd)} | {case.description} | {_code(msg)} |")
+    return "\n".join(rows)
+
+
+def test_readme_bad_input_table_is_current():
+    """Runs after every case above (file order): the README table equals what they printed.
+    ``SARCUBE_UPDATE_README=1`` rewrites it instead (``python tools/bad_input_table.py``)."""
+    if set(SEEN) != {c.id for c in CASES}:
+        pytest.skip("needs every case of test_bad_input_is_one_line in this session")
+    text = README.read_text()
+    start = text.index(TABLE_START)
+    body_start = text.index("\n", start) + 1
+    end = text.index(TABLE_END)
+    table = render_table(SEEN) + "\n"
+    if os.environ.get("SARCUBE_UPDATE_README") == "1":
+        README.write_text(text[:body_start] + table + text[end:])
+        return
+    assert text[body_start:end] == table, (
+        "README's bad-input table is stale: run `python tools/bad_input_table.py`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
