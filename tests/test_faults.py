@@ -36,7 +36,7 @@ def _tars(d: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1])
 def test_killed_shards_rerun_to_identical_shards(seed, small_shards, small_cube, tmp_path):
     """SIGKILL (whole process group) at a seeded random moment of the writing phase, re-run:
     the same shard bytes and manifest as the uninterrupted session run, no lock left."""
@@ -139,3 +139,52 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
     attrs = json.loads(fs.cat_file("faults/cube.zarr/zarr.json"))["attributes"]
     assert attrs["attempts"] == {}
     assert not fs.exists(f"faults/cube.zarr/{LOCK_NAME}")
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
+    """`sarcube pretrain` SIGKILLed after a seeded random number of checkpoints; the run
+    folder's lock (its holder dead on this host) does not stop `--resume`, which ends with the
+    parameters and per-step losses of an uninterrupted run."""
+    from test_pretrain import records
+
+    args = ["pretrain", "--config", "simmim_tiny", "--manifest", str(small_shards),
+            "data.batch_size=2", "train.progress=false", "train.tensorboard=false",
+            "train.figure=false", "data.shuffle_buffer=4", "schedule.epochs=1",
+            "train.ckpt_every_steps=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    assert subprocess.run([*SARCUBE, *args, "--out", str(full)], env=env, capture_output=True,
+                          timeout=600).returncode == 0  # fmt: skip
+
+    split = tmp_path / "split"
+    proc = subprocess.Popen([*SARCUBE, *args, "--out", str(split)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    want_steps = random.Random(7).randint(2, 6)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        text = (split / "metrics.jsonl").read_text() if (split / "metrics.jsonl").exists() else ""
+        if sum('"kind": "step"' in ln for ln in text.splitlines()) >= want_steps:
+            break
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert killed, "the run ended before it could be killed"
+    assert (split / LOCK_NAME).exists()  # left by the killed run
+
+    out = subprocess.run([*SARCUBE, *args, "--out", str(split), "--resume"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (split / LOCK_NAME).exists()
+
+    def losses(run):
+        d = records((run / "metrics.jsonl").read_text())
+        return [(x["kind"], x["step"], x["loss"]) for x in d]
+
+    assert losses(split) == losses(full)  # every step and epoch loss, bit for bit
+    a = json.loads((full / "ranks" / "rank-00000.json").read_text())
+    b = json.loads((split / "ranks" / "rank-00000.json").read_text())
+    assert a["param_sha256"] == b["param_sha256"]

@@ -179,27 +179,42 @@ def labelled_cube(small_synth, dask_cluster, tmp_path_factory):
     return cube
 
 
+_RACER = """
+import os, sys, time
+import distributed, zarr, sarcube.ingestion, sarcube.shards  # the slow imports, before the start
+from sarcube.cli import main
+barrier, me = sys.argv[1], sys.argv[2]
+open(os.path.join(barrier, "ready-" + me), "w").close()
+while not os.path.exists(os.path.join(barrier, "go")):
+    time.sleep(0.005)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def _race(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
-    """Start the commands at the same instant (each sleeps until a common start time after its
-    imports) and wait for both."""
-    start = time.time() + 4.0
-    code = (
-        "import sys, time; from sarcube.cli import main; "
-        f"time.sleep(max(0, {start} - time.time())); sys.exit(main(sys.argv[1:]))"
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, *a],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for a in argvs
-    ]
-    outs = []
-    for p in procs:
-        so, se = p.communicate(timeout=300)
-        outs.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    """Start the commands at the same instant (each imports, reports ready, then waits for the
+    common go signal) and wait for all of them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="race-") as barrier:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _RACER, barrier, str(i), *a],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i, a in enumerate(argvs)
+        ]
+        deadline = time.monotonic() + 120
+        while len([f for f in os.listdir(barrier) if f.startswith("ready-")]) < len(procs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.01)
+        open(os.path.join(barrier, "go"), "w").close()
+        outs = []
+        for p in procs:
+            so, se = p.communicate(timeout=300)
+            outs.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
     return outs
 
 
