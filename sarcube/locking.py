@@ -10,7 +10,8 @@ The lock is one small JSON object, ``<store>/.sarcube-lock.json``::
     {"token": "<uuid>", "command": "sarcube ingest", "user": ..., "host": ..., "pid": ...,
      "started": "<UTC ISO time>", "heartbeat": "<UTC ISO time>"}
 
-- **acquire**: atomic create-if-absent — ``O_CREAT | O_EXCL`` locally, a ``PutObject`` with
+- **acquire**: atomic create-if-absent — a hard link of the written record locally (``O_EXCL``
+  semantics, never visible half-written), a ``PutObject`` with
   ``If-None-Match: *`` on S3 (the server refuses it with 412 when the object exists). The loser
   fails at once with one line naming the holder and its age, or polls for ``wait`` seconds.
 - **heartbeat**: a daemon thread rewrites ``heartbeat`` every ``heartbeat_s`` seconds; on S3 with
@@ -163,14 +164,20 @@ class StoreLock:
             if not os.path.isdir(directory):
                 os.makedirs(directory, exist_ok=True)
                 self.created_dir = True
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
+            # Written whole to a private file, then hard-linked into place: link() creates the
+            # name only if it is absent (like O_EXCL) and a reader never sees a half-written
+            # record (an O_EXCL file is visible empty until its bytes land).
+            tmp = f"{self.path}.{uuid.uuid4().hex}.partial"
+            with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
             return True
         try:
             out = self.fs.pipe_file(self.path, data, mode="create")

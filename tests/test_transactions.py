@@ -351,7 +351,6 @@ def test_bad_ingest_arguments(small_synth, tmp_path, capsys):
         "workers": (["--workers", "-2"], "--workers must be ≥ 1"),
         "bbox": (["--bbox", "-500", "35.9", "-499", "36", "--workers", "1"], "−180…180"),
         "memory": (["--memory-limit", "banana", "--workers", "1"], "--memory-limit 'banana'"),
-        "scheduler": (["--scheduler", "tcp://127.0.0.1:9"], "--scheduler tcp://127.0.0.1:9: cannot connect"),
     }  # fmt: skip
     for name, (extra, expected) in cases.items():
         t0 = time.monotonic()
