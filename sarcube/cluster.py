@@ -39,7 +39,7 @@ def _connect(scheduler: str):
 
     security = security_for(scheduler)  # before the try: its InputError is a ValueError
     try:
-        return Client(scheduler, timeout="10s", security=security)
+        return Client(scheduler, timeout="5s", security=security)
     except (OSError, TimeoutError, ValueError, TypeError) as e:  # TypeError: tls:// without certs
         raise InputError(
             f"--scheduler {scheduler}: cannot connect to a Dask scheduler there "

@@ -420,6 +420,9 @@ def ingest(
 
         # 2. the cube's grid (the cube itself is created only once everything checked out)
         root, grid = _existing_cube(cube, so, bbox, resolution)
+        if grid is None and bbox is None and not tiles and report.problems:
+            raise IngestError(_problem_lines(
+                "a new cube needs --bbox, or usable --lulc tiles to define its extent", report.problems))  # fmt: skip
         if grid is None:
             grid = _new_grid(bbox, resolution, shard_chunks, tiles)
         coverage = [t.bounds for t in tiles] or (
@@ -485,7 +488,11 @@ def _check_cube_destination(cube: str, so: Mapping[str, Any]) -> None:
         if fs.exists(f"{path.rstrip('/')}/zarr.json"):
             return
         if fs.isdir(path):
-            others = [p for p in fs.ls(path, detail=False) if not p.rstrip("/").endswith(LOCK_NAME)]
+            others = [  # the lock object (and its private temp file while it is created)
+                p
+                for p in fs.ls(path, detail=False)
+                if not p.rstrip("/").rsplit("/", 1)[-1].startswith(LOCK_NAME)
+            ]
             if others:
                 raise InputError(
                     f"--cube {cube}: an existing folder that is not a sarcube cube ({len(others)} "

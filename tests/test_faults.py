@@ -114,7 +114,8 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
     fs.put(str(small_synth.out) + "/", "faults/in/", recursive=True)
     scenes, lulc = ["s3://faults/in/scenes"], ["s3://faults/in/lulc"]
     cube = "s3://faults/cube.zarr"
-    from sarcube.ingestion import IngestError, ingest
+    from sarcube.errors import SarcubeError
+    from sarcube.ingestion import ingest
 
     stop = threading.Timer(1.5, o.stop)
     restart = threading.Timer(4.5, o.start)
@@ -123,7 +124,7 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
         report = ingest(scenes, cube, lulc=lulc, storage_options=so, client=dask_client,
                         progress=False)  # fmt: skip
         first = report.summary()
-    except IngestError as e:  # nothing could be written while the server was away
+    except SarcubeError as e:  # nothing could be written / inspected while the server was away
         first = str(e)
     finally:
         stop.join(), restart.join()
