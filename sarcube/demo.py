@@ -158,7 +158,7 @@ def run_demo(
     if status != 0:
         raise RuntimeError(f"fine-tuning failed (exit status {status}); see the messages above")
     print("  (synthetic demo data: the table shows the pipeline works, not ALOS-2 accuracy; "
-          "the papers' figures are in DESIGN.md §9)")  # fmt: skip
+          "the papers' figures are in docs/design.md)")  # fmt: skip
     summary["stages"]["finetune"] = {"seconds": round(time.perf_counter() - t0, 1), "run": str(ft_dir),
                                      "best": str(ft_dir / "best.pt"),
                                      "report": str(ft_dir / "test" / "report.md")}  # fmt: skip

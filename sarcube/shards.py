@@ -1,4 +1,4 @@
-"""``sarcube shards``: the patch index -> WebDataset tar shards + ``manifest.json`` (DESIGN.md §5).
+"""``sarcube shards``: the patch index -> WebDataset tar shards + ``manifest.json`` (docs/design.md).
 
 One Dask task per shard. Each task opens the cube itself, reads every patch as whole Zarr chunks
 (``hh_db[t, r·256:(r+1)·256, c·256:(c+1)·256]`` and the same window of ``lulc``), builds the

@@ -12,7 +12,7 @@ paper's layout) under ``--out``; each variant's run is in its own sub-directory.
 
 It reproduces the *procedure*: the profile is ``finetune_tiny`` by default and the data are
 whatever the manifest lists — on sarcube's synthetic demo data the numbers say nothing about
-ALOS-2 accuracy (the paper's are in DESIGN.md §9), which the output states. Unlike the paper,
+ALOS-2 accuracy (the paper's are in docs/design.md), which the output states. Unlike the paper,
 the scratch variant trains for the same number of epochs as the others (the paper: 400 vs 200).
 
 Re-running resumes: a finished variant (``result.json`` present) is kept, an interrupted one
@@ -37,7 +37,7 @@ __all__ = ["TABLE_I", "Variant", "format_ablation", "run_ablation"]
 NOTE = ("A reproduction of the *procedure* of Table I (arXiv 2601.15705) with the {profile} "
         "profile on the data of {manifest}. On sarcube's synthetic demo data these numbers are not "
         "ALOS-2 accuracies (the paper's: 47.45 → 50.26 mIoU with pretraining, 41.18 without; "
-        "DESIGN.md §9). Scratch trains as long as the others here (the paper: 400 vs 200 epochs).")  # fmt: skip
+        "docs/design.md). Scratch trains as long as the others here (the paper: 400 vs 200 epochs).")  # fmt: skip
 
 
 @dataclass(frozen=True)

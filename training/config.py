@@ -2,7 +2,7 @@
 
 A configuration is a :class:`Config` of typed sections (``model``, ``mask``, ``loss``, ``data``,
 ``optim``, ``schedule``, ``train``). Its defaults are the paper recipe for SAR-W-SimMIM
-(DESIGN.md §7); a profile in ``training/configs/`` (``simmim_paper``, ``simmim_tiny``,
+(docs/design.md); a profile in ``training/configs/`` (``simmim_paper``, ``simmim_tiny``,
 ``mixmae_paper``, ``mixmae_tiny``) or any YAML file overrides some of them, and command-line
 arguments ``section.key=value`` override the result::
 

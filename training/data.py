@@ -1,4 +1,4 @@
-"""Streaming training batches from sarcube's WebDataset shards (DESIGN.md §5–6).
+"""Streaming training batches from sarcube's WebDataset shards (docs/design.md).
 
 ``ShardStream(manifest_url, split, batch_size=..., rank=..., world_size=..., num_workers=...)``
 reads the shards a ``manifest.json`` lists for one split (nothing else: the manifest is the commit

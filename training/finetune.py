@@ -1,4 +1,4 @@
-"""Fine-tuning the refined UPerNet for LULC segmentation or water detection (DESIGN.md §7–8).
+"""Fine-tuning the refined UPerNet for LULC segmentation or water detection (docs/design.md).
 
 ::
 

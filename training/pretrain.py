@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of the Swin encoder: SAR-W-SimMIM and SAR-W-MixMAE (DESIGN.md §6–7).
+"""Self-supervised pretraining of the Swin encoder: SAR-W-SimMIM and SAR-W-MixMAE (docs/design.md).
 
 ::
 
