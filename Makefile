@@ -12,17 +12,23 @@ env:
 demo: env
 	$(BIN)/sarcube demo --out $(DEMO_OUT)
 
+# Two pytest worker processes (pytest-xdist), whole files to each, heaviest first (the groups are
+# set in tests/conftest.py): most tests wait on the child processes they start (Dask workers,
+# torchrun ranks, S3 round trips), so one process leaves a core idle. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 test: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the tests marked slow (concurrency trials,
 # fault injection, notebooks), about a third of the time.
 test-fast: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check .

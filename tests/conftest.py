@@ -19,6 +19,54 @@ from typing import Any
 
 import pytest
 
+# -- scheduling under pytest-xdist (`make test`: -n 2 --dist loadfile --no-loadscope-reorder) ----
+# Each test file is one unit of work, run whole by one worker: its tests share module fixtures
+# and keep their file order (test_cli_errors' README check and test_transactions' overlap check
+# run after the cases they read). Files that share an expensive session fixture share a unit:
+# the small demo serves test_cli and test_notebooks. Units start heaviest first (durations
+# measured on 2 cores) so that no long file is left to end the run alone. (xdist's own
+# `--dist loadgroup` marks do not take effect with pytest 9.2, hence the scheduler below.)
+XDIST_SHARED_UNIT = {"test_cli.py": "demo", "test_notebooks.py": "demo"}
+XDIST_HEAVY_FIRST = [
+    "demo",
+    "test_secrets.py",
+    "test_faults.py",
+    "test_transactions.py",
+    "test_cli_errors.py",
+    "test_predict.py",
+    "test_pretrain.py",
+    "test_ingest_errors.py",
+    "test_ingest_resume.py",
+    "test_finetune.py",
+    "test_shard_integrity.py",
+    "test_synth.py",
+]
+
+
+def _xdist_unit(nodeid: str) -> str:
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return XDIST_SHARED_UNIT.get(name, name)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: its order is the schedule's order
+        rank = {u: i for i, u in enumerate(XDIST_HEAVY_FIRST)}
+        items.sort(key=lambda it: rank.get(_xdist_unit(it.nodeid), len(rank)))  # stable
+
+
+@pytest.hookimpl(optionalhook=True)  # known only when xdist is loaded (not with -p no:xdist)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_unit(nodeid)
+
+    return FileUnits(config, log)
+
+
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("SARCUBE_REALDATA", REPO.parent / "shared" / "realdata"))
 

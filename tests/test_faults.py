@@ -1,12 +1,13 @@
 """Fault injection across stages (issue 13): each fault ends in an identical result after a
 re-run, or in one clear line — never in lost data or a silent drop.
 
-Covered here: ``sarcube shards`` SIGKILLed at seeded random moments, then re-run; the S3 server
-stopped and restarted in the middle of an ingest into an S3 cube, then re-run. Elsewhere:
-ingest SIGKILL (test_ingest_resume), predict SIGKILL (test_predict), S3 restart mid-epoch in the
-loader (test_data), corrupt/truncated inputs (test_ingest_errors, test_transactions), corrupt
-shards (test_shard_integrity), pretraining/fine-tuning resume (test_engine, test_pretrain,
-test_cli_errors).
+Covered here: ``sarcube shards`` SIGKILLed at a seeded random moment, then re-run;
+``sarcube pretrain`` and ``sarcube finetune`` SIGKILLed after a seeded number of steps, then
+resumed; the S3 server stopped and restarted in the middle of an ingest into an S3 cube, then
+re-run. Elsewhere: ingest SIGKILL (test_ingest_resume, test_transactions), predict SIGKILL
+(test_predict), S3 restart mid-epoch in the loader (test_data), corrupt/truncated inputs
+(test_ingest_errors, test_transactions), corrupt shards (test_shard_integrity). The whole matrix
+is a table in docs/design.md §5.
 """
 
 from __future__ import annotations
@@ -189,3 +190,62 @@ def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
     a = json.loads((full / "ranks" / "rank-00000.json").read_text())
     b = json.loads((split / "ranks" / "rank-00000.json").read_text())
     assert a["param_sha256"] == b["param_sha256"]
+
+
+@pytest.mark.slow
+def test_killed_finetuning_resumes_to_the_same_weights_and_scores(small_shards, tmp_path):
+    """`sarcube finetune` SIGKILLed after a seeded random number of steps (checkpoints every
+    step); `--resume` ends with the per-step losses, the validation scores, the parameters and
+    the best.pt of an uninterrupted run."""
+    from test_pretrain import records
+
+    args = ["finetune", "--config", "finetune_tiny", "--manifest", str(small_shards),
+            "--pretrained", "none", "data.batch_size=4", "seg.eval_batch_size=8",
+            "train.progress=false", "train.tensorboard=false", "seg.panels=0",
+            "schedule.epochs=2", "schedule.warmup_epochs=0", "seg.test_split=null",
+            "train.ckpt_every_steps=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    p = subprocess.run([*SARCUBE, *args, "--out", str(full)], env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    n_steps = sum(r["kind"] == "step" for r in records((full / "metrics.jsonl").read_text()))
+    assert n_steps >= 3
+
+    split = tmp_path / "split"
+    proc = subprocess.Popen([*SARCUBE, *args, "--out", str(split)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    want_steps = random.Random(11).randint(2, n_steps - 1)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        text = (split / "metrics.jsonl").read_text() if (split / "metrics.jsonl").exists() else ""
+        if sum('"kind": "step"' in ln for ln in text.splitlines()) >= want_steps:
+            break
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert killed, "the run ended before it could be killed"
+    assert (split / LOCK_NAME).exists()  # left by the killed run
+
+    out = subprocess.run([*SARCUBE, *args, "--out", str(split), "--resume"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (split / LOCK_NAME).exists()
+
+    def history(run):
+        d = records((run / "metrics.jsonl").read_text())
+        return [(x["kind"], x.get("step"), x.get("epoch"), x.get("loss"), x.get("miou")) for x in d]
+
+    assert history(split) == history(full)  # every step loss and every val score, bit for bit
+    a = json.loads((full / "ranks" / "rank-00000.json").read_text())
+    b = json.loads((split / "ranks" / "rank-00000.json").read_text())
+    assert a["param_sha256"] == b["param_sha256"]
+    import torch
+
+    best = [torch.load(r / "best.pt", weights_only=True, map_location="cpu") for r in (full, split)]
+    assert best[0].keys() == best[1].keys()
+    for k in best[0]["model"]:
+        assert torch.equal(best[0]["model"][k], best[1]["model"][k]), k

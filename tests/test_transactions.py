@@ -191,6 +191,10 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+# refusals per race kind over its trials (see test_the_races_really_overlapped)
+REFUSALS: dict[str, list[int]] = {}
+
+
 def _race(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
     """Start the commands at the same instant (each imports, reports ready, then waits for the
     common go signal) and wait for all of them."""
@@ -256,6 +260,7 @@ def test_concurrent_ingests_of_different_dates(trial, labelled_cube, small_synth
     outs = _race([["ingest", "--scenes", s, "--cube", cube, *sched] for s in scenes])
     refused = _check_outcome(cube, outs, dates)
     assert refused <= 1
+    REFUSALS.setdefault("ingest", []).append(refused)
     # the refused run re-done afterwards: both dates end up in the cube, none lost
     for out, s in zip(outs, scenes, strict=True):
         if out.returncode != 0:
@@ -275,7 +280,7 @@ def test_concurrent_creation_of_one_cube(trial, small_synth, dask_cluster, tmp_p
          for s in scenes]
     )  # fmt: skip
     assert "FileExistsError" not in "".join(o.stderr for o in outs)
-    _check_outcome(cube, outs, dates)
+    REFUSALS.setdefault("create", []).append(_check_outcome(cube, outs, dates))
 
 
 @pytest.mark.slow  # real processes racing, repeated
@@ -444,8 +449,19 @@ def test_concurrent_shard_writers(trial, small_shards, small_cube, dask_cluster,
         if o.returncode != 0:
             line = _one_line_error(o, "shards")
             assert "locked by another writer" in line and "sarcube shards" in line, line
+    REFUSALS.setdefault("shards", []).append(len(outs) - len(ok))
     manifest = _manifest_consistent(out)
     if len(ok) == 1:  # the winner's manifest, with its own shard count
         want = 2 if outs[0].returncode == 0 else 3
         assert manifest["min_shards_per_split"] == want
     assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_the_races_really_overlapped():
+    """Runs after the trials above (file order). Each outcome is checked either way, but the
+    trials only test the lock if the two writers did overlap: in at least one trial of each
+    kind, one of them must have been refused."""
+    if {k: len(v) for k, v in REFUSALS.items()} != {"ingest": 5, "create": 5, "shards": 5}:
+        pytest.skip("needs every race trial of this module in this session")
+    assert all(sum(v) >= 1 for v in REFUSALS.values()), REFUSALS
