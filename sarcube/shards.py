@@ -59,8 +59,10 @@ manifest recorded for it (when the destination had one: a run that completed bef
 whose spot-checked samples (two per shard, chosen by ``spot_checks`` from the shard's name; all
 of them with ``verify=True`` / ``sarcube shards --verify``) are byte-equal to a fresh cut from
 the cube; otherwise it rewrites the shard from the cube, and the run logs each such shard and
-reports how many it rewrote. Without a previous manifest (a run that crashed) a damaged payload
-outside the spot checks is only found with ``verify``. Kept shards are hashed and their
+reports how many it rewrote. The previous manifest's hashes survive a re-run that is itself
+killed (``.sarcube-previous-manifest.json``, removed when the new manifest is written). Without
+any previous manifest (a first run that crashed) a damaged payload outside the spot checks is
+only found with ``verify``. Kept shards are hashed and their
 statistics recomputed from their payload, so the manifest equals that of an uninterrupted run. Files named like shards of the written splits that are not in the plan (left
 by an earlier run with other parameters), and temporary files of killed local writes, are
 deleted before the manifest is written. Memory per task: about twice the shard size.
@@ -108,6 +110,7 @@ log = logging.getLogger("sarcube.shards")
 
 FORMAT = "sarcube-shards/1"
 MANIFEST = "manifest.json"
+PREVIOUS_MANIFEST = ".sarcube-previous-manifest.json"  # the last one, while a re-run writes
 INDEX_COPY = "index.parquet"
 CRS = "EPSG:4326"
 MIB = 2**20
@@ -546,14 +549,22 @@ def _check_destination(out_url: str, so: Mapping[str, Any]) -> None:
 
 def _prepare_destination(out_url: str, so: Mapping[str, Any]) -> dict[str, str]:
     """Remove any manifest (nothing looks complete while this run writes), returning the shard
-    hashes it recorded (``_previous_hashes``). Runs under the prefix's lock."""
+    hashes it recorded (``_previous_hashes``). Runs under the prefix's lock.
+
+    The removed manifest is first kept as ``PREVIOUS_MANIFEST`` (never read as a manifest), so
+    that a re-run killed before its own manifest does not lose the recorded hashes: the run
+    after it still compares kept shards with them. The new manifest's commit removes it."""
     fs, path = url_to_fs(out_url, so)
     manifest = join_url(path, MANIFEST)
+    kept = join_url(path, PREVIOUS_MANIFEST)
     fs.invalidate_cache()
     previous = None
     if fs.exists(manifest):
         previous = _read_bytes(fs, manifest)
+        put_bytes(fs, kept, previous)  # before the manifest goes: one of the two always exists
         fs.rm_file(manifest)
+    elif fs.exists(kept):  # an earlier re-run was killed after removing the manifest
+        previous = _read_bytes(fs, kept)
     return _previous_hashes(previous)
 
 
@@ -737,6 +748,9 @@ def write_shards(
         lock.check()  # never commit a manifest after losing the lock
         fs, path = url_to_fs(join_url(out_url, MANIFEST), so)
         put_bytes(fs, path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        previous_copy = join_url(url_to_fs(out_url, so)[1], PREVIOUS_MANIFEST)
+        if fs.exists(previous_copy):
+            fs.rm_file(previous_copy)
         fixed = (f" ({len(rewritten)} existing shard(s) damaged or stale, rewritten: "
                  f"{', '.join(rewritten[:5])}{' …' if len(rewritten) > 5 else ''})") if rewritten else ""
         msg = (f"shards: {len(written)} written{fixed}, {len(all_plans) - len(written)} kept"

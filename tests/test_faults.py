@@ -143,27 +143,22 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
     assert not fs.exists(f"faults/cube.zarr/{LOCK_NAME}")
 
 
-@pytest.mark.slow
-def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
-    """`sarcube pretrain` SIGKILLed after a seeded random number of checkpoints; the run
-    folder's lock (its holder dead on this host) does not stop `--resume`, which ends with the
-    parameters and per-step losses of an uninterrupted run."""
-    from test_pretrain import records
-
-    args = ["pretrain", "--config", "simmim_tiny", "--manifest", str(small_shards),
-            "data.batch_size=2", "train.progress=false", "train.tensorboard=false",
-            "train.figure=false", "data.shuffle_buffer=4", "schedule.epochs=1",
-            "train.ckpt_every_steps=1"]  # fmt: skip
+def _run_killed_then_resumed(args: list[str], tmp_path: Path, kill_after: tuple[int, int]):
+    """Run ``sarcube ARGS`` once uninterrupted (``full``), once SIGKILLed (whole process group)
+    after a seeded random number of logged steps in ``kill_after`` and then ``--resume``d
+    (``split``); returns both run folders. The killed run's lock does not stop the resume (its
+    holder is dead on this host), and the resume releases it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
-    assert subprocess.run([*SARCUBE, *args, "--out", str(full)], env=env, capture_output=True,
-                          timeout=600).returncode == 0  # fmt: skip
+    p = subprocess.run([*SARCUBE, *args, "--out", str(full)], env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
 
     split = tmp_path / "split"
     proc = subprocess.Popen([*SARCUBE, *args, "--out", str(split)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
-    want_steps = random.Random(7).randint(2, 6)
+    want_steps = random.Random(7).randint(*kill_after)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         text = (split / "metrics.jsonl").read_text() if (split / "metrics.jsonl").exists() else ""
@@ -181,22 +176,41 @@ def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert not (split / LOCK_NAME).exists()
+    return full, split
 
-    def losses(run):
-        d = records((run / "metrics.jsonl").read_text())
-        return [(x["kind"], x["step"], x["loss"]) for x in d]
 
-    assert losses(split) == losses(full)  # every step and epoch loss, bit for bit
+def _same_parameters(full: Path, split: Path) -> None:
     a = json.loads((full / "ranks" / "rank-00000.json").read_text())
     b = json.loads((split / "ranks" / "rank-00000.json").read_text())
     assert a["param_sha256"] == b["param_sha256"]
 
 
 @pytest.mark.slow
+def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
+    """`sarcube pretrain` SIGKILLed after a seeded random number of checkpoints; `--resume`
+    ends with the parameters and per-step losses of an uninterrupted run."""
+    from test_pretrain import records
+
+    args = ["pretrain", "--config", "simmim_tiny", "--manifest", str(small_shards),
+            "data.batch_size=2", "train.progress=false", "train.tensorboard=false",
+            "train.figure=false", "data.shuffle_buffer=4", "schedule.epochs=1",
+            "train.ckpt_every_steps=1"]  # fmt: skip
+    full, split = _run_killed_then_resumed(args, tmp_path, kill_after=(2, 6))
+
+    def losses(run):
+        d = records((run / "metrics.jsonl").read_text())
+        return [(x["kind"], x["step"], x["loss"]) for x in d]
+
+    assert losses(split) == losses(full)  # every step and epoch loss, bit for bit
+    _same_parameters(full, split)
+
+
+@pytest.mark.slow
 def test_killed_finetuning_resumes_to_the_same_weights_and_scores(small_shards, tmp_path):
-    """`sarcube finetune` SIGKILLed after a seeded random number of steps (checkpoints every
-    step); `--resume` ends with the per-step losses, the validation scores, the parameters and
-    the best.pt of an uninterrupted run."""
+    """`sarcube finetune` (2 epochs, validation after each, checkpoints every step) SIGKILLed
+    after a seeded random number of steps; `--resume` ends with the per-step losses, the
+    validation scores, the parameters and the best.pt of an uninterrupted run."""
+    import torch
     from test_pretrain import records
 
     args = ["finetune", "--config", "finetune_tiny", "--manifest", str(small_shards),
@@ -204,47 +218,15 @@ def test_killed_finetuning_resumes_to_the_same_weights_and_scores(small_shards, 
             "train.progress=false", "train.tensorboard=false", "seg.panels=0",
             "schedule.epochs=2", "schedule.warmup_epochs=0", "seg.test_split=null",
             "train.ckpt_every_steps=1"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = tmp_path / "full"
-    p = subprocess.run([*SARCUBE, *args, "--out", str(full)], env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    n_steps = sum(r["kind"] == "step" for r in records((full / "metrics.jsonl").read_text()))
-    assert n_steps >= 3
-
-    split = tmp_path / "split"
-    proc = subprocess.Popen([*SARCUBE, *args, "--out", str(split)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    want_steps = random.Random(11).randint(2, n_steps - 1)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        text = (split / "metrics.jsonl").read_text() if (split / "metrics.jsonl").exists() else ""
-        if sum('"kind": "step"' in ln for ln in text.splitlines()) >= want_steps:
-            break
-        time.sleep(0.05)
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert killed, "the run ended before it could be killed"
-    assert (split / LOCK_NAME).exists()  # left by the killed run
-
-    out = subprocess.run([*SARCUBE, *args, "--out", str(split), "--resume"], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert not (split / LOCK_NAME).exists()
+    full, split = _run_killed_then_resumed(args, tmp_path, kill_after=(2, 3))
 
     def history(run):
         d = records((run / "metrics.jsonl").read_text())
         return [(x["kind"], x.get("step"), x.get("epoch"), x.get("loss"), x.get("miou")) for x in d]
 
+    assert sum(k == "val" for k, *_ in history(full)) == 2
     assert history(split) == history(full)  # every step loss and every val score, bit for bit
-    a = json.loads((full / "ranks" / "rank-00000.json").read_text())
-    b = json.loads((split / "ranks" / "rank-00000.json").read_text())
-    assert a["param_sha256"] == b["param_sha256"]
-    import torch
-
+    _same_parameters(full, split)
     best = [torch.load(r / "best.pt", weights_only=True, map_location="cpu") for r in (full, split)]
     assert best[0].keys() == best[1].keys()
     for k in best[0]["model"]:

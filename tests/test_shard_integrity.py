@@ -29,6 +29,7 @@ import pytest
 
 from sarcube.shards import (
     MANIFEST,
+    PREVIOUS_MANIFEST,
     ShardError,
     ShardPlan,
     iter_samples,
@@ -316,6 +317,26 @@ def test_rerun_without_a_manifest_checks_samples_against_the_cube(small_cube, sm
     m = rerun(small_cube, shards, dask_client, caplog, verify=True)  # every sample: found
     assert "1 existing shard(s) damaged or stale, rewritten: train-000001.tar" in caplog.text
     assert_repaired(shards, small_shards, m, "train-000001.tar")
+
+
+def test_a_killed_rerun_does_not_lose_the_recorded_hashes(small_cube, small_shards, shards,
+                                                         dask_client, caplog):  # fmt: skip
+    """A re-run removes the manifest first; killed right after that, the next run still has the
+    hashes the manifest recorded, and finds a damaged payload that no spot check reads."""
+    from sarcube.shards import _prepare_destination
+
+    name = "pretrain-000001.tar"
+    plan = plan_of(shards / name)
+    flip_payload(shards / name, next(i for i in range(len(plan.samples))
+                                     if i not in spot_checks(plan)))  # fmt: skip
+    recorded = (shards / MANIFEST).read_bytes()
+    _prepare_destination(str(shards), {})  # what the killed re-run had done before it died
+    assert not (shards / MANIFEST).exists()
+    assert (shards / PREVIOUS_MANIFEST).read_bytes() == recorded
+    m = rerun(small_cube, shards, dask_client, caplog)
+    assert f"1 existing shard(s) damaged or stale, rewritten: {name}" in caplog.text
+    assert_repaired(shards, small_shards, m, name)
+    assert not (shards / PREVIOUS_MANIFEST).exists()  # gone with the new manifest's commit
 
 
 def test_shards_command_has_verify():
