@@ -92,16 +92,24 @@ def make_data(work: Path, quick: bool) -> Path:
         synthesize(str(synth_dir), bbox=bbox, seed=1, progress=True)
     if not (cube / "zarr.json").exists():
         print("ingesting ...", flush=True)
-        report = ingest([str(synth_dir / "scenes")], str(cube), lulc=[str(synth_dir / "lulc")],
-                        progress=True)  # fmt: skip
+        report = ingest(
+            [str(synth_dir / "scenes")], str(cube), lulc=[str(synth_dir / "lulc")], progress=True
+        )
         assert report.ok, report.problems
     print("sampling ...", flush=True)
     # every patch with valid SAR (the benchmark needs many, not a balanced few)
     params = SamplingParams(block=1 if quick else 2, max_nodata=0.05, exclude_full=())
     sample_patches(str(cube), str(index), params, progress=False)
     print("writing shards ...", flush=True)
-    write_shards(str(cube), str(index), str(shards), shard_size_mb=4, min_shards_per_split=8,
-                 splits=("pretrain",), progress=True)  # fmt: skip
+    write_shards(
+        str(cube),
+        str(index),
+        str(shards),
+        shard_size_mb=4,
+        min_shards_per_split=8,
+        splits=("pretrain",),
+        progress=True,
+    )
     return shards
 
 
@@ -134,10 +142,19 @@ def write_geotiffs(shards: Path, split: str, out: Path) -> list[Path]:
         w, south, e, n = meta["bounds"]
         sar = s["sar"].astype(np.float32)
         path = out / f"hh_{meta['time'].replace('-', '')}_{s['key']}.tif"
-        profile = {"driver": "GTiff", "width": sar.shape[1], "height": sar.shape[0], "count": 1,
-                   "dtype": "float32", "crs": meta["crs"], "nodata": float("nan"),
-                   "transform": from_bounds(w, south, e, n, sar.shape[1], sar.shape[0]),
-                   "tiled": True, "blockxsize": 256, "blockysize": 256}  # fmt: skip
+        profile = {
+            "driver": "GTiff",
+            "width": sar.shape[1],
+            "height": sar.shape[0],
+            "count": 1,
+            "dtype": "float32",
+            "crs": meta["crs"],
+            "nodata": float("nan"),
+            "transform": from_bounds(w, south, e, n, sar.shape[1], sar.shape[0]),
+            "tiled": True,
+            "blockxsize": 256,
+            "blockysize": 256,
+        }
         with rasterio.open(path, "w", **profile) as dst:
             dst.write(sar, 1)
     done.write_text("{}")
@@ -219,8 +236,16 @@ def timed(loader, workers: int) -> tuple[int, float, float]:
 
 
 def run_shards(manifest: str, workers: int, batch: int, prepare: str, so=None):
-    s = ShardStream(manifest, "pretrain", batch_size=batch, num_workers=workers, task="pretrain",
-                    storage_options=so, shuffle_buffer=256, prepare=prepare)  # fmt: skip
+    s = ShardStream(
+        manifest,
+        "pretrain",
+        batch_size=batch,
+        num_workers=workers,
+        task="pretrain",
+        storage_options=so,
+        shuffle_buffer=256,
+        prepare=prepare,
+    )
     return timed(s.loader(0), workers)
 
 
@@ -240,13 +265,15 @@ def run_finish(manifest: str, batch: int, steps: int = 40) -> tuple[int, float, 
 
 def run_rasterio(paths, workers: int, batch: int, n: int, mean: float, std: float, prepare: str):
     ds = RasterioPatches(paths, n, Transform(mean, std, prepare))
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                     drop_last=True)  # fmt: skip
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+    )
     return timed(dl, workers)
 
 
-def run_torchgeo(tiff_dir: Path, workers: int, batch: int, n: int, mean: float, std: float,
-                 prepare: str):  # fmt: skip
+def run_torchgeo(
+    tiff_dir: Path, workers: int, batch: int, n: int, mean: float, std: float, prepare: str
+):
     try:
         import torchgeo
         from torchgeo.datasets import RasterDataset, stack_samples
@@ -263,8 +290,14 @@ def run_torchgeo(tiff_dir: Path, workers: int, batch: int, n: int, mean: float, 
 
     ds = SarPatches(paths=str(tiff_dir), transforms=Transform(mean, std, prepare))
     sampler = RandomGeoSampler(ds, size=256, length=n)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                                     collate_fn=stack_samples, drop_last=True)  # fmt: skip
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=stack_samples,
+        drop_last=True,
+    )
     return (*timed(dl, workers), version)
 
 
@@ -293,8 +326,11 @@ def main() -> None:
         shards, "pretrain", work / f"tiffs-{'quick' if args.quick else 'default'}"
     )
     n_tiff = 256 if args.quick else 1024
-    print(f"pretrain split: {pre['samples']} patches in {len(pre['shards'])} shards "
-          f"({pre['bytes'] / 2**20:.1f} MiB), listed {reps}× per epoch; {len(tiffs)} GeoTIFFs", flush=True)  # fmt: skip
+    print(
+        f"pretrain split: {pre['samples']} patches in {len(pre['shards'])} shards "
+        f"({pre['bytes'] / 2**20:.1f} MiB), listed {reps}× per epoch; {len(tiffs)} GeoTIFFs",
+        flush=True,
+    )
 
     from moto.server import ThreadedMotoServer
 
@@ -320,40 +356,80 @@ def main() -> None:
     def add(source, loader, prepare, workers, res):
         n, secs, cpu = res[0], res[1], res[2]
         procs = max(workers, 1)
-        rows.append({"source": source, "loader": loader, "prepare": prepare, "workers": workers,
-                     "samples": n, "seconds": round(secs, 2), "samples/s": round(n / secs, 1),
-                     "per process": round(n / secs / procs, 1), "loader CPU s": round(cpu, 2),
-                     "per CPU-s": round(n / cpu, 1)})  # fmt: skip
+        rows.append(
+            {
+                "source": source,
+                "loader": loader,
+                "prepare": prepare,
+                "workers": workers,
+                "samples": n,
+                "seconds": round(secs, 2),
+                "samples/s": round(n / secs, 1),
+                "per process": round(n / secs / procs, 1),
+                "loader CPU s": round(cpu, 2),
+                "per CPU-s": round(n / cpu, 1),
+            }
+        )
         print(rows[-1], flush=True)
 
     try:
         for prepare in ("device", "worker"):
             for workers in (0, 1, 2):
-                add("shards, local disk", "ShardStream", prepare, workers,
-                    run_shards(str(bench), workers, args.batch, prepare))  # fmt: skip
+                add(
+                    "shards, local disk",
+                    "ShardStream",
+                    prepare,
+                    workers,
+                    run_shards(str(bench), workers, args.batch, prepare),
+                )
             for workers in (1, 2):
-                add("shards, S3 (moto, in-process)", "ShardStream", prepare, workers,
-                    run_shards("s3://bench/shards/manifest-bench.json", workers, args.batch,
-                               prepare, so))  # fmt: skip
+                add(
+                    "shards, S3 (moto, in-process)",
+                    "ShardStream",
+                    prepare,
+                    workers,
+                    run_shards(
+                        "s3://bench/shards/manifest-bench.json", workers, args.batch, prepare, so
+                    ),
+                )
             for workers in (1, 2):
                 res = run_torchgeo(tiffs[0].parent, workers, args.batch, n_tiff, mean, std, prepare)
                 if res is None:
                     torchgeo_missing = True
                     break
-                add("GeoTIFF per patch, local",
-                    f"TorchGeo {res[3]} RasterDataset+RandomGeoSampler", prepare, workers, res)  # fmt: skip
+                add(
+                    "GeoTIFF per patch, local",
+                    f"TorchGeo {res[3]} RasterDataset+RandomGeoSampler",
+                    prepare,
+                    workers,
+                    res,
+                )
             for workers in (1, 2):
-                add("GeoTIFF per patch, local", "rasterio windows (no TorchGeo)", prepare, workers,
-                    run_rasterio(tiffs, workers, args.batch, n_tiff, mean, std, prepare))  # fmt: skip
-        add("compact batches in memory", "ShardStream.finish on CPU (no GPU here)", "device", 0,
-            run_finish(str(bench), args.batch))  # fmt: skip
+                add(
+                    "GeoTIFF per patch, local",
+                    "rasterio windows (no TorchGeo)",
+                    prepare,
+                    workers,
+                    run_rasterio(tiffs, workers, args.batch, n_tiff, mean, std, prepare),
+                )
+        add(
+            "compact batches in memory",
+            "ShardStream.finish on CPU (no GPU here)",
+            "device",
+            0,
+            run_finish(str(bench), args.batch),
+        )
     finally:
         server.stop()
 
     def rate(source_prefix, loader_prefix, workers, key="per CPU-s", prepare="device"):
         for r in rows:
-            if (r["source"].startswith(source_prefix) and r["loader"].startswith(loader_prefix)
-                    and r["workers"] == workers and r["prepare"] == prepare):  # fmt: skip
+            if (
+                r["source"].startswith(source_prefix)
+                and r["loader"].startswith(loader_prefix)
+                and r["workers"] == workers
+                and r["prepare"] == prepare
+            ):
                 return r[key]
         return None
 
@@ -365,8 +441,23 @@ def main() -> None:
         r["× TorchGeo"] = round(r["per CPU-s"] / tg, 1) if tg and loader_row else ""
         r["× rasterio"] = round(r["per CPU-s"] / rio, 1) if rio and loader_row else ""
     print()
-    print_table(rows, ["source", "loader", "prepare", "workers", "samples", "seconds", "samples/s",
-                       "per process", "loader CPU s", "per CPU-s", "× TorchGeo", "× rasterio"])  # fmt: skip
+    print_table(
+        rows,
+        [
+            "source",
+            "loader",
+            "prepare",
+            "workers",
+            "samples",
+            "seconds",
+            "samples/s",
+            "per process",
+            "loader CPU s",
+            "per CPU-s",
+            "× TorchGeo",
+            "× rasterio",
+        ],
+    )
     targets = {}
     for prep in ("device", "worker"):
         local1 = rate("shards, local", "ShardStream", 1, prepare=prep)
@@ -382,10 +473,12 @@ def main() -> None:
             "x_torchgeo_per_process": round(local1 / tg1, 1) if tg1 else None,
             "ge_10x_torchgeo_per_process": (local1 / tg1 >= 10) if tg1 else None,
         }
-        print(f"\ntargets, prepare={prep} (1 worker process): local shards {local1} patches per "
-              f"CPU-second ({local1_wall}/s wall on this shared machine; target ≥ 1000), {local0} "
-              f"in-process (no DataLoader transfer); vs TorchGeo: "
-              f"{'%.1f×' % (local1 / tg1) if tg1 else 'not measured'} (target ≥ 10×)")  # fmt: skip
+        print(
+            f"\ntargets, prepare={prep} (1 worker process): local shards {local1} patches per "
+            f"CPU-second ({local1_wall}/s wall on this shared machine; target ≥ 1000), {local0} "
+            f"in-process (no DataLoader transfer); vs TorchGeo: "
+            f"{'%.1f×' % (local1 / tg1) if tg1 else 'not measured'} (target ≥ 10×)"
+        )
     fin = rows[-1]
     print(
         f"finish on CPU (z-score + weight + fill, the training step's share with "
@@ -393,14 +486,22 @@ def main() -> None:
     )
     if torchgeo_missing:
         print("\n" + TORCHGEO_HINT)
-    write_results("loader" + ("-quick" if args.quick else ""), {
-        "batch_size": args.batch, "pretrain_patches": pre["samples"], "shards": len(pre["shards"]),
-        "epoch_listing_repeats": reps, "geotiffs": len(tiffs), "rows": rows, "targets": targets,
-        "torchgeo": "not installed: row skipped" if torchgeo_missing else "measured",
-        "notes": "2 shared CPU cores; S3 = moto ThreadedMotoServer in the benchmark process; local "
-                 "reads from the page cache; seconds include DataLoader start-up and the shuffle "
-                 "buffer fill; torch intra-op threads = 1",
-    })  # fmt: skip
+    write_results(
+        "loader" + ("-quick" if args.quick else ""),
+        {
+            "batch_size": args.batch,
+            "pretrain_patches": pre["samples"],
+            "shards": len(pre["shards"]),
+            "epoch_listing_repeats": reps,
+            "geotiffs": len(tiffs),
+            "rows": rows,
+            "targets": targets,
+            "torchgeo": "not installed: row skipped" if torchgeo_missing else "measured",
+            "notes": "2 shared CPU cores; S3 = moto ThreadedMotoServer in the benchmark process; local "
+            "reads from the page cache; seconds include DataLoader start-up and the shuffle "
+            "buffer fill; torch intra-op threads = 1",
+        },
+    )
 
 
 if __name__ == "__main__":

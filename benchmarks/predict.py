@@ -119,9 +119,18 @@ def checkpoint(work: Path, profile: str) -> Path:
         torch.manual_seed(0)
         model = build_segmentation_model(cfg)
         tmp = path.with_suffix(".tmp")
-        torch.save({"format": MODEL_FORMAT, "model": model.state_dict(), "config": cfg.to_dict(),
-                    "extra": {"task": "lulc", "num_classes": 9, "db_stats": [MEAN, STD]},
-                    "epoch": 0, "step": 0, "scores": {}}, tmp)  # fmt: skip
+        torch.save(
+            {
+                "format": MODEL_FORMAT,
+                "model": model.state_dict(),
+                "config": cfg.to_dict(),
+                "extra": {"task": "lulc", "num_classes": 9, "db_stats": [MEAN, STD]},
+                "epoch": 0,
+                "step": 0,
+                "scores": {},
+            },
+            tmp,
+        )
         tmp.replace(path)
     return path
 
@@ -193,13 +202,36 @@ print("RESULT", json.dumps(out))
 """
 
 
-def run_inprocess(work: Path, name: str, *, cube_url: Path, ckpt: Path, overlap: int, block: int,
-                  threads: int = 1, bbox=None, batch: int = 16, device: str = "cpu") -> dict:  # fmt: skip
+def run_inprocess(
+    work: Path,
+    name: str,
+    *,
+    cube_url: Path,
+    ckpt: Path,
+    overlap: int,
+    block: int,
+    threads: int = 1,
+    bbox=None,
+    batch: int = 16,
+    device: str = "cpu",
+) -> dict:
     script = work / f"run-{name}.py"
     out = fresh(work / f"out-{name}.zarr")
-    script.write_text(textwrap.dedent(SCRIPT).format(
-        root=str(ROOT), threads=threads, ckpt=str(ckpt), device=device, mean=MEAN,
-        cube=str(cube_url), out=out, bbox=bbox, overlap=overlap, block=block, batch=batch))  # fmt: skip
+    script.write_text(
+        textwrap.dedent(SCRIPT).format(
+            root=str(ROOT),
+            threads=threads,
+            ckpt=str(ckpt),
+            device=device,
+            mean=MEAN,
+            cube=str(cube_url),
+            out=out,
+            bbox=bbox,
+            overlap=overlap,
+            block=block,
+            batch=batch,
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     if p.returncode != 0 or "RESULT" not in p.stdout:
@@ -222,8 +254,17 @@ def _warm_worker(ckpt: str) -> tuple[int, int]:
     return os.getpid(), torch.get_num_threads()
 
 
-def run_dask(work: Path, name: str, *, workers: int, cube_url: Path, ckpt: Path, overlap: int,
-             block: int, batch: int = 16) -> dict:  # fmt: skip
+def run_dask(
+    work: Path,
+    name: str,
+    *,
+    workers: int,
+    cube_url: Path,
+    ckpt: Path,
+    overlap: int,
+    block: int,
+    batch: int = 16,
+) -> dict:
     import logging
 
     from distributed import Client, LocalCluster
@@ -232,9 +273,16 @@ def run_dask(work: Path, name: str, *, workers: int, cube_url: Path, ckpt: Path,
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     out = fresh(work / f"out-{name}.zarr")
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         info = client.run(_warm_worker, str(ckpt))
         procs = [psutil.Process(pid) for pid, _ in info.values()]
         threads = sorted({t for _, t in info.values()})
@@ -251,36 +299,62 @@ def run_dask(work: Path, name: str, *, workers: int, cube_url: Path, ckpt: Path,
 
         th = threading.Thread(target=watch, daemon=True)
         th.start()
-        res = predict(str(cube_url), str(ckpt), out, overlap=overlap, block=block,
-                      batch_size=batch, client=client, progress=False, panel=False)  # fmt: skip
+        res = predict(
+            str(cube_url),
+            str(ckpt),
+            out,
+            overlap=overlap,
+            block=block,
+            batch_size=batch,
+            client=client,
+            progress=False,
+            panel=False,
+        )
         stop.set()
         th.join()
         cpu = sum(sum(q.cpu_times()[:2]) - cpu0[q.pid] for q in procs)
         same = sorted(v for v in client.run(os.getpid).values()) == sorted(q.pid for q in procs)
     if not same:
         print(f"  {name}: a worker was restarted during the run (memory figures incomplete)")
-    return {"seconds": res.seconds, "megapixels": res.megapixels, "region": list(res.region),
-            "blocks": res.blocks, "cpu_s": cpu,
-            "peak_rss_mb": max(peak.values()) / 2**20,
-            "growth_mb": max(peak[p] - base[p] for p in peak) / 2**20,
-            "threads": threads[0] if len(threads) == 1 else threads}  # fmt: skip
+    return {
+        "seconds": res.seconds,
+        "megapixels": res.megapixels,
+        "region": list(res.region),
+        "blocks": res.blocks,
+        "cpu_s": cpu,
+        "peak_rss_mb": max(peak.values()) / 2**20,
+        "growth_mb": max(peak[p] - base[p] for p in peak) / 2**20,
+        "threads": threads[0] if len(threads) == 1 else threads,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def row(label: str, r: dict, *, workers: str, overlap: int, block: int, batch: int,
-        device: str = "cpu") -> dict:  # fmt: skip
+def row(
+    label: str, r: dict, *, workers: str, overlap: int, block: int, batch: int, device: str = "cpu"
+) -> dict:
     win = count_windows(tuple(r["region"]), block, overlap)
     rr = r["region"]
-    out = {"config": label, "device": r.get("gpu", device), "workers": workers,
-           "threads": r["threads"], "overlap": overlap, "block": block, "batch": batch,
-           "region": f"{rr[1] - rr[0]}x{rr[3] - rr[2]}", "Mpx": round(r["megapixels"], 2),
-           "windows": win, "seconds": round(r["seconds"], 2),
-           "Mpx/s": round(r["megapixels"] / r["seconds"], 4),
-           "windows/s": round(win / r["seconds"], 2), "CPU s": round(r["cpu_s"], 1),
-           "Mpx/CPU-s": round(r["megapixels"] / r["cpu_s"], 4) if r["cpu_s"] > 0 else None,
-           "peak RSS MB": round(r["peak_rss_mb"]), "growth MB": round(r["growth_mb"])}  # fmt: skip
+    out = {
+        "config": label,
+        "device": r.get("gpu", device),
+        "workers": workers,
+        "threads": r["threads"],
+        "overlap": overlap,
+        "block": block,
+        "batch": batch,
+        "region": f"{rr[1] - rr[0]}x{rr[3] - rr[2]}",
+        "Mpx": round(r["megapixels"], 2),
+        "windows": win,
+        "seconds": round(r["seconds"], 2),
+        "Mpx/s": round(r["megapixels"] / r["seconds"], 4),
+        "windows/s": round(win / r["seconds"], 2),
+        "CPU s": round(r["cpu_s"], 1),
+        "Mpx/CPU-s": round(r["megapixels"] / r["cpu_s"], 4) if r["cpu_s"] > 0 else None,
+        "peak RSS MB": round(r["peak_rss_mb"]),
+        "growth MB": round(r["growth_mb"]),
+    }
     if "gpu_max_alloc_mb" in r:
         out["GPU MB"] = round(r["gpu_max_alloc_mb"])
     return out
@@ -292,9 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick", action="store_true", help="a 1024² cube; results to predict-quick.json"
     )
-    ap.add_argument("--paper-device", default="auto", choices=["auto", "cuda", "cpu", "skip"],
-                    help="where the finetune_paper rows run (auto: cuda if available, else "
-                         "skipped; cpu: one 256² chunk, a slow check of the code path)")  # fmt: skip
+    ap.add_argument(
+        "--paper-device",
+        default="auto",
+        choices=["auto", "cuda", "cpu", "skip"],
+        help="where the finetune_paper rows run (auto: cuda if available, else "
+        "skipped; cpu: one 256² chunk, a slow check of the code path)",
+    )
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -309,27 +387,47 @@ def main(argv: list[str] | None = None) -> int:
     def add(label, r, **k):
         rows.append(row(label, r, block=block, batch=16, **k))
         x = rows[-1]
-        print(f"  {label}: {x['Mpx']} Mpx in {x['seconds']} s = {x['Mpx/s']} Mpx/s, "
-              f"{x['windows/s']} windows/s, peak RSS {x['peak RSS MB']} MB "
-              f"(+{x['growth MB']})", flush=True)  # fmt: skip
+        print(
+            f"  {label}: {x['Mpx']} Mpx in {x['seconds']} s = {x['Mpx/s']} Mpx/s, "
+            f"{x['windows/s']} windows/s, peak RSS {x['peak RSS MB']} MB "
+            f"(+{x['growth MB']})",
+            flush=True,
+        )
 
     print(f"tiny, CPU, in-process, {size}² px, blocks {block}² ...", flush=True)
-    add("tiny, no overlap (baseline)", run_inprocess(work, "tiny-ov0", overlap=0, **kw),
-        workers="0", overlap=0)  # fmt: skip
-    add("tiny, 50% overlap", run_inprocess(work, "tiny-ov128", overlap=128, **kw),
-        workers="0", overlap=128)  # fmt: skip
-    add("tiny, 50% overlap, 2 threads",
+    add(
+        "tiny, no overlap (baseline)",
+        run_inprocess(work, "tiny-ov0", overlap=0, **kw),
+        workers="0",
+        overlap=0,
+    )
+    add(
+        "tiny, 50% overlap",
+        run_inprocess(work, "tiny-ov128", overlap=128, **kw),
+        workers="0",
+        overlap=128,
+    )
+    add(
+        "tiny, 50% overlap, 2 threads",
         run_inprocess(work, "tiny-ov128-t2", overlap=128, threads=2, **kw),
-        workers="0", overlap=128)  # fmt: skip
+        workers="0",
+        overlap=128,
+    )
     sub = size // 2
-    add(f"tiny, 50% overlap, {sub}² region (memory)",
+    add(
+        f"tiny, 50% overlap, {sub}² region (memory)",
         run_inprocess(work, "tiny-ov128-small", overlap=128, bbox=corner_bbox(size, sub), **kw),
-        workers="0", overlap=128)  # fmt: skip
+        workers="0",
+        overlap=128,
+    )
     for n in (1, 2):
         print(f"tiny, CPU, Dask LocalCluster of {n} worker(s) ...", flush=True)
-        add(f"tiny, 50% overlap, Dask {n}w",
+        add(
+            f"tiny, 50% overlap, Dask {n}w",
             run_dask(work, f"tiny-dask{n}", workers=n, overlap=128, **kw),
-            workers=str(n), overlap=128)  # fmt: skip
+            workers=str(n),
+            overlap=128,
+        )
 
     # paper profile
     paper_dev = args.paper_device
@@ -337,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         paper_dev = "cuda" if torch.cuda.is_available() else "skip"
     paper: dict = {"device": paper_dev}
     if paper_dev == "skip":
-        why = ("no GPU present (torch.cuda.is_available() is False)"
-               if args.paper_device == "auto" else "--paper-device skip")  # fmt: skip
+        why = (
+            "no GPU present (torch.cuda.is_available() is False)"
+            if args.paper_device == "auto"
+            else "--paper-device skip"
+        )
         print(f"paper profile (finetune_paper, Swin-B UPerNet): skipped: {why}", flush=True)
         paper["skipped"] = why
     else:
@@ -353,11 +454,29 @@ def main(argv: list[str] | None = None) -> int:
             pcube, pbbox = cube_url, corner_bbox(size, WINDOW)
         for batch in (16, 32):
             print(f"paper, {paper_dev}, batch {batch} ...", flush=True)
-            r = run_inprocess(work, f"paper-{paper_dev}-b{batch}", cube_url=pcube, ckpt=ck,
-                              overlap=128, block=block, bbox=pbbox, batch=batch,
-                              threads=os.cpu_count() or 1, device=paper_dev)  # fmt: skip
-            rows.append(row(f"paper, 50% overlap, {paper_dev}", r, workers="0", overlap=128,
-                            block=block, batch=batch, device=paper_dev))  # fmt: skip
+            r = run_inprocess(
+                work,
+                f"paper-{paper_dev}-b{batch}",
+                cube_url=pcube,
+                ckpt=ck,
+                overlap=128,
+                block=block,
+                bbox=pbbox,
+                batch=batch,
+                threads=os.cpu_count() or 1,
+                device=paper_dev,
+            )
+            rows.append(
+                row(
+                    f"paper, 50% overlap, {paper_dev}",
+                    r,
+                    workers="0",
+                    overlap=128,
+                    block=block,
+                    batch=batch,
+                    device=paper_dev,
+                )
+            )
             print(f"  {rows[-1]['Mpx/s']} Mpx/s, {rows[-1]['windows/s']} windows/s", flush=True)
 
     base = rows[0]
@@ -365,21 +484,44 @@ def main(argv: list[str] | None = None) -> int:
         r["ratio"] = round(r["Mpx/s"] / base["Mpx/s"], 3)
         r["windows ratio"] = round(r["windows"] / base["windows"] * base["Mpx"] / r["Mpx"], 2)
     print()
-    cols = ["config", "device", "workers", "threads", "overlap", "batch", "region", "Mpx",
-            "windows", "seconds", "Mpx/s", "windows/s", "CPU s", "Mpx/CPU-s", "peak RSS MB",
-            "growth MB", "ratio"] + (["GPU MB"] if any("GPU MB" in r for r in rows) else [])  # fmt: skip
+    cols = [
+        "config",
+        "device",
+        "workers",
+        "threads",
+        "overlap",
+        "batch",
+        "region",
+        "Mpx",
+        "windows",
+        "seconds",
+        "Mpx/s",
+        "windows/s",
+        "CPU s",
+        "Mpx/CPU-s",
+        "peak RSS MB",
+        "growth MB",
+        "ratio",
+    ] + (["GPU MB"] if any("GPU MB" in r for r in rows) else [])
     print_table(rows, cols)
     full = rows[1]
     small = next(r for r in rows if r["config"].endswith("(memory)"))
-    memory = {"small_region": small["region"], "large_region": full["region"],
-              "area_ratio": round(full["Mpx"] / small["Mpx"], 2),
-              "growth_small_MB": small["growth MB"], "growth_large_MB": full["growth MB"],
-              "peak_small_MB": small["peak RSS MB"], "peak_large_MB": full["peak RSS MB"]}  # fmt: skip
+    memory = {
+        "small_region": small["region"],
+        "large_region": full["region"],
+        "area_ratio": round(full["Mpx"] / small["Mpx"], 2),
+        "growth_small_MB": small["growth MB"],
+        "growth_large_MB": full["growth MB"],
+        "peak_small_MB": small["peak RSS MB"],
+        "peak_large_MB": full["peak RSS MB"],
+    }
     cost = round(base["Mpx/s"] / full["Mpx/s"], 2)
-    print(f"\n50% overlap costs {cost}× the time of plain tiling "
-          f"({full['windows'] / base['windows']:.2f}× the windows); peak RSS growth "
-          f"{memory['growth_small_MB']} MB for {small['region']} vs {memory['growth_large_MB']} MB "
-          f"for {full['region']} ({memory['area_ratio']}× the area)")  # fmt: skip
+    print(
+        f"\n50% overlap costs {cost}× the time of plain tiling "
+        f"({full['windows'] / base['windows']:.2f}× the windows); peak RSS growth "
+        f"{memory['growth_small_MB']} MB for {small['region']} vs {memory['growth_large_MB']} MB "
+        f"for {full['region']} ({memory['area_ratio']}× the area)"
+    )
     print(f"total {time.perf_counter() - t_start:.0f} s")
     notes = [
         "untrained weights: speed and memory do not depend on them",
@@ -392,10 +534,19 @@ def main(argv: list[str] | None = None) -> int:
         "memory at once and re-faults it, which cost ~1.5x the CPU per window (and ~25% less "
         "peak RSS) in a separate in-process check; hence the lower Mpx/CPU-s of the Dask rows",
     ]
-    write_results("predict-quick" if args.quick else "predict",
-                  {"torch": torch.__version__, "cube_px": size, "block": block,
-                   "overlap_cost_x": cost, "memory_flat": memory, "paper": paper,
-                   "notes": notes, "rows": rows})  # fmt: skip
+    write_results(
+        "predict-quick" if args.quick else "predict",
+        {
+            "torch": torch.__version__,
+            "cube_px": size,
+            "block": block,
+            "overlap_cost_x": cost,
+            "memory_flat": memory,
+            "paper": paper,
+            "notes": notes,
+            "rows": rows,
+        },
+    )
     return 0
 
 

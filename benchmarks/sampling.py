@@ -92,9 +92,16 @@ def main() -> None:
         hist0 = _block_hist(codes[: nr * 256, : nc * 256].copy(), 256)
         bal0 = balance_patches(hist0, args.anchors, seed=0)
         t_base = time.perf_counter() - t0
-    rows.append({"method": "numpy in memory", "cells": f"{codes.size / 1e9:.2f}e9", "seconds": round(t_base, 2),
-                 "Mcells/s": round(codes.size / 1e6 / t_base), "peak_rss_growth_mb": round(m0.growth_mb),
-                 "patches_kept": int(bal0["kept"].sum())})  # fmt: skip
+    rows.append(
+        {
+            "method": "numpy in memory",
+            "cells": f"{codes.size / 1e9:.2f}e9",
+            "seconds": round(t_base, 2),
+            "Mcells/s": round(codes.size / 1e6 / t_base),
+            "peak_rss_growth_mb": round(m0.growth_mb),
+            "patches_kept": int(bal0["kept"].sum()),
+        }
+    )
 
     # The same on the same map through Dask blocks (a ratio at equal size).
     lazy = da.from_array(codes, chunks=2048)
@@ -104,9 +111,16 @@ def main() -> None:
         balance_patches(hist1, args.anchors, seed=0)
         t_same = time.perf_counter() - t0
     assert (hist1 == hist0).all()
-    rows.append({"method": "sarcube (Dask blocks), same map", "cells": f"{codes.size / 1e9:.2f}e9",
-                 "seconds": round(t_same, 2), "Mcells/s": round(codes.size / 1e6 / t_same),
-                 "peak_rss_growth_mb": round(m1.growth_mb), "patches_kept": "same"})  # fmt: skip
+    rows.append(
+        {
+            "method": "sarcube (Dask blocks), same map",
+            "cells": f"{codes.size / 1e9:.2f}e9",
+            "seconds": round(t_same, 2),
+            "Mcells/s": round(codes.size / 1e6 / t_same),
+            "peak_rss_growth_mb": round(m1.growth_mb),
+            "patches_kept": "same",
+        }
+    )
 
     # National size: upsampled lazily, never materialised.
     big = da.repeat(da.repeat(lazy, f, axis=0), f, axis=1)
@@ -118,17 +132,35 @@ def main() -> None:
         bal2 = balance_patches(hist2, args.anchors, seed=0)
         t_big = time.perf_counter() - t0
     cells = big.shape[0] * big.shape[1]
-    rows.append({"method": f"sarcube (Dask blocks), ×{f} upsampled", "cells": f"{cells / 1e9:.2f}e9",
-                 "seconds": round(t_big, 1), "Mcells/s": round(cells / 1e6 / t_big),
-                 "peak_rss_growth_mb": round(m2.growth_mb), "patches_kept": int(bal2["kept"].sum())})  # fmt: skip
+    rows.append(
+        {
+            "method": f"sarcube (Dask blocks), ×{f} upsampled",
+            "cells": f"{cells / 1e9:.2f}e9",
+            "seconds": round(t_big, 1),
+            "Mcells/s": round(cells / 1e6 / t_big),
+            "peak_rss_growth_mb": round(m2.growth_mb),
+            "patches_kept": int(bal2["kept"].sum()),
+        }
+    )
     print(f"label map: {source}")
     print_table(
         rows, ["method", "cells", "seconds", "Mcells/s", "peak_rss_growth_mb", "patches_kept"]
     )
-    print(f"\nholding the national-size raster would need {cells / 2**30:.1f} GiB; sampling grew RSS by "
-          f"{m2.growth_mb:.0f} MB; Dask/numpy time ratio at equal size: {t_same / t_base:.2f}")  # fmt: skip
-    write_results("sampling", {"label_map": source, "factor": f, "anchors": args.anchors, "rows": rows,
-                               "national_cells": cells, "raster_in_memory_gib": round(cells / 2**30, 2)})  # fmt: skip
+    print(
+        f"\nholding the national-size raster would need {cells / 2**30:.1f} GiB; sampling grew RSS by "
+        f"{m2.growth_mb:.0f} MB; Dask/numpy time ratio at equal size: {t_same / t_base:.2f}"
+    )
+    write_results(
+        "sampling",
+        {
+            "label_map": source,
+            "factor": f,
+            "anchors": args.anchors,
+            "rows": rows,
+            "national_cells": cells,
+            "raster_in_memory_gib": round(cells / 2**30, 2),
+        },
+    )
 
 
 if __name__ == "__main__":

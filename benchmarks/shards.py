@@ -68,14 +68,32 @@ def build_index(cube_url: str, index_url: str) -> pd.DataFrame:
                     if t.month in (10, 11)
                     else BLOCK_SPLIT[(r // block % 2, c // block % 2)]
                 )
-                rows.append({"patch_id": patch_id(t, r, c), "time": t, "row": np.int32(r), "col": np.int32(c),
-                             "lon_min": w, "lat_min": s, "lon_max": e, "lat_max": n, "split": split,
-                             **{h: np.int32(counts[k]) for h, k in zip(HIST_COLUMNS, CODES, strict=True)},
-                             "nodata_frac": np.float32((np.isnan(sar) | (lab == 0)).mean()),
-                             "anchors": np.int32(1), "shard": ""})  # fmt: skip
+                rows.append(
+                    {
+                        "patch_id": patch_id(t, r, c),
+                        "time": t,
+                        "row": np.int32(r),
+                        "col": np.int32(c),
+                        "lon_min": w,
+                        "lat_min": s,
+                        "lon_max": e,
+                        "lat_max": n,
+                        "split": split,
+                        **{
+                            h: np.int32(counts[k]) for h, k in zip(HIST_COLUMNS, CODES, strict=True)
+                        },
+                        "nodata_frac": np.float32((np.isnan(sar) | (lab == 0)).mean()),
+                        "anchors": np.int32(1),
+                        "shard": "",
+                    }
+                )
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    meta = {"cube_url": cube_url, "cube_fingerprint": cube_fingerprint(open_group(cube_url).attrs),
-            "seed": 0, "params": {"rule": "benchmark: every patch with valid SAR"}}  # fmt: skip
+    meta = {
+        "cube_url": cube_url,
+        "cube_fingerprint": cube_fingerprint(open_group(cube_url).attrs),
+        "seed": 0,
+        "params": {"rule": "benchmark: every patch with valid SAR"},
+    }
     write_index(df, index_url, meta)
     return df
 
@@ -89,17 +107,37 @@ def _free_port() -> int:
 def run(cube: str, index: str, out: str, workers: int, shard_mb: float, so=None, update=False):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address="127.0.0.1:0", silence_logs=40) as cluster, Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(lambda: __import__("sarcube.shards"))  # imports done before the clock starts
         t0 = time.perf_counter()
-        manifest = write_shards(cube, index, out, shard_size_mb=shard_mb, min_shards_per_split=8,
-                                storage_options=so, client=client, progress=False,
-                                update_index=update)  # fmt: skip
+        manifest = write_shards(
+            cube,
+            index,
+            out,
+            shard_size_mb=shard_mb,
+            min_shards_per_split=8,
+            storage_options=so,
+            client=client,
+            progress=False,
+            update_index=update,
+        )
         seconds = time.perf_counter() - t0
     splits = manifest["splits"].values()
-    return {"samples": sum(s["samples"] for s in splits), "mb": sum(s["bytes"] for s in splits) / 2**20,
-            "shards": sum(len(s["shards"]) for s in splits), "seconds": seconds}  # fmt: skip
+    return {
+        "samples": sum(s["samples"] for s in splits),
+        "mb": sum(s["bytes"] for s in splits) / 2**20,
+        "shards": sum(len(s["shards"]) for s in splits),
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -173,14 +211,23 @@ def main() -> None:
     print_table(
         rows, ["target", "workers", "samples", "shards", "mb", "seconds", "patches/s", "MB/s"]
     )
-    scaling = {t: round(rows[i + 1]["patches/s"] / rows[i]["patches/s"], 2)
-               for i, t in ((0, "local"), (2, "s3"), (4, "kept"))}  # fmt: skip
+    scaling = {
+        t: round(rows[i + 1]["patches/s"] / rows[i]["patches/s"], 2)
+        for i, t in ((0, "local"), (2, "s3"), (4, "kept"))
+    }
     print(f"\nscaling 1 -> 2 workers: {scaling}")
-    write_results("shards" + ("-quick" if args.quick else ""), {
-        "bbox": list(bbox), "patches": len(df), "shard_size_mb": shard_mb, "rows": rows,
-        "scaling_1_to_2_workers": scaling, "sampling": sampling_benchmark(),
-        "notes": "S3 = moto ThreadedMotoServer in the benchmark process (shares the 2 cores)",
-    })  # fmt: skip
+    write_results(
+        "shards" + ("-quick" if args.quick else ""),
+        {
+            "bbox": list(bbox),
+            "patches": len(df),
+            "shard_size_mb": shard_mb,
+            "rows": rows,
+            "scaling_1_to_2_workers": scaling,
+            "sampling": sampling_benchmark(),
+            "notes": "S3 = moto ThreadedMotoServer in the benchmark process (shares the 2 cores)",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,15 @@ PEAK_BF16: list[tuple[str, float]] = [
     ("A10G", 70e12),
     ("V100", 125e12),  # fp16
 ]
-PROFILES = ["simmim_tiny", "mixmae_tiny", "finetune_tiny", "finetune_tiny_water",
-            "simmim_paper", "mixmae_paper", "finetune_paper"]  # fmt: skip
+PROFILES = [
+    "simmim_tiny",
+    "mixmae_tiny",
+    "finetune_tiny",
+    "finetune_tiny_water",
+    "simmim_paper",
+    "mixmae_paper",
+    "finetune_paper",
+]
 # Benchmark names that are a profile with overrides.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "finetune_tiny_water": ("finetune_tiny", ["seg.task=water"])
@@ -104,8 +111,11 @@ def sar_batch(n: int, device: torch.device, seed: int = 0) -> dict:
     level = torch.where(yy < 128, -20.0, -7.0)
     db = level + 10 * torch.log10(torch.empty(level.shape).exponential_(generator=g) + 1e-3)
     image = (db + 12.0) / 5.0
-    return {"image": image.float().to(device), "weight": sar_intensity_weight(db).to(device),
-            "key": [str(i) for i in range(n)]}  # fmt: skip
+    return {
+        "image": image.float().to(device),
+        "weight": sar_intensity_weight(db).to(device),
+        "key": [str(i) for i in range(n)],
+    }
 
 
 def seg_batch(n: int, device: torch.device, task: str, seed: int = 0) -> dict:
@@ -154,8 +164,9 @@ def count_flops(trainer: Trainer, batch: dict) -> int | None:
         trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def bench(profile: str, device: torch.device, batch: int | None, steps: int, warmup: int,
-          compile_: bool) -> dict:  # fmt: skip
+def bench(
+    profile: str, device: torch.device, batch: int | None, steps: int, warmup: int, compile_: bool
+) -> dict:
     base, extra = VARIANTS.get(profile, (profile, []))
     over = [*extra, "train.progress=false", "train.tensorboard=false", f"train.device={device}"]
     if compile_:
@@ -194,16 +205,23 @@ def bench(profile: str, device: torch.device, batch: int | None, steps: int, war
     step_s = statistics.median(times)
     name, peak = peak_flops(device)
     achieved = None if flops is None else flops / step_s
-    row = {"profile": profile, "method": cfg.method,
-           "task": cfg.seg.task if cfg.method == "finetune" else "pretrain",
-           "model": cfg.model.size, "device": name,
-           "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32",
-           "batch": n, "params_M": round(params / 1e6, 1), "steps": steps,
-           "step_s": round(step_s, 4), "img/s": round(n / step_s, 2),
-           "GFLOP/img": None if flops is None else round(flops / n / 1e9, 1),
-           "TFLOP/s": None if achieved is None else round(achieved / 1e12, 3),
-           "MFU": None if peak is None or achieved is None else round(achieved / peak, 3),
-           "loss": round(loss, 4)}  # fmt: skip
+    row = {
+        "profile": profile,
+        "method": cfg.method,
+        "task": cfg.seg.task if cfg.method == "finetune" else "pretrain",
+        "model": cfg.model.size,
+        "device": name,
+        "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32",
+        "batch": n,
+        "params_M": round(params / 1e6, 1),
+        "steps": steps,
+        "step_s": round(step_s, 4),
+        "img/s": round(n / step_s, 2),
+        "GFLOP/img": None if flops is None else round(flops / n / 1e9, 1),
+        "TFLOP/s": None if achieved is None else round(achieved / 1e12, 3),
+        "MFU": None if peak is None or achieved is None else round(achieved / peak, 3),
+        "loss": round(loss, 4),
+    }
     if device.type == "cuda":
         row["max_mem_GB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
         torch.cuda.reset_peak_memory_stats(device)
@@ -212,8 +230,13 @@ def bench(profile: str, device: torch.device, batch: int | None, steps: int, war
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profiles", nargs="+", default=PROFILES, metavar="PROFILE",
-                    help=f"profiles or variants (default: {' '.join(PROFILES)})")  # fmt: skip
+    ap.add_argument(
+        "--profiles",
+        nargs="+",
+        default=PROFILES,
+        metavar="PROFILE",
+        help=f"profiles or variants (default: {' '.join(PROFILES)})",
+    )
     ap.add_argument("--batch", type=int, default=None, help="batch per step (default: see doc)")
     ap.add_argument(
         "--steps", type=int, default=None, help="timed steps (default: 5 tiny, 2 paper on CPU)"
@@ -230,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)  # fmt: skip
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device == "auto"
+        else torch.device(args.device)
+    )
     for profile in args.profiles:  # fail on a bad name now, not after the first rows
         base, extra = VARIANTS.get(profile, (profile, []))
         try:
@@ -250,12 +276,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(bench(profile, device, batch, steps, warmup, args.compile))
     print()
-    cols = ["profile", "device", "amp", "batch", "params_M", "step_s", "img/s", "GFLOP/img",
-            "TFLOP/s", "MFU"] + (["max_mem_GB"] if device.type == "cuda" else [])  # fmt: skip
+    cols = [
+        "profile",
+        "device",
+        "amp",
+        "batch",
+        "params_M",
+        "step_s",
+        "img/s",
+        "GFLOP/img",
+        "TFLOP/s",
+        "MFU",
+    ] + (["max_mem_GB"] if device.type == "cuda" else [])
     print_table(rows, cols)
-    write_results("train_step-quick" if args.quick else "train_step",
-                  {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "compile": args.compile, "rows": rows})  # fmt: skip
+    write_results(
+        "train_step-quick" if args.quick else "train_step",
+        {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "compile": args.compile,
+            "rows": rows,
+        },
+    )
     return 0
 
 

@@ -83,14 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if not os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        print("create_bucket: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set "
-              "(deploy/.env)", file=sys.stderr)  # fmt: skip
+        print(
+            "create_bucket: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set (deploy/.env)",
+            file=sys.stderr,
+        )
         return 1
     try:
         state = ensure_bucket(args.bucket, endpoint, args.timeout)
     except Exception as e:  # one line, no traceback: this is a set-up step
-        print(f"create_bucket: s3://{args.bucket} at {endpoint or 'AWS'}: {type(e).__name__}: {e}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"create_bucket: s3://{args.bucket} at {endpoint or 'AWS'}: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
         return 1
     print(f"create_bucket: s3://{args.bucket} {state} at {endpoint or 'AWS'}")
     return 0

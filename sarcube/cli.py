@@ -30,19 +30,37 @@ def _bbox(values: Sequence[str]) -> tuple[float, float, float, float]:
 def _add_synth_options(p: argparse.ArgumentParser) -> None:
     from .synth import DEFAULT_BBOX, DEFAULT_DATES
 
-    p.add_argument("--bbox", nargs=4, metavar=("W", "S", "E", "N"), type=float, default=DEFAULT_BBOX,
-                   help="region in degrees (EPSG:4326); default: Tsukuba / Lake Kasumigaura, "
-                        "0.4267° a side (10 × 10 patches of 256² at the cube's 1/6000° pixel)")  # fmt: skip
-    p.add_argument("--dates", nargs="+", default=[str(d) for d in DEFAULT_DATES],
-                   help="acquisition dates YYYY-MM-DD (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--bbox",
+        nargs=4,
+        metavar=("W", "S", "E", "N"),
+        type=float,
+        default=DEFAULT_BBOX,
+        help="region in degrees (EPSG:4326); default: Tsukuba / Lake Kasumigaura, "
+        "0.4267° a side (10 × 10 patches of 256² at the cube's 1/6000° pixel)",
+    )
+    p.add_argument(
+        "--dates",
+        nargs="+",
+        default=[str(d) for d in DEFAULT_DATES],
+        help="acquisition dates YYYY-MM-DD (default: %(default)s)",
+    )
     p.add_argument("--scenes-per-date", type=int, default=1, help="frames per pass (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lulc-template", default=None,
-                   help="the real 250 m national HR-LULC GeoTIFF to refine; default: procedural")  # fmt: skip
+    p.add_argument(
+        "--lulc-template",
+        default=None,
+        help="the real 250 m national HR-LULC GeoTIFF to refine; default: procedural",
+    )
     p.add_argument("--looks", type=float, default=3.0, help="speckle looks (default 3)")
     p.add_argument("--direction", choices=("A", "D"), default="D", help="pass direction")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option for s3:// outputs, e.g. endpoint_url=http://host:9000")  # fmt: skip
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec/s3fs option for s3:// outputs, e.g. endpoint_url=http://host:9000",
+    )
 
 
 def _synth_kwargs(args: argparse.Namespace) -> dict:
@@ -146,8 +164,11 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from .shards import write_shards
     from .storage import join_url, parse_storage_options
 
-    _check_io(parse_storage_options(args.storage_option),
-              read={"--cube": args.cube, "--index": args.index}, write={"--out": (args.out, "dir")})  # fmt: skip
+    _check_io(
+        parse_storage_options(args.storage_option),
+        read={"--cube": args.cube, "--index": args.index},
+        write={"--out": (args.out, "dir")},
+    )
     manifest = write_shards(
         args.cube,
         args.index,
@@ -186,8 +207,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return _launch("training.pretrain", _forwarded(args), args.nproc, args.command, args.verbose)
 
 
-def _launch(module: str, argv: list[str], nproc: int, command: str = "",
-            verbose: bool = False) -> int:  # fmt: skip
+def _launch(
+    module: str, argv: list[str], nproc: int, command: str = "", verbose: bool = False
+) -> int:
     """``module``'s main in-process for one process, else ``torch.distributed.run`` with
     ``nproc`` local ranks (gloo on CPU, NCCL on GPUs).
 
@@ -215,8 +237,16 @@ def _launch(module: str, argv: list[str], nproc: int, command: str = "",
     if nproc == 1:
         return mod.main(argv, prog=prog, verbose=verbose)
     forwarded, secrets = split_secret_storage_options(argv)
-    shown = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             f"--nproc_per_node={nproc}", "-m", module, *redact_argv(argv)]  # fmt: skip
+    shown = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *redact_argv(argv),
+    ]
     print("launching: " + " ".join(shown), flush=True)
     handed = {
         SECRET_OPTIONS_ENV: json.dumps(secrets) if secrets else None,
@@ -227,8 +257,9 @@ def _launch(module: str, argv: list[str], nproc: int, command: str = "",
         if v is not None:
             os.environ[k] = v
     try:
-        return _torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *forwarded],
-                         verbose)  # fmt: skip
+        return _torchrun(
+            ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *forwarded], verbose
+        )
     finally:
         for k, v in saved.items():
             if v is None:
@@ -274,8 +305,14 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
     pre = args.pretrained
     try:
-        res = run_ablation(args.manifest, pre, args.out, args.config, args.overrides,
-                           parse_storage_options(args.storage_option))  # fmt: skip
+        res = run_ablation(
+            args.manifest,
+            pre,
+            args.out,
+            args.config,
+            args.overrides,
+            parse_storage_options(args.storage_option),
+        )
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     print(res["markdown"])
@@ -308,21 +345,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write synthetic ALOS-2 scenes and HR-LULC tiles",
-                       description="Write HR-LULC-format label tiles (lulc/) and ALOS-2 L2.1-style "
-                                   "HH scenes (scenes/) for a region, deterministically from a seed.")  # fmt: skip
+    p = sub.add_parser(
+        "synth",
+        help="write synthetic ALOS-2 scenes and HR-LULC tiles",
+        description="Write HR-LULC-format label tiles (lulc/) and ALOS-2 L2.1-style "
+        "HH scenes (scenes/) for a region, deterministically from a seed.",
+    )
     p.add_argument(
         "--out", required=True, help="output directory or URL (local, s3://bucket/prefix)"
     )
     _add_synth_options(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="ingest ALOS-2 scenes and HR-LULC tiles into the Zarr datacube",
-                       description="Calibrate, resample (one step, average of linear power) and mosaic "
-                                   "ALOS-2 scenes onto the cube grid with Dask; align HR-LULC labels. "
-                                   "Resumable: scenes already in the cube are skipped.")  # fmt: skip
-    p.add_argument("--scenes", nargs="+", default=[], metavar="URL",
-                   help="scene files, globs, directories or s3:// prefixes (IMG-HH-ALOS2…tif, mosaic tiles)")  # fmt: skip
+    p = sub.add_parser(
+        "ingest",
+        help="ingest ALOS-2 scenes and HR-LULC tiles into the Zarr datacube",
+        description="Calibrate, resample (one step, average of linear power) and mosaic "
+        "ALOS-2 scenes onto the cube grid with Dask; align HR-LULC labels. "
+        "Resumable: scenes already in the cube are skipped.",
+    )
+    p.add_argument(
+        "--scenes",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="scene files, globs, directories or s3:// prefixes (IMG-HH-ALOS2…tif, mosaic tiles)",
+    )
     p.add_argument(
         "--lulc",
         nargs="+",
@@ -339,8 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="start a LocalCluster with N worker processes (default 2)"
     )
     p.add_argument("--memory-limit", help="memory limit per local worker, e.g. 2GB (default: auto)")
-    p.add_argument("--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"),
-                   help="extent of a new cube in degrees (default: the HR-LULC tiles' extent)")  # fmt: skip
+    p.add_argument(
+        "--bbox",
+        nargs=4,
+        type=float,
+        metavar=("W", "S", "E", "N"),
+        help="extent of a new cube in degrees (default: the HR-LULC tiles' extent)",
+    )
     p.add_argument("--resolution", help="cell size of a new cube, 1/n degree (default 1/6000)")
     p.add_argument(
         "--strict", action="store_true", help="fail (exit 2) when any input has a problem"
@@ -348,19 +401,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mosaic-date", help="acquisition date YYYY-MM-DD for mosaic tiles without their XML"
     )
-    p.add_argument("--edge-nodata-pct", type=float, default=50.0,
-                   help="a cell is no data when at least this %% of its source pixels are (default 50)")  # fmt: skip
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--edge-nodata-pct",
+        type=float,
+        default=50.0,
+        help="a cell is no data when at least this %% of its source pixels are (default 50)",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)",
+    )
     add_lock_arguments(p)
     p.set_defaults(func=cmd_ingest)
 
     from .classes import FOREST_CODES
 
-    p = sub.add_parser("sample", help="category-aware patch sampling -> patch index (Parquet) + report",
-                       description="Class-balanced sampling of 256² patches (inverse-frequency anchors), "
-                                   "splits by month (pretrain / fine-tuning) and spatial blocks "
-                                   "(train/val/test), written as a Parquet patch index with a report.")  # fmt: skip
+    p = sub.add_parser(
+        "sample",
+        help="category-aware patch sampling -> patch index (Parquet) + report",
+        description="Class-balanced sampling of 256² patches (inverse-frequency anchors), "
+        "splits by month (pretrain / fine-tuning) and spatial blocks "
+        "(train/val/test), written as a Parquet patch index with a report.",
+    )
     p.add_argument("--cube", required=True, help="cube URL")
     p.add_argument(
         "--out", required=True, help="patch index URL (.parquet); the report goes beside it"
@@ -369,8 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-anchors", type=int, default=1_000_000, help="anchors to draw (paper: 1,000,000)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exclude-full", type=int, nargs="*", default=list(FOREST_CODES),
-                   help="drop patches made only of these codes (default: forest %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--exclude-full",
+        type=int,
+        nargs="*",
+        default=list(FOREST_CODES),
+        help="drop patches made only of these codes (default: forest %(default)s)",
+    )
     p.add_argument("--pretrain-months", type=int, nargs="+", default=[10, 11])
     p.add_argument("--finetune-months", type=int, nargs="+", default=[9])
     p.add_argument(
@@ -383,10 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("shards", help="write WebDataset shards per split + manifest.json (Dask)",
-                       description="Cut the indexed patches from the cube into WebDataset tar shards "
-                                   "({split}-{n:06d}.tar) on any fsspec URL; manifest.json (written last) "
-                                   "lists shards, sha256, dB statistics and class frequencies.")  # fmt: skip
+    p = sub.add_parser(
+        "shards",
+        help="write WebDataset shards per split + manifest.json (Dask)",
+        description="Cut the indexed patches from the cube into WebDataset tar shards "
+        "({split}-{n:06d}.tar) on any fsspec URL; manifest.json (written last) "
+        "lists shards, sha256, dB statistics and class frequencies.",
+    )
     p.add_argument("--cube", required=True, help="cube URL")
     p.add_argument("--index", required=True, help="patch index from `sarcube sample`")
     p.add_argument(
@@ -395,70 +468,99 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-size-mb", type=float, default=256, help="target shard size (default 256 MiB)"
     )
-    p.add_argument("--min-shards", type=int, default=8,
-                   help="at least this many shards per split; use ≥ 4 × ranks × loader workers (default 8)")  # fmt: skip
+    p.add_argument(
+        "--min-shards",
+        type=int,
+        default=8,
+        help="at least this many shards per split; use ≥ 4 × ranks × loader workers (default 8)",
+    )
     p.add_argument("--seed", type=int, default=0, help="shuffle of samples across shards")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--scheduler", help="address of a running Dask scheduler")
     g.add_argument("--workers", type=int, help="LocalCluster worker processes (default 2)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--verify", action="store_true",
-                   help="compare every sample of each kept shard with a fresh cut from the cube "
-                        "(default: 2 per shard; kept shards are always hashed against the old manifest)")  # fmt: skip
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare every sample of each kept shard with a fresh cut from the cube "
+        "(default: 2 per shard; kept shards are always hashed against the old manifest)",
+    )
     add_lock_arguments(p)
     p.set_defaults(func=cmd_shards)
 
-    p = sub.add_parser("pretrain", help="pretrain the Swin encoder (SAR-W-SimMIM / SAR-W-MixMAE) on shards",
-                       description="Stream the manifest's pretrain split and train SAR-W-SimMIM or "
-                                   "SAR-W-MixMAE; checkpoints, encoder.pth, metrics and a reconstruction "
-                                   "figure go to --out. --nproc N > 1 runs N local DDP ranks (torchrun; "
-                                   "gloo on CPU, NCCL on GPUs).")  # fmt: skip
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain the Swin encoder (SAR-W-SimMIM / SAR-W-MixMAE) on shards",
+        description="Stream the manifest's pretrain split and train SAR-W-SimMIM or "
+        "SAR-W-MixMAE; checkpoints, encoder.pth, metrics and a reconstruction "
+        "figure go to --out. --nproc N > 1 runs N local DDP ranks (torchrun; "
+        "gloo on CPU, NCCL on GPUs).",
+    )
     add_pretrain_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="fine-tune the refined UPerNet (LULC or water) on shards",
-                       description="Stream the manifest's train split, fine-tune the Swin encoder + "
-                                   "refined UPerNet, validate every epoch (best.pt by val mIoU / "
-                                   "water IoU) and evaluate the test split with the best weights "
-                                   "(report in OUT/test). --nproc N > 1 runs N local DDP ranks.")  # fmt: skip
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the refined UPerNet (LULC or water) on shards",
+        description="Stream the manifest's train split, fine-tune the Swin encoder + "
+        "refined UPerNet, validate every epoch (best.pt by val mIoU / "
+        "water IoU) and evaluate the test split with the best weights "
+        "(report in OUT/test). --nproc N > 1 runs N local DDP ranks.",
+    )
     add_finetune_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint on a split (report)",
-                       description="Confusion matrix of a fine-tuning checkpoint (best.pt or "
-                                   "checkpoint.pt) over a split; writes report.json, report.md "
-                                   "(Table II layout), confusion_matrix.png, per_class.png and "
-                                   "panels.png to --out.")  # fmt: skip
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a fine-tuned checkpoint on a split (report)",
+        description="Confusion matrix of a fine-tuning checkpoint (best.pt or "
+        "checkpoint.pt) over a split; writes report.json, report.md "
+        "(Table II layout), confusion_matrix.png, per_class.png and "
+        "panels.png to --out.",
+    )
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("ablation", help="train + validate the variants of Table I (refinements)",
-                       description="Fine-tune and validate the five variants of Table I of arXiv "
-                                   "2601.15705 (pretraining, high-res injection, refine-up, "
-                                   "α-scale) and write ablation.md / ablation.json to --out. A "
-                                   "reproduction of the procedure (tiny profile by default).")  # fmt: skip
+    p = sub.add_parser(
+        "ablation",
+        help="train + validate the variants of Table I (refinements)",
+        description="Fine-tune and validate the five variants of Table I of arXiv "
+        "2601.15705 (pretraining, high-res injection, refine-up, "
+        "α-scale) and write ablation.md / ablation.json to --out. A "
+        "reproduction of the procedure (tiny profile by default).",
+    )
     p.add_argument("--manifest", required=True, help="shards with train and val splits")
     p.add_argument("--pretrained", required=True, help="encoder.pth for the pretrained variants")
     p.add_argument("--out", required=True, help="output directory or URL")
     p.add_argument("--config", default="finetune_tiny", help="profile (default %(default)s)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="overrides for every variant, e.g. schedule.epochs=5")  # fmt: skip
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides for every variant, e.g. schedule.epochs=5",
+    )
     p.set_defaults(func=cmd_ablation)
 
-    p = sub.add_parser("predict", help="map a region of the cube with a fine-tuned model (Zarr + COG)",
-                       description="Sliding-window, seamless, out-of-core inference over a bbox and "
-                                   "dates of the cube: writes pred_lulc / pred_water (uint8, 255 = no "
-                                   "data) into the cube or another Zarr store, scores against the "
-                                   "cube's labels, a PNG panel, and optionally a COG.")  # fmt: skip
+    p = sub.add_parser(
+        "predict",
+        help="map a region of the cube with a fine-tuned model (Zarr + COG)",
+        description="Sliding-window, seamless, out-of-core inference over a bbox and "
+        "dates of the cube: writes pred_lulc / pred_water (uint8, 255 = no "
+        "data) into the cube or another Zarr store, scores against the "
+        "cube's labels, a PNG panel, and optionally a COG.",
+    )
     add_predict_arguments(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("unlock", help="remove the write lock of a cube, shard prefix or run folder",
-                       description="Remove <URL>/.sarcube-lock.json left by a writer that died. Refuses a "
-                                   "lock whose holder still heart-beats unless --force.")  # fmt: skip
+    p = sub.add_parser(
+        "unlock",
+        help="remove the write lock of a cube, shard prefix or run folder",
+        description="Remove <URL>/.sarcube-lock.json left by a writer that died. Refuses a "
+        "lock whose holder still heart-beats unless --force.",
+    )
     p.add_argument("url", help="the store: cube, shard prefix, prediction store or run folder")
     p.add_argument(
         "--force", action="store_true", help="break even a live lock (its writer may corrupt)"
@@ -466,9 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_unlock)
 
-    p = sub.add_parser("demo", help="run the end-to-end demo on built-in synthetic data",
-                       description="The end-to-end demo: synthetic inputs and each pipeline stage "
-                                   "built so far, with a summary of what was produced and where.")  # fmt: skip
+    p = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on built-in synthetic data",
+        description="The end-to-end demo: synthetic inputs and each pipeline stage "
+        "built so far, with a summary of what was produced and where.",
+    )
     p.add_argument("--out", default="demo-output", help="output directory (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
     _add_synth_options(p)
@@ -524,8 +629,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         if "://" not in msg:  # s3fs does not say which object: name the command's URLs
-            urls = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-                    if k in _URL_ARGUMENTS and isinstance(v, str) and "://" in v]  # fmt: skip
+            urls = [
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in sorted(vars(args).items())
+                if k in _URL_ARGUMENTS and isinstance(v, str) and "://" in v
+            ]
             msg += f" (on {', '.join(urls)})" if urls else ""
         print(f"sarcube {args.command}: error: {msg}", file=sys.stderr)
         return 2

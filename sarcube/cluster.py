@@ -70,11 +70,16 @@ def dask_client(
         own = _connect(scheduler)
         cluster = None
     else:
-        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
-                               memory_limit=memory_limit or "auto", dashboard_address="127.0.0.1:0",
-                               # worker processes: a heartbeat racing the shutdown logs a
-                               # traceback at ERROR; task errors come back through the futures
-                               silence_logs=logging.CRITICAL if quiet else logging.INFO)  # fmt: skip
+        cluster = LocalCluster(
+            n_workers=workers or 2,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=memory_limit or "auto",
+            dashboard_address="127.0.0.1:0",
+            # worker processes: a heartbeat racing the shutdown logs a
+            # traceback at ERROR; task errors come back through the futures
+            silence_logs=logging.CRITICAL if quiet else logging.INFO,
+        )
         own = Client(cluster)
     print(f"Dask dashboard: {own.dashboard_link}", flush=True)
     try:

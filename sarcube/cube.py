@@ -61,8 +61,9 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_
     """A Zarr v3 store for a local path or an fsspec URL (``s3://…`` on any endpoint)."""
     url = str(url)
     if is_remote(url):
-        return zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
-                                                 read_only=read_only)  # fmt: skip
+        return zarr.storage.FsspecStore.from_url(
+            url, storage_options=dict(storage_options or {}), read_only=read_only
+        )
     return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
 
 
@@ -78,8 +79,12 @@ def _crs_attrs(grid: CubeGrid) -> dict[str, Any]:
     }
 
 
-def create_cube(url: str, grid: CubeGrid, storage_options: Mapping[str, Any] | None = None,
-                provenance: Mapping[str, Any] | None = None) -> zarr.Group:  # fmt: skip
+def create_cube(
+    url: str,
+    grid: CubeGrid,
+    storage_options: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> zarr.Group:
     """Create an empty cube (no time slices yet) with its coordinates, CRS and attributes.
 
     The caller holds the cube's lock (``sarcube.locking``), whose object may already be in the
@@ -99,33 +104,62 @@ def create_cube(url: str, grid: CubeGrid, storage_options: Mapping[str, Any] | N
         "grid_mapping": "spatial_ref",
         "_CRS": {"url": "http://www.opengis.net/def/crs/EPSG/0/4326"},
     }
-    hh = root.create_array("hh_db", shape=(0, h, w), chunks=(1, c, c), shards=(1, *shard_hw), dtype="float32",
-                           fill_value=np.nan, dimension_names=("time", "y", "x"), config=cfg)  # fmt: skip
-    hh.attrs.update({
-        "units": "dB",
-        "long_name": "HH backscatter (sigma0 for L1.5/L2.1 scenes, gamma0 for yearly mosaics)",
-        "calibration_formula": CALIBRATION_FORMULA,
-        "calibration_factor_db": CALIBRATION_FACTORS_DB,
-        "resampling": "area-weighted average of linear power (GDAL 'average'), one step; dB taken once",
-        "coordinates": "spatial_ref",
-        **gm,
-    })  # fmt: skip
-    lulc = root.create_array("lulc", shape=(h, w), chunks=(c, c), shards=shard_hw, dtype="uint8",
-                             fill_value=0, dimension_names=("y", "x"), config=cfg)  # fmt: skip
+    hh = root.create_array(
+        "hh_db",
+        shape=(0, h, w),
+        chunks=(1, c, c),
+        shards=(1, *shard_hw),
+        dtype="float32",
+        fill_value=np.nan,
+        dimension_names=("time", "y", "x"),
+        config=cfg,
+    )
+    hh.attrs.update(
+        {
+            "units": "dB",
+            "long_name": "HH backscatter (sigma0 for L1.5/L2.1 scenes, gamma0 for yearly mosaics)",
+            "calibration_formula": CALIBRATION_FORMULA,
+            "calibration_factor_db": CALIBRATION_FACTORS_DB,
+            "resampling": "area-weighted average of linear power (GDAL 'average'), one step; dB taken once",
+            "coordinates": "spatial_ref",
+            **gm,
+        }
+    )
+    lulc = root.create_array(
+        "lulc",
+        shape=(h, w),
+        chunks=(c, c),
+        shards=shard_hw,
+        dtype="uint8",
+        fill_value=0,
+        dimension_names=("y", "x"),
+        config=cfg,
+    )
     codes = [0, *DEFAULT_TABLE.codes]
-    lulc.attrs.update({
-        "long_name": f"JAXA HR-LULC {DEFAULT_TABLE.version} class code",
-        "flag_values": codes,
-        "flag_meanings": " ".join(["no_data", *(DEFAULT_TABLE.name(k).replace(" ", "_") for k in codes[1:])]),
-        "class_table": DEFAULT_TABLE.version,
-        "resampling": "mode of HR-LULC pixels when downsampling (GDAL 'mode'), nearest otherwise",
-        "coordinates": "spatial_ref",
-        **gm,
-    })  # fmt: skip
-    t = root.create_array("time", shape=(0,), chunks=(1024,), dtype="int64", fill_value=0,
-                          dimension_names=("time",))  # fmt: skip
-    t.attrs.update({"units": "days since 1970-01-01", "calendar": "proleptic_gregorian",
-                    "standard_name": "time", "long_name": "acquisition date"})  # fmt: skip
+    lulc.attrs.update(
+        {
+            "long_name": f"JAXA HR-LULC {DEFAULT_TABLE.version} class code",
+            "flag_values": codes,
+            "flag_meanings": " ".join(
+                ["no_data", *(DEFAULT_TABLE.name(k).replace(" ", "_") for k in codes[1:])]
+            ),
+            "class_table": DEFAULT_TABLE.version,
+            "resampling": "mode of HR-LULC pixels when downsampling (GDAL 'mode'), nearest otherwise",
+            "coordinates": "spatial_ref",
+            **gm,
+        }
+    )
+    t = root.create_array(
+        "time", shape=(0,), chunks=(1024,), dtype="int64", fill_value=0, dimension_names=("time",)
+    )
+    t.attrs.update(
+        {
+            "units": "days since 1970-01-01",
+            "calendar": "proleptic_gregorian",
+            "standard_name": "time",
+            "long_name": "acquisition date",
+        }
+    )
     y = root.create_array("y", shape=(h,), chunks=(h,), dtype="float64", dimension_names=("y",))
     y[:] = grid.y_coords()
     y.attrs.update({"units": "degrees_north", "standard_name": "latitude", "axis": "Y"})
@@ -135,17 +169,19 @@ def create_cube(url: str, grid: CubeGrid, storage_options: Mapping[str, Any] | N
     sr = root.create_array("spatial_ref", shape=(), dtype="int32", fill_value=0)
     sr[()] = 0
     sr.attrs.update(_crs_attrs(grid))
-    root.attrs.update({
-        "format": FORMAT,
-        "sarcube_version": __version__,
-        "grid": grid.to_attrs(),
-        "crs": "EPSG:4326",
-        "calibration": {"formula": CALIBRATION_FORMULA, "cf_db": CALIBRATION_FACTORS_DB},
-        "slices": {},
-        "labels": {},
-        "provenance": redact(dict(provenance or {})),
-        "Conventions": "CF-1.8",
-    })  # fmt: skip
+    root.attrs.update(
+        {
+            "format": FORMAT,
+            "sarcube_version": __version__,
+            "grid": grid.to_attrs(),
+            "crs": "EPSG:4326",
+            "calibration": {"formula": CALIBRATION_FORMULA, "cf_db": CALIBRATION_FACTORS_DB},
+            "slices": {},
+            "labels": {},
+            "provenance": redact(dict(provenance or {})),
+            "Conventions": "CF-1.8",
+        }
+    )
     return root
 
 
@@ -202,8 +238,9 @@ def date_to_days(date: dt.date) -> int:
     return (date - EPOCH).days
 
 
-def open_cube(url: str, storage_options: Mapping[str, Any] | None = None,
-              include_incomplete: bool = False) -> xr.Dataset:  # fmt: skip
+def open_cube(
+    url: str, storage_options: Mapping[str, Any] | None = None, include_incomplete: bool = False
+) -> xr.Dataset:
     """Open a cube as a lazy ``xarray.Dataset`` with a CRS (``.rio`` works).
 
     Only complete time slices are shown (sorted by date) unless ``include_incomplete``. Select by
@@ -214,8 +251,12 @@ def open_cube(url: str, storage_options: Mapping[str, Any] | None = None,
     """
     root = open_group(url, storage_options, formats=(FORMAT, PREDICTIONS_FORMAT))
     slices = root.attrs.get("slices", {})
-    ds = xr.open_zarr(zarr_store(url, storage_options, read_only=True), consolidated=False,
-                      zarr_format=3, decode_coords="all")  # fmt: skip
+    ds = xr.open_zarr(
+        zarr_store(url, storage_options, read_only=True),
+        consolidated=False,
+        zarr_format=3,
+        decode_coords="all",
+    )
     if not include_incomplete:
         keep = sorted(v["time_index"] for v in slices.values() if v.get("status") == "complete")
         ds = ds.isel(time=keep)

@@ -69,8 +69,12 @@ def run_demo(
         res = synthesize(str(out / "synth"), **synth_kwargs)
         res_lulc, res_scenes = res.lulc_urls, res.scene_urls
     overview = plot_synth_overview(res_lulc, res_scenes, out / "synth_overview.png")
-    summary["stages"]["synth"] = {"seconds": round(time.perf_counter() - t0, 1), "lulc_tiles": res_lulc,
-                                  "scenes": res_scenes, "overview_png": str(overview)}  # fmt: skip
+    summary["stages"]["synth"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "lulc_tiles": res_lulc,
+        "scenes": res_scenes,
+        "overview_png": str(overview),
+    }
 
     t0 = time.perf_counter()
     print(f"[2/{n}] ingest: calibrate, resample and mosaic into the Zarr datacube", flush=True)
@@ -83,9 +87,13 @@ def run_demo(
     )
     print(report.summary())
     cube_png = plot_cube_overview(open_cube(cube_url), out / "cube_overview.png")
-    summary["stages"]["ingest"] = {"seconds": round(time.perf_counter() - t0, 1), "cube": cube_url,
-                                   "slices": report.slices, "problems": report.problems,
-                                   "overview_png": str(cube_png)}  # fmt: skip
+    summary["stages"]["ingest"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cube": cube_url,
+        "slices": report.slices,
+        "problems": report.problems,
+        "overview_png": str(cube_png),
+    }
 
     t0 = time.perf_counter()
     print(f"[3/{n}] sample: category-aware patch sampling, month and block splits", flush=True)
@@ -107,12 +115,21 @@ def run_demo(
     present = tuple(
         s for s in ("pretrain", "train", "val", "test") if s in counts
     )  # a small area may lack one
-    manifest = write_shards(cube_url, str(out / "index.parquet"), str(out / "shards"), min_shards_per_split=4,
-                            workers=workers, splits=present)  # fmt: skip
+    manifest = write_shards(
+        cube_url,
+        str(out / "index.parquet"),
+        str(out / "shards"),
+        min_shards_per_split=4,
+        workers=workers,
+        splits=present,
+    )
     shard_counts = {k: len(v["shards"]) for k, v in manifest["splits"].items()}
     print("  shards per split: " + ", ".join(f"{k} {v}" for k, v in shard_counts.items()))
-    summary["stages"]["shards"] = {"seconds": round(time.perf_counter() - t0, 1), "shards": shard_counts,
-                                   "manifest": str(out / "shards" / "manifest.json")}  # fmt: skip
+    summary["stages"]["shards"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "shards": shard_counts,
+        "manifest": str(out / "shards" / "manifest.json"),
+    }
 
     t0 = time.perf_counter()
     print(
@@ -123,8 +140,16 @@ def run_demo(
     from training.pretrain import main as pretrain_main
 
     run_dir = out / "pretrain"
-    argv = ["--config", "simmim_tiny", "--manifest", str(out / "shards" / "manifest.json"), "--out", str(run_dir),
-            "schedule.epochs=3", "data.num_workers=0"]  # fmt: skip
+    argv = [
+        "--config",
+        "simmim_tiny",
+        "--manifest",
+        str(out / "shards" / "manifest.json"),
+        "--out",
+        str(run_dir),
+        "schedule.epochs=3",
+        "data.num_workers=0",
+    ]
     if (run_dir / "checkpoint.pt").exists():
         argv.append(
             "--resume"
@@ -132,51 +157,90 @@ def run_demo(
     status = pretrain_main(argv)
     if status != 0:
         raise RuntimeError(f"pretraining failed (exit status {status}); see the messages above")
-    summary["stages"]["pretrain"] = {"seconds": round(time.perf_counter() - t0, 1), "run": str(run_dir),
-                                     "encoder": str(run_dir / "encoder.pth"),
-                                     "figure": str(run_dir / "reconstruction.png")}  # fmt: skip
+    summary["stages"]["pretrain"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "run": str(run_dir),
+        "encoder": str(run_dir / "encoder.pth"),
+        "figure": str(run_dir / "reconstruction.png"),
+    }
 
     t0 = time.perf_counter()
-    print(f"[6/{n}] finetune: refined UPerNet (LULC, 9 classes) on the pretrained encoder; "
-          "validation each epoch, test with the best weights", flush=True)  # fmt: skip
+    print(
+        f"[6/{n}] finetune: refined UPerNet (LULC, 9 classes) on the pretrained encoder; "
+        "validation each epoch, test with the best weights",
+        flush=True,
+    )
     from training.finetune import main as finetune_main
 
     ft_dir = out / "finetune"
     n_train = manifest["splits"].get("train", {}).get("samples", 0)
     if n_train < 2:
-        raise RuntimeError(f"the demo area gave {n_train} train patches: too small to fine-tune "
-                           "(use a larger --bbox)")  # fmt: skip
+        raise RuntimeError(
+            f"the demo area gave {n_train} train patches: too small to fine-tune "
+            "(use a larger --bbox)"
+        )
     # a small --bbox may give fewer train patches than the profile's batch of 8
-    argv = ["--task", "lulc", "--config", "finetune_tiny", "--manifest",
-            str(out / "shards" / "manifest.json"), "--pretrained", str(run_dir / "encoder.pth"),
-            "--out", str(ft_dir), "data.num_workers=0", "schedule.epochs=8",
-            f"data.batch_size={min(8, n_train)}",
-            f"optim.lr_batch_base={min(8, n_train)}"]  # fmt: skip
+    argv = [
+        "--task",
+        "lulc",
+        "--config",
+        "finetune_tiny",
+        "--manifest",
+        str(out / "shards" / "manifest.json"),
+        "--pretrained",
+        str(run_dir / "encoder.pth"),
+        "--out",
+        str(ft_dir),
+        "data.num_workers=0",
+        "schedule.epochs=8",
+        f"data.batch_size={min(8, n_train)}",
+        f"optim.lr_batch_base={min(8, n_train)}",
+    ]
     if (ft_dir / "checkpoint.pt").exists():
         argv.append("--resume")
     status = finetune_main(argv)
     if status != 0:
         raise RuntimeError(f"fine-tuning failed (exit status {status}); see the messages above")
-    print("  (synthetic demo data: the table shows the pipeline works, not ALOS-2 accuracy; "
-          "the papers' figures are in docs/design.md)")  # fmt: skip
-    summary["stages"]["finetune"] = {"seconds": round(time.perf_counter() - t0, 1), "run": str(ft_dir),
-                                     "best": str(ft_dir / "best.pt"),
-                                     "report": str(ft_dir / "test" / "report.md")}  # fmt: skip
+    print(
+        "  (synthetic demo data: the table shows the pipeline works, not ALOS-2 accuracy; "
+        "the papers' figures are in docs/design.md)"
+    )
+    summary["stages"]["finetune"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "run": str(ft_dir),
+        "best": str(ft_dir / "best.pt"),
+        "report": str(ft_dir / "test" / "report.md"),
+    }
 
     t0 = time.perf_counter()
     first = sorted(open_cube(cube_url).time.dt.strftime("%Y-%m-%d").values)[0]
-    print(f"[7/{n}] predict: the demo area on {first} with the best weights (seamless sliding "
-          "windows, out of core), map PNG + Cloud-Optimized GeoTIFF", flush=True)  # fmt: skip
+    print(
+        f"[7/{n}] predict: the demo area on {first} with the best weights (seamless sliding "
+        "windows, out of core), map PNG + Cloud-Optimized GeoTIFF",
+        flush=True,
+    )
     from training.predict import predict
 
-    pred = predict(cube_url, str(ft_dir / "best.pt"), str(out / "predictions.zarr"), time=first,
-                   cog=str(out / "map_lulc.tif"), workers=workers)  # fmt: skip
+    pred = predict(
+        cube_url,
+        str(ft_dir / "best.pt"),
+        str(out / "predictions.zarr"),
+        time=first,
+        cog=str(out / "map_lulc.tif"),
+        workers=workers,
+    )
     s = pred.scores.get(first, {})
-    print(f"  {pred.megapixels:.1f} Mpx in {pred.seconds:.1f} s; vs the labels: mIoU "
-          f"{s.get('miou', float('nan')):.3f}, pixel accuracy {s.get('pixel_acc', float('nan')):.3f}")  # fmt: skip
-    summary["stages"]["predict"] = {"seconds": round(time.perf_counter() - t0, 1),
-                                    "zarr": str(out / "predictions.zarr"), "cog": pred.cog,
-                                    "panels": pred.panels, "miou": s.get("miou")}  # fmt: skip
+    print(
+        f"  {pred.megapixels:.1f} Mpx in {pred.seconds:.1f} s; vs the labels: mIoU "
+        f"{s.get('miou', float('nan')):.3f}, pixel accuracy {s.get('pixel_acc', float('nan')):.3f}"
+    )
+    summary["stages"]["predict"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "zarr": str(out / "predictions.zarr"),
+        "cog": pred.cog,
+        "panels": pred.panels,
+        "miou": s.get("miou"),
+    }
 
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\ndemo outputs under {out}/:")

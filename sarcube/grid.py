@@ -103,8 +103,12 @@ class CubeGrid:
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         n = self.cells_per_degree
-        return (-180.0 + self.col0 / n, 90.0 - (self.row0 + self.height) / n,
-                -180.0 + (self.col0 + self.width) / n, 90.0 - self.row0 / n)  # fmt: skip
+        return (
+            -180.0 + self.col0 / n,
+            90.0 - (self.row0 + self.height) / n,
+            -180.0 + (self.col0 + self.width) / n,
+            90.0 - self.row0 / n,
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -134,14 +138,21 @@ class CubeGrid:
         self, row0: int, row1: int, col0: int, col1: int
     ) -> tuple[float, float, float, float]:
         n = self.cells_per_degree
-        return (-180.0 + (self.col0 + col0) / n, 90.0 - (self.row0 + row1) / n,
-                -180.0 + (self.col0 + col1) / n, 90.0 - (self.row0 + row0) / n)  # fmt: skip
+        return (
+            -180.0 + (self.col0 + col0) / n,
+            90.0 - (self.row0 + row1) / n,
+            -180.0 + (self.col0 + col1) / n,
+            90.0 - (self.row0 + row0) / n,
+        )
 
     def shard_blocks(self) -> list[tuple[int, int, int, int]]:
         """(row0, row1, col0, col1) of every shard, in row-major order."""
         s = self.shard
-        return [(r, min(r + s, self.height), c, min(c + s, self.width))
-                for r in range(0, self.height, s) for c in range(0, self.width, s)]  # fmt: skip
+        return [
+            (r, min(r + s, self.height), c, min(c + s, self.width))
+            for r in range(0, self.height, s)
+            for c in range(0, self.width, s)
+        ]
 
     def label_factor(self) -> Fraction:
         """HR-LULC pixels per cube cell along an axis (2 for the default grid)."""
@@ -152,5 +163,17 @@ class CubeGrid:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> CubeGrid:
-        return cls(**{k: int(attrs[k]) for k in ("cells_per_degree", "row0", "col0", "height", "width",
-                                                  "chunk", "shard_chunks")})  # fmt: skip
+        return cls(
+            **{
+                k: int(attrs[k])
+                for k in (
+                    "cells_per_degree",
+                    "row0",
+                    "col0",
+                    "height",
+                    "width",
+                    "chunk",
+                    "shard_chunks",
+                )
+            }
+        )

@@ -35,8 +35,21 @@ CODES = tuple(range(1, 15))
 HIST_COLUMNS = tuple(f"hist_{c:02d}" for c in CODES)
 SPLITS = ("pretrain", "train", "val", "test")
 FINETUNE_SPLITS = ("train", "val", "test")
-COLUMNS = ("patch_id", "time", "row", "col", "lon_min", "lat_min", "lon_max", "lat_max", "split",
-           *HIST_COLUMNS, "nodata_frac", "anchors", "shard")  # fmt: skip
+COLUMNS = (
+    "patch_id",
+    "time",
+    "row",
+    "col",
+    "lon_min",
+    "lat_min",
+    "lon_max",
+    "lat_max",
+    "split",
+    *HIST_COLUMNS,
+    "nodata_frac",
+    "anchors",
+    "shard",
+)
 META_KEY = b"sarcube"
 
 
@@ -57,14 +70,21 @@ def cube_fingerprint(root_attrs: Mapping[str, Any]) -> str:
     payload = {
         "grid": root_attrs.get("grid"),
         "labels": (root_attrs.get("labels") or {}).get("tiles"),
-        "slices": {k: v.get("inputs") for k, v in sorted((root_attrs.get("slices") or {}).items())
-                   if v.get("status") == "complete"},
-    }  # fmt: skip
+        "slices": {
+            k: v.get("inputs")
+            for k, v in sorted((root_attrs.get("slices") or {}).items())
+            if v.get("status") == "complete"
+        },
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_index(df: pd.DataFrame, url: str, meta: Mapping[str, Any],
-                storage_options: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+def write_index(
+    df: pd.DataFrame,
+    url: str,
+    meta: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Write the index with its metadata (atomically for local paths)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

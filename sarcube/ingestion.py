@@ -80,11 +80,14 @@ class IngestReport:
         return not self.problems
 
     def summary(self) -> str:
-        lines = [f"ingest summary for {self.cube}:",
-                 f"  scenes ingested: {len(self.ingested)}, skipped (already in the cube): {len(self.skipped)}, "
-                 f"problems: {len(self.problems)}",
-                 f"  labels: {self.labels}",
-                 "  slices: " + (", ".join(f"{d} {s}" for d, s in sorted(self.slices.items())) or "none")]  # fmt: skip
+        lines = [
+            f"ingest summary for {self.cube}:",
+            f"  scenes ingested: {len(self.ingested)}, skipped (already in the cube): {len(self.skipped)}, "
+            f"problems: {len(self.problems)}",
+            f"  labels: {self.labels}",
+            "  slices: "
+            + (", ".join(f"{d} {s}" for d, s in sorted(self.slices.items())) or "none"),
+        ]
         lines += [f"  problem: {p}" for p in self.problems]
         lines.append(f"  time: {self.seconds:.1f} s")
         return "\n".join(lines)
@@ -108,8 +111,14 @@ def local_frame(src: Affine, dst: Affine, cells_per_degree: int) -> tuple[Affine
     def snap(v: float) -> float:
         return round(v * 1e9) / 1e9
 
-    local_src = Affine(snap(src.a * n), 0.0, o + snap((src.c - dst.c) * n),
-                       0.0, snap(src.e * n), o + snap((src.f - dst.f) * n))  # fmt: skip
+    local_src = Affine(
+        snap(src.a * n),
+        0.0,
+        o + snap((src.c - dst.c) * n),
+        0.0,
+        snap(src.e * n),
+        o + snap((src.f - dst.f) * n),
+    )
     return local_src, Affine(snap(dst.a * n), 0.0, o, 0.0, snap(dst.e * n), o)
 
 
@@ -152,8 +161,12 @@ def resample_scene_power(
             win = from_bounds(*src_bounds, transform=ds.transform)
             col_off = math.floor(win.col_off) - SOURCE_MARGIN_PX
             row_off = math.floor(win.row_off) - SOURCE_MARGIN_PX
-            win = Window(col_off, row_off, math.ceil(win.col_off + win.width) + SOURCE_MARGIN_PX - col_off,
-                         math.ceil(win.row_off + win.height) + SOURCE_MARGIN_PX - row_off)  # fmt: skip
+            win = Window(
+                col_off,
+                row_off,
+                math.ceil(win.col_off + win.width) + SOURCE_MARGIN_PX - col_off,
+                math.ceil(win.row_off + win.height) + SOURCE_MARGIN_PX - row_off,
+            )
             try:
                 win = win.intersection(full)
             except rasterio.errors.WindowError:
@@ -166,12 +179,17 @@ def resample_scene_power(
             if geographic:  # same CRS as the cube: warp in exact cube-cell units
                 src_t, dst_t = local_frame(src_t, dst_t, grid.cells_per_degree)
             reproject(
-                power, strip,
-                src_transform=src_t, src_crs=src_crs,
-                dst_transform=dst_t, dst_crs=src_crs if geographic else "EPSG:4326",
-                resampling=Resampling.average, src_nodata=np.nan, dst_nodata=np.nan,
+                power,
+                strip,
+                src_transform=src_t,
+                src_crs=src_crs,
+                dst_transform=dst_t,
+                dst_crs=src_crs if geographic else "EPSG:4326",
+                resampling=Resampling.average,
+                src_nodata=np.nan,
+                dst_nodata=np.nan,
                 NODATA_VALUES_PCT_THRESHOLD=edge_nodata_pct,
-            )  # fmt: skip
+            )
     return out
 
 
@@ -200,8 +218,10 @@ def ingest_sar_block(
         try:
             p = resample_scene_power(scene, grid, block, storage_options, edge_nodata_pct)
         except Exception as e:  # e.g. a damaged tile that the inspection did not read
-            raise SourceError(f"{scene.url}: pixel data cannot be read (corrupt file?): "
-                              f"{str(e).splitlines()[0][:160]}") from None  # fmt: skip
+            raise SourceError(
+                f"{scene.url}: pixel data cannot be read (corrupt file?): "
+                f"{str(e).splitlines()[0][:160]}"
+            ) from None
         valid = np.isfinite(p)
         total[valid] += p[valid]
         count += valid
@@ -258,8 +278,17 @@ def label_block(
     src_t = Affine(1 / n, 0, -180.0 + lc0 / n, 0, -1 / n, 90.0 - lr0 / n)
     src_t, dst_t = local_frame(src_t, grid.window_transform(r0, c0), grid.cells_per_degree)
     resampling = Resampling.mode if grid.label_factor() > 1 else Resampling.nearest
-    reproject(mosaic, out, src_transform=src_t, src_crs="EPSG:4326", dst_transform=dst_t,
-              dst_crs="EPSG:4326", resampling=resampling, src_nodata=0, dst_nodata=0)  # fmt: skip
+    reproject(
+        mosaic,
+        out,
+        src_transform=src_t,
+        src_crs="EPSG:4326",
+        dst_transform=dst_t,
+        dst_crs="EPSG:4326",
+        resampling=resampling,
+        src_nodata=0,
+        dst_nodata=0,
+    )
     return out
 
 
@@ -299,13 +328,23 @@ def _slice_signature(scenes: Sequence[SceneSource]) -> dict[str, str]:
 
 
 def _source_to_json(s: SceneSource) -> dict[str, Any]:
-    return {**s.__dict__, "date": s.date.isoformat(), "transform": list(s.transform),
-            "bounds_4326": list(s.bounds_4326)}  # fmt: skip
+    return {
+        **s.__dict__,
+        "date": s.date.isoformat(),
+        "transform": list(s.transform),
+        "bounds_4326": list(s.bounds_4326),
+    }
 
 
 def _source_from_json(d: Mapping[str, Any]) -> SceneSource:
-    return SceneSource(**{**d, "date": dt.date.fromisoformat(d["date"]), "transform": tuple(d["transform"]),
-                          "bounds_4326": tuple(d["bounds_4326"])})  # fmt: skip
+    return SceneSource(
+        **{
+            **d,
+            "date": dt.date.fromisoformat(d["date"]),
+            "transform": tuple(d["transform"]),
+            "bounds_4326": tuple(d["bounds_4326"]),
+        }
+    )
 
 
 def check_bbox(bbox: Sequence[float], what: str = "--bbox") -> tuple[float, float, float, float]:
@@ -392,12 +431,32 @@ def ingest(
         dask_client(client, scheduler, workers, memory_limit) as client,
     ):
         # 1. inspect every input in parallel
-        futs = {("scene", u): client.submit(_bad_input_as_value, inspect_scene, u, so, mosaic_date, strict,
-                                            key=task_key(f"inspect-{i}-{u}"), pure=False)
-                for i, u in enumerate(scene_urls)}  # fmt: skip
-        futs.update({("lulc", u): client.submit(_bad_input_as_value, inspect_lulc, u, so,
-                                                key=task_key(f"inspect-lulc-{i}-{u}"), pure=False)
-                     for i, u in enumerate(lulc_urls)})  # fmt: skip
+        futs = {
+            ("scene", u): client.submit(
+                _bad_input_as_value,
+                inspect_scene,
+                u,
+                so,
+                mosaic_date,
+                strict,
+                key=task_key(f"inspect-{i}-{u}"),
+                pure=False,
+            )
+            for i, u in enumerate(scene_urls)
+        }
+        futs.update(
+            {
+                ("lulc", u): client.submit(
+                    _bad_input_as_value,
+                    inspect_lulc,
+                    u,
+                    so,
+                    key=task_key(f"inspect-lulc-{i}-{u}"),
+                    pure=False,
+                )
+                for i, u in enumerate(lulc_urls)
+            }
+        )
         inspected = run_tasks(client, futs, "inspect", progress)
         good_scenes: list[SceneSource] = []
         tiles: list[LulcSource] = []
@@ -415,14 +474,19 @@ def ingest(
         if not good_scenes and not tiles:
             raise IngestError(_problem_lines("nothing was ingested", report.problems))
         if strict and report.problems:
-            raise IngestError(_problem_lines("--strict: input problems (nothing was written)",
-                                             report.problems))  # fmt: skip
+            raise IngestError(
+                _problem_lines("--strict: input problems (nothing was written)", report.problems)
+            )
 
         # 2. the cube's grid (the cube itself is created only once everything checked out)
         root, grid = _existing_cube(cube, so, bbox, resolution)
         if grid is None and bbox is None and not tiles and report.problems:
-            raise IngestError(_problem_lines(
-                "a new cube needs --bbox, or usable --lulc tiles to define its extent", report.problems))  # fmt: skip
+            raise IngestError(
+                _problem_lines(
+                    "a new cube needs --bbox, or usable --lulc tiles to define its extent",
+                    report.problems,
+                )
+            )
         if grid is None:
             grid = _new_grid(bbox, resolution, shard_chunks, tiles)
         coverage = [t.bounds for t in tiles] or (
@@ -443,8 +507,9 @@ def ingest(
             else:
                 by_date[s.date].append(s)
         if strict and report.problems:
-            raise IngestError(_problem_lines("--strict: input problems (nothing was written)",
-                                             report.problems))  # fmt: skip
+            raise IngestError(
+                _problem_lines("--strict: input problems (nothing was written)", report.problems)
+            )
 
         created = root is None
         if created:
@@ -452,8 +517,19 @@ def ingest(
         try:
             report.labels = _ingest_labels(client, root, cube, so, grid, tiles, progress)
             # 3. SAR slices: each date built in a fresh slot, all committed in one registry write
-            _ingest_slices(client, root, cube, so, grid, by_date, edge_nodata_pct, report,
-                           progress, lock, strict)  # fmt: skip
+            _ingest_slices(
+                client,
+                root,
+                cube,
+                so,
+                grid,
+                by_date,
+                edge_nodata_pct,
+                report,
+                progress,
+                lock,
+                strict,
+            )
         finally:
             if created and (not _has_content(root) or (strict and report.problems)):
                 _remove_store(cube, so)  # a failed first run leaves nothing behind
@@ -535,8 +611,10 @@ def _existing_cube(cube, so, bbox, resolution):
         return None, None
     grid = cube_grid(root)
     if resolution is not None and parse_resolution(resolution) != grid.cells_per_degree:
-        raise InputError(f"{cube}: the cube exists with resolution 1/{grid.cells_per_degree}°; "
-                         f"--resolution {resolution} differs (new scenes are resampled to the cube's grid)")  # fmt: skip
+        raise InputError(
+            f"{cube}: the cube exists with resolution 1/{grid.cells_per_degree}°; "
+            f"--resolution {resolution} differs (new scenes are resampled to the cube's grid)"
+        )
     if (
         bbox is not None
         and CubeGrid.from_bounds(bbox, grid.cells_per_degree, grid.chunk, grid.shard_chunks) != grid
@@ -587,9 +665,12 @@ def _ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
         max(x[3] for x in b),
     ]
     root.attrs["labels"] = {"status": "writing", "tiles": sig, "coverage": coverage}
-    futs = {blk: client.submit(ingest_label_block, cube, so, grid, blk, tiles,
-                               key=task_key(f"lulc-{blk}"), pure=False)
-            for blk in grid.shard_blocks()}  # fmt: skip
+    futs = {
+        blk: client.submit(
+            ingest_label_block, cube, so, grid, blk, tiles, key=task_key(f"lulc-{blk}"), pure=False
+        )
+        for blk in grid.shard_blocks()
+    }
     results = run_tasks(client, futs, "labels", progress)
     errors = [r for r in results.values() if isinstance(r, Exception)]
     if errors:
@@ -664,9 +745,19 @@ def _ingest_slices(
     for key, (t, scenes, _) in pending.items():
         for blk in grid.shard_blocks():
             here = [s for s in scenes if _intersects(s.bounds_4326, grid.window_bounds(*blk))]
-            futs[(key, blk)] = client.submit(_bad_input_as_value, ingest_sar_block, cube, so, grid, t,
-                                             blk, here, edge_nodata_pct,
-                                             key=task_key(f"sar-{key}-{blk}"), pure=False)  # fmt: skip
+            futs[(key, blk)] = client.submit(
+                _bad_input_as_value,
+                ingest_sar_block,
+                cube,
+                so,
+                grid,
+                t,
+                blk,
+                here,
+                edge_nodata_pct,
+                key=task_key(f"sar-{key}-{blk}"),
+                pure=False,
+            )
     results = run_tasks(client, futs, "sar", progress)
 
     outcome = {}
@@ -723,5 +814,9 @@ def _reclaim(cube, root, so, registry: SliceRegistry, slots: set[int]) -> None:
     try:
         clear_slots(cube, root, slots, so)
     except Exception as e:
-        log.warning("%s: reclaiming free time slots %s failed (%s); the next run retries",
-                    cube, sorted(slots), e)  # fmt: skip
+        log.warning(
+            "%s: reclaiming free time slots %s failed (%s); the next run retries",
+            cube,
+            sorted(slots),
+            e,
+        )

@@ -283,8 +283,11 @@ class StoreLock:
                 continue
             age = _age_s(holder)
             if _dead_here(holder):
-                log.warning("%s: breaking the lock of %s: that process no longer runs on this host",
-                            self.url, describe(holder))  # fmt: skip
+                log.warning(
+                    "%s: breaking the lock of %s: that process no longer runs on this host",
+                    self.url,
+                    describe(holder),
+                )
                 self._break_if_unchanged(holder)
                 continue
             if self.break_stale and age > self.stale_after_s:

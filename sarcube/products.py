@@ -34,9 +34,23 @@ LULC_NAME_RULE = "LC_{N|S}{lat:2}{E|W}{lon:3}.tif (named by the SW corner)"
 _LULC_RE = re.compile(r"^LC_(?P<ns>[NS])(?P<lat>\d{2})(?P<ew>[EW])(?P<lon>\d{3})\.tiff?$")
 
 SCENE_MODES = {
-    "SBS", "SBD", "UBS", "UBD", "HBS", "HBD", "HBQ", "FBS", "FBD", "FBQ",
-    "WBS", "WBD", "WWS", "WWD", "VBS", "VBD",
-}  # fmt: skip
+    "SBS",
+    "SBD",
+    "UBS",
+    "UBD",
+    "HBS",
+    "HBD",
+    "HBQ",
+    "FBS",
+    "FBD",
+    "FBQ",
+    "WBS",
+    "WBD",
+    "WWS",
+    "WWD",
+    "VBS",
+    "VBD",
+}
 
 
 class ProductNameError(InputError):

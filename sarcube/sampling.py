@@ -45,8 +45,22 @@ from .index import (
     write_index,
 )
 
-SHORT_NAMES = {1: "water", 2: "built-up", 3: "paddy", 4: "cropland", 5: "grassland", 6: "DBF", 7: "DNF",
-               8: "EBF", 9: "ENF", 10: "bare", 11: "bamboo", 12: "solar", 13: "wetland", 14: "greenhouse"}  # fmt: skip
+SHORT_NAMES = {
+    1: "water",
+    2: "built-up",
+    3: "paddy",
+    4: "cropland",
+    5: "grassland",
+    6: "DBF",
+    7: "DNF",
+    8: "EBF",
+    9: "ENF",
+    10: "bare",
+    11: "bamboo",
+    12: "solar",
+    13: "wetland",
+    14: "greenhouse",
+}
 NCODES = 16  # histogram bins 0..15 (0 = no data; 15 reserved for newer releases)
 
 
@@ -126,9 +140,17 @@ def patch_histograms(labels, patch: int = 256, block_patches: int = 8) -> np.nda
         else da.from_array(np.asarray(labels), chunks=patch * block_patches)
     )
     arr = arr[: nr * patch, : nc * patch].rechunk(patch * block_patches)
-    out = arr.map_blocks(_block_hist, patch, dtype=np.int64, new_axis=2,
-                         chunks=(tuple(c // patch for c in arr.chunks[0]),
-                                 tuple(c // patch for c in arr.chunks[1]), (NCODES,)))  # fmt: skip
+    out = arr.map_blocks(
+        _block_hist,
+        patch,
+        dtype=np.int64,
+        new_axis=2,
+        chunks=(
+            tuple(c // patch for c in arr.chunks[0]),
+            tuple(c // patch for c in arr.chunks[1]),
+            (NCODES,),
+        ),
+    )
     return out.compute()
 
 
@@ -149,9 +171,19 @@ def patch_nodata_counts(hh_db, lulc, patch: int = 256, block_patches: int = 8) -
     outs = []
     for i in range(t):
         hh = hh_db[i, : nr * patch, : nc * patch].rechunk(size)
-        outs.append(da.map_blocks(_block_sar_nodata, hh, lab, patch, dtype=np.int64,
-                                  chunks=(tuple(c // patch for c in hh.chunks[0]),
-                                          tuple(c // patch for c in hh.chunks[1]))))  # fmt: skip
+        outs.append(
+            da.map_blocks(
+                _block_sar_nodata,
+                hh,
+                lab,
+                patch,
+                dtype=np.int64,
+                chunks=(
+                    tuple(c // patch for c in hh.chunks[0]),
+                    tuple(c // patch for c in hh.chunks[1]),
+                ),
+            )
+        )
     return np.stack(da.compute(*outs)) if outs else np.zeros((0, nr, nc), dtype=np.int64)
 
 
@@ -206,8 +238,14 @@ def balance_patches(
     )
     only_excluded = (labelled > 0) & (excluded == labelled)
     kept = (anchors > 0) & ~only_excluded
-    return {"counts": counts, "weights": w, "allocation": alloc, "anchors": anchors, "kept": kept,
-            "only_excluded": only_excluded}  # fmt: skip
+    return {
+        "counts": counts,
+        "weights": w,
+        "allocation": alloc,
+        "anchors": anchors,
+        "kept": kept,
+        "only_excluded": only_excluded,
+    }
 
 
 def class_shares(counts: np.ndarray) -> dict[int, float]:
@@ -227,8 +265,14 @@ def alpha_from_counts(counts: np.ndarray) -> list[float]:
     return list((1 - f) / (1 - f).sum())
 
 
-def assign_blocks(rows: np.ndarray, cols: np.ndarray, fractions: Sequence[float], block: int, seed: int,
-                  names: Sequence[str] = FINETUNE_SPLITS) -> np.ndarray:  # fmt: skip
+def assign_blocks(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    fractions: Sequence[float],
+    block: int,
+    seed: int,
+    names: Sequence[str] = FINETUNE_SPLITS,
+) -> np.ndarray:
     """Split patches by spatial blocks of ``block`` × ``block`` patches (see module doc)."""
     rows, cols = np.asarray(rows), np.asarray(cols)
     out = np.empty(rows.shape, dtype=object)
@@ -320,12 +364,15 @@ def sample_patches(
         for r, c in zip(kr[ok], kc[ok], strict=True):
             rows_out.append((t, int(r), int(c), split))
     if not rows_out:
-        raise InputError(f"{cube_url}: no valid patch: none has ≥ 1 anchor, a no-data share ≤ {p.max_nodata} "
-                         "and not only excluded codes")  # fmt: skip
+        raise InputError(
+            f"{cube_url}: no valid patch: none has ≥ 1 anchor, a no-data share ≤ {p.max_nodata} "
+            "and not only excluded codes"
+        )
     df = pd.DataFrame(rows_out, columns=["time", "row", "col", "split"])
     ft = df["split"] == "finetune"
-    df.loc[ft, "split"] = assign_blocks(df.loc[ft, "row"].to_numpy(), df.loc[ft, "col"].to_numpy(), p.split,
-                                        p.block, p.seed)  # fmt: skip
+    df.loc[ft, "split"] = assign_blocks(
+        df.loc[ft, "row"].to_numpy(), df.loc[ft, "col"].to_numpy(), p.split, p.block, p.seed
+    )
     df["time"] = pd.to_datetime(df["time"])
     df["patch_id"] = [
         patch_id(t, r, c) for t, r, c in zip(df["time"], df["row"], df["col"], strict=True)
@@ -348,8 +395,13 @@ def sample_patches(
     df = df.sort_values(["time", "row", "col"], kind="stable").reset_index(drop=True)[list(COLUMNS)]
 
     report = _report(df, bal, p, cube_url, hist)
-    meta = {"cube_url": str(cube_url), "cube_fingerprint": cube_fingerprint(root.attrs), "params": _params_json(p),
-            "sarcube_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    meta = {
+        "cube_url": str(cube_url),
+        "cube_fingerprint": cube_fingerprint(root.attrs),
+        "params": _params_json(p),
+        "sarcube_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     files: dict[str, str] = {}
     if out is not None:
         write_index(df, out, meta, storage_options)
@@ -425,16 +477,23 @@ def write_report(report: Mapping[str, Any], index_url: str, storage_options=None
 
 def report_markdown(report: Mapping[str, Any]) -> str:
     splits = [s for s in ("cube", "pretrain", *FINETUNE_SPLITS) if s in report["class_shares"]]
-    lines = ["# Sampling report", "",
-             f"Cube: `{report['cube_url']}` — patch grid {report['patch_grid'][0]} × {report['patch_grid'][1]}; "
-             f"{report['params']['n_anchors']:,} anchors, seed {report['params']['seed']}.", "",
-             f"Spatial patches with ≥ 1 anchor: {report['spatial_patches_with_anchor']}, dropped as only "
-             f"{report['params']['exclude_full']}: {report['spatial_patches_only_excluded_dropped']}, kept: "
-             f"{report['spatial_patches_kept']}. Patches per split: "
-             + ", ".join(f"{k} {v}" for k, v in report["patches_per_split"].items()) + ".", "",
-             "## Class pixel shares (%) and anchor allocation", "",
-             "| code | class | " + " | ".join(splits) + " | weight w_k | anchors |",
-             "|---:|---|" + "---:|" * len(splits) + "---:|---:|"]  # fmt: skip
+    lines = [
+        "# Sampling report",
+        "",
+        f"Cube: `{report['cube_url']}` — patch grid {report['patch_grid'][0]} × {report['patch_grid'][1]}; "
+        f"{report['params']['n_anchors']:,} anchors, seed {report['params']['seed']}.",
+        "",
+        f"Spatial patches with ≥ 1 anchor: {report['spatial_patches_with_anchor']}, dropped as only "
+        f"{report['params']['exclude_full']}: {report['spatial_patches_only_excluded_dropped']}, kept: "
+        f"{report['spatial_patches_kept']}. Patches per split: "
+        + ", ".join(f"{k} {v}" for k, v in report["patches_per_split"].items())
+        + ".",
+        "",
+        "## Class pixel shares (%) and anchor allocation",
+        "",
+        "| code | class | " + " | ".join(splits) + " | weight w_k | anchors |",
+        "|---:|---|" + "---:|" * len(splits) + "---:|---:|",
+    ]
     for c in CODES:
         k = c if c in report["class_shares"]["cube"] else str(c)
         cells = [f"{100 * report['class_shares'][s][k]:.2f}" for s in splits]
@@ -443,10 +502,18 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines.append(
             f"| {c} | {report['class_names'][k]} | " + " | ".join(cells) + f" | {w:.4f} | {a:,} |"
         )
-    lines += ["", "## α of the train split (9 classes): α_k = (1 − f_k) / Σ(1 − f_j)", "",
-              "| " + " | ".join(report["alpha_train_9class"]) + " |",
-              "|" + "---:|" * len(report["alpha_train_9class"]),
-              "| " + " | ".join("—" if v is None else f"{v:.4f}" for v in report["alpha_train_9class"].values()) + " |"]  # fmt: skip
+    lines += [
+        "",
+        "## α of the train split (9 classes): α_k = (1 − f_k) / Σ(1 − f_j)",
+        "",
+        "| " + " | ".join(report["alpha_train_9class"]) + " |",
+        "|" + "---:|" * len(report["alpha_train_9class"]),
+        "| "
+        + " | ".join(
+            "—" if v is None else f"{v:.4f}" for v in report["alpha_train_9class"].values()
+        )
+        + " |",
+    ]
     return "\n".join(lines) + "\n"
 
 

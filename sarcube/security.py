@@ -75,8 +75,17 @@ def _subject_alt_names(hosts: Iterable[str]) -> list[Any]:
 def _key_usage(**allowed: bool):
     from cryptography import x509
 
-    usages = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
-              "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")  # fmt: skip
+    usages = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
     return x509.KeyUsage(**{u: allowed.get(u, False) for u in usages})
 
 
@@ -226,8 +235,11 @@ def security_for(scheduler_address: str | None, environ: dict[str, str] | None =
     if not tls_dir or not scheduler_address:
         return None
     if not str(scheduler_address).startswith("tls://"):
-        log.warning("%s is set but the scheduler address %s is not tls://…: connecting without "
-                    "TLS", TLS_DIR_ENV, scheduler_address)  # fmt: skip
+        log.warning(
+            "%s is set but the scheduler address %s is not tls://…: connecting without TLS",
+            TLS_DIR_ENV,
+            scheduler_address,
+        )
         return None
     try:
         return dask_security(tls_dir)
@@ -248,13 +260,20 @@ def _warn_if_git_would_see(out: Path) -> None:
     if git is None:
         return
     try:
-        r = subprocess.run([git, "-C", str(out), "check-ignore", "-q", KEY],
-                           capture_output=True, timeout=10, check=False)  # fmt: skip
+        r = subprocess.run(
+            [git, "-C", str(out), "check-ignore", "-q", KEY],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return
     if r.returncode == 1:  # 0: ignored; 128: not a work tree (or git refused to look)
-        print(f"warning: {out} is in a git work tree and not git-ignored: add it to .gitignore; "
-              f"never commit {KEY} or {CA_KEY}", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {out} is in a git work tree and not git-ignored: add it to .gitignore; "
+            f"never commit {KEY} or {CA_KEY}",
+            file=sys.stderr,
+        )
 
 
 def cmd_tls_certs(args: argparse.Namespace) -> int:
@@ -266,8 +285,10 @@ def cmd_tls_certs(args: argparse.Namespace) -> int:
     except (FileExistsError, ValueError) as e:
         raise InputError(str(e)) from None
     d = Path(args.out).resolve()
-    print(f"wrote {paths['ca_cert']}, {paths['cert']} and the private keys {paths['key']}, "
-          f"{paths['ca_key']} (mode 0600); valid {args.days} days for {', '.join(hosts)}")  # fmt: skip
+    print(
+        f"wrote {paths['ca_cert']}, {paths['cert']} and the private keys {paths['key']}, "
+        f"{paths['ca_key']} (mode 0600); valid {args.days} days for {', '.join(hosts)}"
+    )
     _warn_if_git_would_see(d)
     print(
         f"""
@@ -295,12 +316,21 @@ def add_tls_certs_parser(sub) -> argparse.ArgumentParser:
         "get mode 0600. See deploy/README.md, section Security.",
     )
     p.add_argument("--out", required=True, help="folder for the four files (created mode 0700)")
-    p.add_argument("--host", action="append", default=[], metavar="NAME",
-                   help="host name or IP address of the scheduler, added to the certificate "
-                        f"(repeatable; always: {', '.join(DEFAULT_HOSTS)})")  # fmt: skip
-    p.add_argument("--days", type=int, default=DEFAULT_DAYS,
-                   help="validity in days (default %(default)s)")  # fmt: skip
-    p.add_argument("--force", action="store_true",
-                   help="replace existing files (a new CA: redistribute them to every machine)")  # fmt: skip
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="host name or IP address of the scheduler, added to the certificate "
+        f"(repeatable; always: {', '.join(DEFAULT_HOSTS)})",
+    )
+    p.add_argument(
+        "--days", type=int, default=DEFAULT_DAYS, help="validity in days (default %(default)s)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing files (a new CA: redistribute them to every machine)",
+    )
     p.set_defaults(func=cmd_tls_certs)
     return p

@@ -168,15 +168,19 @@ def sample_json(row: Mapping[str, Any], split: str, fingerprint: str) -> bytes:
         "time": pd.Timestamp(row["time"]).strftime("%Y-%m-%d"),
         "row": int(row["row"]),
         "col": int(row["col"]),
-        "bounds": [float(row["lon_min"]), float(row["lat_min"]),
-                   float(row["lon_max"]), float(row["lat_max"])],
+        "bounds": [
+            float(row["lon_min"]),
+            float(row["lat_min"]),
+            float(row["lon_max"]),
+            float(row["lat_max"]),
+        ],
         "crs": CRS,
         "split": split,
         "class_histogram": {str(c): int(row[h]) for c, h in zip(CODES, HIST_COLUMNS, strict=True)},
         "nodata_frac": float(row["nodata_frac"]),
         "anchors": int(row["anchors"]),
         "cube_fingerprint": fingerprint,
-    }  # fmt: skip
+    }
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -214,9 +218,16 @@ def shard_count(total_bytes: int, n_samples: int, shard_size_mb: float, min_shar
     return max(1, min(n, n_samples))
 
 
-def plan_shards(df: pd.DataFrame, t_index: Mapping[str, int], fingerprint: str, splits: Sequence[str],
-                shard_size_mb: float, min_shards_per_split: int, seed: int,
-                patch: int = 256) -> dict[str, list[ShardPlan]]:  # fmt: skip
+def plan_shards(
+    df: pd.DataFrame,
+    t_index: Mapping[str, int],
+    fingerprint: str,
+    splits: Sequence[str],
+    shard_size_mb: float,
+    min_shards_per_split: int,
+    seed: int,
+    patch: int = 256,
+) -> dict[str, list[ShardPlan]]:
     """Deterministic assignment of the index rows to shards, per split (see the module doc)."""
     sar_size = len(npy_bytes(np.zeros((patch, patch), np.float16)))
     lulc_size = len(npy_bytes(np.zeros((patch, patch), np.uint8)))
@@ -226,9 +237,16 @@ def plan_shards(df: pd.DataFrame, t_index: Mapping[str, int], fingerprint: str, 
         specs = []
         for r in rows.to_dict("records"):
             date = pd.Timestamp(r["time"]).strftime("%Y-%m-%d")
-            specs.append(SampleSpec(key=r["patch_id"], t_index=int(t_index[date]), row=int(r["row"]),
-                                    col=int(r["col"]), hist=tuple(int(r[h]) for h in HIST_COLUMNS),
-                                    json=sample_json(r, split, fingerprint)))  # fmt: skip
+            specs.append(
+                SampleSpec(
+                    key=r["patch_id"],
+                    t_index=int(t_index[date]),
+                    row=int(r["row"]),
+                    col=int(r["col"]),
+                    hist=tuple(int(r[h]) for h in HIST_COLUMNS),
+                    json=sample_json(r, split, fingerprint),
+                )
+            )
         per_sample = _tar_member_bytes(sar_size) + (
             _tar_member_bytes(lulc_size) if split in FINETUNE_SPLITS else 0
         )
@@ -278,8 +296,9 @@ def _read_patch(
     return sar, None if lulc is None else np.asarray(lulc[ys, xs], dtype=np.uint8)
 
 
-def _existing_shard(data: bytes, plan: ShardPlan, patch: int, keep: Sequence[int] = ()
-                    ) -> tuple[_Stats, dict[int, dict[str, bytes]]] | None:  # fmt: skip
+def _existing_shard(
+    data: bytes, plan: ShardPlan, patch: int, keep: Sequence[int] = ()
+) -> tuple[_Stats, dict[int, dict[str, bytes]]] | None:
     """Statistics of an existing shard when it holds exactly the planned samples (and the
     members of the samples numbered ``keep``), else None."""
     try:
@@ -325,8 +344,13 @@ def spot_checks(plan: ShardPlan, n: int = 2) -> list[int]:
     return sorted(int(i) for i in rng.choice(k, size=n, replace=False))
 
 
-def _differs_from_cube(cube_url: str, so: Mapping[str, Any], plan: ShardPlan, patch: int,
-                       payloads: Mapping[int, Mapping[str, bytes]]) -> str | None:  # fmt: skip
+def _differs_from_cube(
+    cube_url: str,
+    so: Mapping[str, Any],
+    plan: ShardPlan,
+    patch: int,
+    payloads: Mapping[int, Mapping[str, bytes]],
+) -> str | None:
     """The first of ``payloads`` (sample number -> members) whose npy bytes differ from the
     same patch cut from the cube now, as a message; None when all are equal."""
     import zarr
@@ -337,8 +361,9 @@ def _differs_from_cube(cube_url: str, so: Mapping[str, Any], plan: ShardPlan, pa
     hh, lulc = root["hh_db"], root["lulc"]
     for i in sorted(payloads):
         spec = plan.samples[i]
-        sar, lab = _read_patch(hh, lulc if plan.with_lulc else None, spec.t_index, spec.row,
-                               spec.col, patch)  # fmt: skip
+        sar, lab = _read_patch(
+            hh, lulc if plan.with_lulc else None, spec.t_index, spec.row, spec.col, patch
+        )
         fresh = {"sar.npy": npy_bytes(sar)}
         if lab is not None:
             fresh["lulc.npy"] = npy_bytes(lab)
@@ -357,9 +382,15 @@ def _read_bytes(fs, path: str) -> bytes | None:
         return None
 
 
-def write_shard(cube_url: str, storage_options: Mapping[str, Any] | None, out_url: str,
-                plan: ShardPlan, patch: int = 256, expected_sha256: str | None = None,
-                verify: bool = False) -> dict[str, Any]:  # fmt: skip
+def write_shard(
+    cube_url: str,
+    storage_options: Mapping[str, Any] | None,
+    out_url: str,
+    plan: ShardPlan,
+    patch: int = 256,
+    expected_sha256: str | None = None,
+    verify: bool = False,
+) -> dict[str, Any]:
     """Write (or keep) one shard; returns its name, samples, bytes, sha256, dB sums, whether it
     was written and, for an existing shard that was rewritten, why (``damaged``).
 
@@ -395,8 +426,14 @@ def write_shard(cube_url: str, storage_options: Mapping[str, Any] | None, out_ur
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for spec in plan.samples:
                 # one Zarr chunk of hh_db and (once per place) one of lulc
-                sar, lab = _read_patch(hh, lulc if (spec.row, spec.col) not in labels else None,
-                                       spec.t_index, spec.row, spec.col, patch)  # fmt: skip
+                sar, lab = _read_patch(
+                    hh,
+                    lulc if (spec.row, spec.col) not in labels else None,
+                    spec.t_index,
+                    spec.row,
+                    spec.col,
+                    patch,
+                )
                 lab = labels.setdefault((spec.row, spec.col), lab)
                 hist = _label_hist(lab)
                 if hist != spec.hist:
@@ -415,9 +452,18 @@ def write_shard(cube_url: str, storage_options: Mapping[str, Any] | None, out_ur
         existing = buf.getvalue()
         put_bytes(fs, path, existing)
         sha = hashlib.sha256(existing).hexdigest()
-    return {"name": plan.name, "split": plan.split, "samples": len(plan.samples), "bytes": len(existing),
-            "sha256": sha, "sum": stats.sum, "sumsq": stats.sumsq,
-            "count": stats.count, "written": written, "damaged": damaged}  # fmt: skip
+    return {
+        "name": plan.name,
+        "split": plan.split,
+        "samples": len(plan.samples),
+        "bytes": len(existing),
+        "sha256": sha,
+        "sum": stats.sum,
+        "sumsq": stats.sumsq,
+        "count": stats.count,
+        "written": written,
+        "damaged": damaged,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,9 +492,14 @@ def _load_index(
     )
 
 
-# fmt: off
-def _check_index(df: pd.DataFrame, meta: Mapping[str, Any], root, cube_url: str, index_name: str,
-                 splits: Sequence[str]) -> dict[str, int]:
+def _check_index(
+    df: pd.DataFrame,
+    meta: Mapping[str, Any],
+    root,
+    cube_url: str,
+    index_name: str,
+    splits: Sequence[str],
+) -> dict[str, int]:
     """Validate the index against the cube; returns date -> raw time index of the dates used."""
     from .cube import cube_grid
 
@@ -500,12 +551,15 @@ def _check_index(df: pd.DataFrame, meta: Mapping[str, Any], root, cube_url: str,
     if {"lon_min", "lat_min", "lon_max", "lat_max"} <= set(used.columns):
         c = grid.chunk
         for r in used.head(1000).to_dict("records"):  # enough rows to catch a wrong grid
-            expect = grid.window_bounds(r["row"] * c, (r["row"] + 1) * c, r["col"] * c, (r["col"] + 1) * c)
+            expect = grid.window_bounds(
+                r["row"] * c, (r["row"] + 1) * c, r["col"] * c, (r["col"] + 1) * c
+            )
             got = (r["lon_min"], r["lat_min"], r["lon_max"], r["lat_max"])
             if not np.allclose(got, expect, rtol=0, atol=1e-9):
-                raise InputError(f"index {index_name}: patch {r['patch_id']} has bounds {got}, "
-                                 f"the cube grid puts it at {expect}")
-    # fmt: on
+                raise InputError(
+                    f"index {index_name}: patch {r['patch_id']} has bounds {got}, "
+                    f"the cube grid puts it at {expect}"
+                )
     slices = root.attrs.get("slices") or {}
     complete = {d: int(v["time_index"]) for d, v in slices.items() if v.get("status") == "complete"}
     dates = sorted({pd.Timestamp(t).strftime("%Y-%m-%d") for t in used["time"]})
@@ -524,8 +578,12 @@ def _previous_hashes(data: bytes | None) -> dict[str, str]:
         manifest = json.loads(data) if data else {}
         if manifest.get("format") != FORMAT:
             return {}
-        return {str(e["name"]): str(e["sha256"]) for sp in manifest["splits"].values()
-                for e in sp["shards"] if e.get("sha256")}  # fmt: skip
+        return {
+            str(e["name"]): str(e["sha256"])
+            for sp in manifest["splits"].values()
+            for e in sp["shards"]
+            if e.get("sha256")
+        }
     except Exception:  # unreadable: nothing to compare with (kept shards are still checked)
         return {}
 
@@ -596,11 +654,15 @@ def _class_frequencies(df: pd.DataFrame) -> dict[str, Any]:
     return {
         "source": "index histograms (labelled pixels of the split's patches; no data excluded)",
         "pixels": {str(c): int(n) for c, n in zip(CODES, counts, strict=True)},
-        "fraction": {str(c): (int(n) / total if total else 0.0) for c, n in zip(CODES, counts, strict=True)},
+        "fraction": {
+            str(c): (int(n) / total if total else 0.0) for c, n in zip(CODES, counts, strict=True)
+        },
         "nine_class_pixels": {k: int(n) for k, n in zip(NINE_CLASS_NAMES, nine, strict=True)},
-        "nine_class_fraction": {k: (int(n) / nine_total if nine_total else 0.0)
-                                for k, n in zip(NINE_CLASS_NAMES, nine, strict=True)},
-    }  # fmt: skip
+        "nine_class_fraction": {
+            k: (int(n) / nine_total if nine_total else 0.0)
+            for k, n in zip(NINE_CLASS_NAMES, nine, strict=True)
+        },
+    }
 
 
 def _db_stats(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -612,8 +674,14 @@ def _db_stats(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         n += r["count"]
     mean = s / n if n else None  # None (JSON null): no finite pixel at all
     std = math.sqrt(max(ss / n - s / n * (s / n), 0.0)) if n else None
-    return {"mean": mean, "std": std, "pixels": n, "sum": s, "sum_sq": ss,
-            "of": "float16 dB payload, finite pixels"}  # fmt: skip
+    return {
+        "mean": mean,
+        "std": std,
+        "pixels": n,
+        "sum": s,
+        "sum_sq": ss,
+        "of": "float16 dB payload, finite pixels",
+    }
 
 
 def write_shards(
@@ -685,16 +753,28 @@ def write_shards(
     _check_destination(out_url, so)
     # One writer per prefix: a second run would delete the first one's shards as stale and
     # commit a manifest naming shards the other removed (sarcube.locking).
-    with StoreLock(out_url, so, command="sarcube shards", wait=wait,
-                   break_stale=break_stale_lock) as lock:  # fmt: skip
+    with StoreLock(
+        out_url, so, command="sarcube shards", wait=wait, break_stale=break_stale_lock
+    ) as lock:
         previous = _prepare_destination(out_url, so)
 
         all_plans = [p for s in splits for p in plans[s]]
         with dask_client(client, scheduler, workers) as client:
-            futures = {p.name: client.submit(write_shard, cube_url, so, out_url, p, patch,
-                                             previous.get(p.name), bool(verify),
-                                             key=task_key(f"shard-{p.name}"), pure=False)
-                       for p in all_plans}  # fmt: skip
+            futures = {
+                p.name: client.submit(
+                    write_shard,
+                    cube_url,
+                    so,
+                    out_url,
+                    p,
+                    patch,
+                    previous.get(p.name),
+                    bool(verify),
+                    key=task_key(f"shard-{p.name}"),
+                    pure=False,
+                )
+                for p in all_plans
+            }
             results = run_tasks(client, futures, "shards", progress)
         failed = {k: v for k, v in results.items() if isinstance(v, BaseException)}
         if failed:
@@ -702,13 +782,18 @@ def write_shards(
             lines = [f"  {k}: {type(failed[k]).__name__}: {failed[k]}" for k in first]
             if any(isinstance(v, ShardError) for v in failed.values()):
                 raise next(v for v in failed.values() if isinstance(v, ShardError))
-            raise ShardError(f"{len(failed)} of {len(all_plans)} shards failed (no manifest written; "
-                             "re-run to resume):\n" + "\n".join(lines))  # fmt: skip
+            raise ShardError(
+                f"{len(failed)} of {len(all_plans)} shards failed (no manifest written; "
+                "re-run to resume):\n" + "\n".join(lines)
+            )
         written = sorted(k for k, v in results.items() if v["written"])
         rewritten = sorted(k for k, v in results.items() if v.get("damaged"))
         for k in rewritten:
-            log.warning("shard %s was rewritten from the cube: the existing file was %s", k,
-                        results[k]["damaged"])  # fmt: skip
+            log.warning(
+                "shard %s was rewritten from the cube: the existing file was %s",
+                k,
+                results[k]["damaged"],
+            )
         removed = _remove_stale(out_url, so, plans)
 
         # the index with its shard column, next to the shards (and back at its URL)
@@ -751,10 +836,19 @@ def write_shards(
         previous_copy = join_url(url_to_fs(out_url, so)[1], PREVIOUS_MANIFEST)
         if fs.exists(previous_copy):
             fs.rm_file(previous_copy)
-        fixed = (f" ({len(rewritten)} existing shard(s) damaged or stale, rewritten: "
-                 f"{', '.join(rewritten[:5])}{' …' if len(rewritten) > 5 else ''})") if rewritten else ""
-        msg = (f"shards: {len(written)} written{fixed}, {len(all_plans) - len(written)} kept"
-               + (f", {len(removed)} stale removed" if removed else "") + f"; manifest {join_url(out_url, MANIFEST)}")  # fmt: skip
+        fixed = (
+            (
+                f" ({len(rewritten)} existing shard(s) damaged or stale, rewritten: "
+                f"{', '.join(rewritten[:5])}{' …' if len(rewritten) > 5 else ''})"
+            )
+            if rewritten
+            else ""
+        )
+        msg = (
+            f"shards: {len(written)} written{fixed}, {len(all_plans) - len(written)} kept"
+            + (f", {len(removed)} stale removed" if removed else "")
+            + f"; manifest {join_url(out_url, MANIFEST)}"
+        )
         log.info(msg)
         if progress:
             print(msg, flush=True)
@@ -776,8 +870,10 @@ def read_manifest(url: str, storage_options: Mapping[str, Any] | None = None) ->
     fs, path = url_to_fs(murl, storage_options)
     data = _read_bytes(fs, path)
     if data is None:
-        raise ShardError(f"{murl}: no manifest: shards absent or not completely written "
-                         "(readers trust only shards listed in a manifest)")  # fmt: skip
+        raise ShardError(
+            f"{murl}: no manifest: shards absent or not completely written "
+            "(readers trust only shards listed in a manifest)"
+        )
     try:
         manifest = json.loads(data)
     except ValueError as e:
@@ -789,8 +885,12 @@ def read_manifest(url: str, storage_options: Mapping[str, Any] | None = None) ->
     return manifest
 
 
-def shard_urls(manifest_url: str, split: str, storage_options: Mapping[str, Any] | None = None,
-               manifest: Mapping[str, Any] | None = None) -> list[str]:  # fmt: skip
+def shard_urls(
+    manifest_url: str,
+    split: str,
+    storage_options: Mapping[str, Any] | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> list[str]:
     """URLs of the shards of ``split`` listed in the manifest (names resolved next to it)."""
     manifest = manifest or read_manifest(manifest_url, storage_options)
     if split not in manifest["splits"]:
@@ -803,9 +903,11 @@ def shard_urls(manifest_url: str, split: str, storage_options: Mapping[str, Any]
     for s in manifest["splits"][split]["shards"]:
         name = s.get("name") if isinstance(s, Mapping) else None
         if not _inside(name):
-            raise ShardError(f"{murl}: split {split!r} lists the shard {name!r}, which is not a "
-                             "file inside the manifest's folder (absolute paths, '..' and URLs "
-                             "are refused)")  # fmt: skip
+            raise ShardError(
+                f"{murl}: split {split!r} lists the shard {name!r}, which is not a "
+                "file inside the manifest's folder (absolute paths, '..' and URLs "
+                "are refused)"
+            )
         out.append(join_url(base, name))
     return out
 
@@ -822,9 +924,13 @@ def _inside(name: Any) -> bool:
 
 def _samples_of_tar(fileobj, shard: str) -> Iterator[dict[str, Any]]:
     def finish(key: str, parts: dict[str, bytes]) -> dict[str, Any]:
-        return {"key": key, "sar": npy_load(parts["sar.npy"]),
-                "lulc": npy_load(parts["lulc.npy"]) if "lulc.npy" in parts else None,
-                "meta": json.loads(parts["json"]), "shard": shard}  # fmt: skip
+        return {
+            "key": key,
+            "sar": npy_load(parts["sar.npy"]),
+            "lulc": npy_load(parts["lulc.npy"]) if "lulc.npy" in parts else None,
+            "meta": json.loads(parts["json"]),
+            "shard": shard,
+        }
 
     key, parts = None, {}
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
@@ -841,8 +947,12 @@ def _samples_of_tar(fileobj, shard: str) -> Iterator[dict[str, Any]]:
         yield finish(key, parts)
 
 
-def iter_samples(manifest_url: str, split: str, storage_options: Mapping[str, Any] | None = None,
-                 verify: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
+def iter_samples(
+    manifest_url: str,
+    split: str,
+    storage_options: Mapping[str, Any] | None = None,
+    verify: bool = False,
+) -> Iterator[dict[str, Any]]:
     """Decoded samples of a split, shard by shard in manifest order:
     ``{key, sar (float16), lulc (uint8 or None), meta (dict), shard}``.
 
@@ -864,8 +974,11 @@ def iter_samples(manifest_url: str, split: str, storage_options: Mapping[str, An
                 yield from _samples_of_tar(f, entry["name"])
 
 
-def recut_patch(cube_url: str, patch_id: str, storage_options: Mapping[str, Any] | None = None,
-                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def recut_patch(
+    cube_url: str,
+    patch_id: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Cut patch ``patch_id`` from the cube again: (sar float16 dB, lulc uint8), as in a shard."""
     from .cube import CubeError, cube_grid, open_group
 

@@ -70,8 +70,12 @@ class LulcSource:
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         n = 12000
-        return (-180 + self.col0 / n, 90 - (self.row0 + self.height) / n,
-                -180 + (self.col0 + self.width) / n, 90 - self.row0 / n)  # fmt: skip
+        return (
+            -180 + self.col0 / n,
+            90 - (self.row0 + self.height) / n,
+            -180 + (self.col0 + self.width) / n,
+            90 - self.row0 / n,
+        )
 
 
 def _describe_fs_error(url: str, e: Exception) -> str:
@@ -184,8 +188,12 @@ def _check_readable(ds, url: str) -> None:
     bh, bw = ds.block_shapes[0]
     try:
         ds.read(1, window=Window(0, 0, min(bw, ds.width), min(bh, ds.height)))
-        ds.read(1, window=Window(max(0, ds.width - bw), max(0, ds.height - bh),
-                                 min(bw, ds.width), min(bh, ds.height)))  # fmt: skip
+        ds.read(
+            1,
+            window=Window(
+                max(0, ds.width - bw), max(0, ds.height - bh), min(bw, ds.width), min(bh, ds.height)
+            ),
+        )
     except Exception as e:
         raise SourceError(
             f"{url}: pixel data cannot be read (truncated or corrupt file): {str(e).splitlines()[0][:160]}"
@@ -266,8 +274,14 @@ def inspect_scene(
         if name.polarization != "HH":
             raise SourceError(f"{url}: polarization {name.polarization}; the cube holds HH")
         kind, product_id, date, nodata = f"L{name.level}", name.product_id, name.date, 0
-        name_fields = {"mode": name.mode, "look": name.look, "level": name.level, "direction": name.direction,
-                       "orbit": name.orbit, "frame": name.frame}  # fmt: skip
+        name_fields = {
+            "mode": name.mode,
+            "look": name.look,
+            "level": name.level,
+            "direction": name.direction,
+            "orbit": name.orbit,
+            "frame": name.frame,
+        }
     except ProductNameError as scene_err:
         try:
             tile = parse_mosaic_name(url)
@@ -279,8 +293,10 @@ def inspect_scene(
             ) from None
         date = _mosaic_date(url, storage_options) or mosaic_date
         if date is None:
-            raise SourceError(f"{url}: no acquisition date: expected the JAXA XML beside it "
-                              "(FirstAcquisitionDate) or --mosaic-date YYYY-MM-DD") from None  # fmt: skip
+            raise SourceError(
+                f"{url}: no acquisition date: expected the JAXA XML beside it "
+                "(FirstAcquisitionDate) or --mosaic-date YYYY-MM-DD"
+            ) from None
         kind, product_id, nodata = "mosaic", tile.product_id, 1  # mosaics mark no data with DN 1
         name_fields = {"year": tile.year, "version": tile.version}
     try:
@@ -308,10 +324,21 @@ def inspect_scene(
             if full_read:
                 _check_all_pixels(ds, url, nodata)
             bounds = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
-            src = SceneSource(url=url, product_id=product_id, kind=kind, date=date, cf_db=cf, nodata=nodata,
-                              crs_wkt=ds.crs.to_wkt(), transform=tuple(ds.transform)[:6], width=ds.width,
-                              height=ds.height, bounds_4326=tuple(float(b) for b in bounds),
-                              sha256="", name_fields=name_fields)  # fmt: skip
+            src = SceneSource(
+                url=url,
+                product_id=product_id,
+                kind=kind,
+                date=date,
+                cf_db=cf,
+                nodata=nodata,
+                crs_wkt=ds.crs.to_wkt(),
+                transform=tuple(ds.transform)[:6],
+                width=ds.width,
+                height=ds.height,
+                bounds_4326=tuple(float(b) for b in bounds),
+                sha256="",
+                name_fields=name_fields,
+            )
     try:
         digest = file_sha256(url, storage_options)
     except Exception as e:
@@ -341,8 +368,12 @@ def inspect_lulc(url: str, storage_options: Mapping[str, Any] | None = None) -> 
                 raise SourceError(f"{url}: expected EPSG:4326, found {ds.crs}")
             t = ds.transform
             r0, c0 = (90.0 - t.f) * 12000, (t.c + 180.0) * 12000
-            if not (np.isclose(t.a * 12000, 1, atol=1e-9) and np.isclose(-t.e * 12000, 1, atol=1e-9)
-                    and abs(r0 - round(r0)) < 1e-4 and abs(c0 - round(c0)) < 1e-4):  # fmt: skip
+            if not (
+                np.isclose(t.a * 12000, 1, atol=1e-9)
+                and np.isclose(-t.e * 12000, 1, atol=1e-9)
+                and abs(r0 - round(r0)) < 1e-4
+                and abs(c0 - round(c0)) < 1e-4
+            ):
                 raise SourceError(
                     f"{url}: expected the HR-LULC 1/12000° grid, found pixel {t.a:.9f}° at origin ({t.c}, {t.f})"
                 )

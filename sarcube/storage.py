@@ -16,8 +16,15 @@ from urllib.parse import urlparse
 
 import fsspec
 
-SECRET_KEYS = ("key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
-               "aws_session_token", "password")  # fmt: skip
+SECRET_KEYS = (
+    "key",
+    "secret",
+    "token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "password",
+)
 
 
 def is_remote(url: str) -> bool:
@@ -145,8 +152,10 @@ def gdal_env(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]
     AWS_HTTPS=NO for plain http, and path-style addressing (AWS_VIRTUAL_HOSTING=FALSE).
     """
     so = dict(storage_options or {})
-    env: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-                           "CPL_VSIL_GZIP_WRITE_PROPERTIES": "NO"}  # fmt: skip
+    env: dict[str, Any] = {
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "CPL_VSIL_GZIP_WRITE_PROPERTIES": "NO",
+    }
     ep = endpoint_url(so)
     if ep:
         parsed = urlparse(ep)
@@ -285,8 +294,10 @@ def _describe_storage_error(e: BaseException) -> str | None:
         bx = None
     if bx is not None:
         if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
-            return ("no S3 credentials (pass --storage-option key=... --storage-option secret=..., "
-                    "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or --storage-option anon=true)")  # fmt: skip
+            return (
+                "no S3 credentials (pass --storage-option key=... --storage-option secret=..., "
+                "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or --storage-option anon=true)"
+            )
         if isinstance(e, bx.EndpointConnectionError | bx.ConnectTimeoutError):
             return f"cannot reach the storage endpoint: {e}"
         if isinstance(e, bx.ClientError):
@@ -315,11 +326,14 @@ def _bucket_check(url: str, fs, path: str, what: str) -> None:
     except FileNotFoundError:
         raise _storage_error(f"{what} {url}: the bucket {bucket!r} does not exist") from None
     except PermissionError:
-        raise _storage_error(f"{what} {url}: access to the bucket {bucket!r} is denied (check "
-                             "the credentials: --storage-option key=/secret= or AWS_*)") from None  # fmt: skip
+        raise _storage_error(
+            f"{what} {url}: access to the bucket {bucket!r} is denied (check "
+            "the credentials: --storage-option key=/secret= or AWS_*)"
+        ) from None
     except TypeError as e:  # an option s3fs / botocore does not take
-        raise _storage_error(f"{what} {url}: a --storage-option the S3 client does not accept "
-                             f"({e})") from None  # fmt: skip
+        raise _storage_error(
+            f"{what} {url}: a --storage-option the S3 client does not accept ({e})"
+        ) from None
     except Exception as e:
         msg = storage_error_message(e)
         if msg is None:
@@ -333,8 +347,9 @@ def _storage_error(msg: str):
     return StorageError(msg)
 
 
-def check_readable(url: str, storage_options: Mapping[str, Any] | None = None,
-                   what: str = "") -> None:  # fmt: skip
+def check_readable(
+    url: str, storage_options: Mapping[str, Any] | None = None, what: str = ""
+) -> None:
     """Raise :class:`sarcube.errors.StorageError` naming ``url`` unless something is there and
     can be reached (a file, object, directory or prefix). Cheap: one or two metadata calls."""
     url = str(url)
@@ -343,8 +358,9 @@ def check_readable(url: str, storage_options: Mapping[str, Any] | None = None,
         fs, path = url_to_fs(url, storage_options)
     except (ValueError, ImportError) as e:
         raise _storage_error(f"{label}{url}: {e}") from None
-    if is_remote(url) and "s3" in (fs.protocol if isinstance(fs.protocol, tuple | list)
-                                   else (fs.protocol,)):  # fmt: skip
+    if is_remote(url) and "s3" in (
+        fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    ):
         _bucket_check(url, fs, path, label.strip())
     try:
         ok = fs.exists(path)
@@ -357,8 +373,9 @@ def check_readable(url: str, storage_options: Mapping[str, Any] | None = None,
         raise _storage_error(f"{label}{url}: not found")
 
 
-def check_writable(url: str, storage_options: Mapping[str, Any] | None = None, what: str = "",
-                   kind: str = "dir") -> None:  # fmt: skip
+def check_writable(
+    url: str, storage_options: Mapping[str, Any] | None = None, what: str = "", kind: str = "dir"
+) -> None:
     """Raise :class:`sarcube.errors.StorageError` naming ``url`` when it clearly cannot be
     written as ``kind`` (``"dir"``: a directory/prefix/store; ``"file"``): an S3 bucket that is
     missing or denied; locally an existing file where a directory is wanted (or the reverse), a

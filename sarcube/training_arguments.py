@@ -22,39 +22,68 @@ __all__ = [
 def add_run_arguments(p: argparse.ArgumentParser, overrides_example: str) -> None:
     """``--manifest --out --resume --storage-option`` and the ``key=value`` overrides."""
     p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
-    p.add_argument("--out", required=True,
-                   help="output directory or URL (local, s3://bucket/prefix)")  # fmt: skip
+    p.add_argument(
+        "--out", required=True, help="output directory or URL (local, s3://bucket/prefix)"
+    )
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec/s3fs option for the manifest, shards, weights and output, e.g. "
-                        "endpoint_url=http://host:9000 (repeatable)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help=f"config overrides, e.g. {overrides_example}")  # fmt: skip
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec/s3fs option for the manifest, shards, weights and output, e.g. "
+        "endpoint_url=http://host:9000 (repeatable)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help=f"config overrides, e.g. {overrides_example}",
+    )
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="simmim_tiny",
-                   help="profile (simmim_tiny, simmim_paper, mixmae_tiny, mixmae_paper; 'tiny' or "
-                        "'paper' with --method) or a YAML file (default %(default)s)")  # fmt: skip
-    p.add_argument("--method", choices=("simmim", "mixmae"), default=None,
-                   help="pretraining method (default: the config's; completes 'tiny'/'paper')")  # fmt: skip
+    p.add_argument(
+        "--config",
+        default="simmim_tiny",
+        help="profile (simmim_tiny, simmim_paper, mixmae_tiny, mixmae_paper; 'tiny' or "
+        "'paper' with --method) or a YAML file (default %(default)s)",
+    )
+    p.add_argument(
+        "--method",
+        choices=("simmim", "mixmae"),
+        default=None,
+        help="pretraining method (default: the config's; completes 'tiny'/'paper')",
+    )
     add_run_arguments(p, "optim.base_lr=1e-3 schedule.epochs=10")
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=("lulc", "water"), default=None,
-                   help="9-class LULC or binary water (default: the config's seg.task, lulc)")  # fmt: skip
-    p.add_argument("--config", default="finetune_tiny",
-                   help="profile (finetune_tiny, finetune_paper) or a YAML file (default %(default)s)")  # fmt: skip
-    p.add_argument("--pretrained", required=True, metavar="CKPT|none",
-                   help="encoder.pth of `sarcube pretrain` (or its checkpoint), local or URL; "
-                        "'none': random init (the scratch baseline)")  # fmt: skip
+    p.add_argument(
+        "--task",
+        choices=("lulc", "water"),
+        default=None,
+        help="9-class LULC or binary water (default: the config's seg.task, lulc)",
+    )
+    p.add_argument(
+        "--config",
+        default="finetune_tiny",
+        help="profile (finetune_tiny, finetune_paper) or a YAML file (default %(default)s)",
+    )
+    p.add_argument(
+        "--pretrained",
+        required=True,
+        metavar="CKPT|none",
+        help="encoder.pth of `sarcube pretrain` (or its checkpoint), local or URL; "
+        "'none': random init (the scratch baseline)",
+    )
     add_run_arguments(p, "schedule.epochs=10 seg.refine_up=false")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="best.pt or checkpoint.pt of `sarcube finetune`")  # fmt: skip
+    p.add_argument(
+        "--checkpoint", required=True, help="best.pt or checkpoint.pt of `sarcube finetune`"
+    )
     p.add_argument("--manifest", required=True, help="shard manifest URL or its directory")
     p.add_argument("--split", default="test", help="split to evaluate (default %(default)s)")
     p.add_argument("--out", required=True, help="report directory or URL")
@@ -68,30 +97,53 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cube", required=True, help="the cube URL")
-    p.add_argument("--checkpoint", required=True,
-                   help="best.pt / checkpoint.pt of `sarcube finetune`")  # fmt: skip
-    p.add_argument("--out", default=None,
-                   help="Zarr for the layer: the cube (default) or another store")  # fmt: skip
-    p.add_argument("--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"), default=None,
-                   help="region in degrees (default: the whole cube; snapped out to 256-px chunks)")  # fmt: skip
-    p.add_argument("--time", action="append", default=None, metavar="DATE|DATE/DATE",
-                   help="a date or a range (repeatable; default every date)")  # fmt: skip
-    p.add_argument("--task", choices=("lulc", "water"), default=None,
-                   help="checked against the checkpoint's task and class count")  # fmt: skip
-    p.add_argument("--overlap", type=int, default=128,
-                   help="window overlap in px (default 128 = 50%%)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="windows per forward pass (default 16)")  # fmt: skip
+    p.add_argument(
+        "--checkpoint", required=True, help="best.pt / checkpoint.pt of `sarcube finetune`"
+    )
+    p.add_argument(
+        "--out", default=None, help="Zarr for the layer: the cube (default) or another store"
+    )
+    p.add_argument(
+        "--bbox",
+        nargs=4,
+        type=float,
+        metavar=("W", "S", "E", "N"),
+        default=None,
+        help="region in degrees (default: the whole cube; snapped out to 256-px chunks)",
+    )
+    p.add_argument(
+        "--time",
+        action="append",
+        default=None,
+        metavar="DATE|DATE/DATE",
+        help="a date or a range (repeatable; default every date)",
+    )
+    p.add_argument(
+        "--task",
+        choices=("lulc", "water"),
+        default=None,
+        help="checked against the checkpoint's task and class count",
+    )
+    p.add_argument(
+        "--overlap", type=int, default=128, help="window overlap in px (default 128 = 50%%)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="windows per forward pass (default 16)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="Dask worker processes (default 0: this process)")  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=0, help="Dask worker processes (default 0: this process)"
+    )
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
-    p.add_argument("--block", type=int, default=1024,
-                   help="block edge in px, a multiple of 256 (default 1024)")  # fmt: skip
-    p.add_argument("--probabilities", action="store_true",
-                   help="also write uint8 class probabilities")  # fmt: skip
-    p.add_argument("--cog", default=None,
-                   help="also export a Cloud-Optimized GeoTIFF of the first date")  # fmt: skip
+    p.add_argument(
+        "--block", type=int, default=1024, help="block edge in px, a multiple of 256 (default 1024)"
+    )
+    p.add_argument(
+        "--probabilities", action="store_true", help="also write uint8 class probabilities"
+    )
+    p.add_argument(
+        "--cog", default=None, help="also export a Cloud-Optimized GeoTIFF of the first date"
+    )
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     add_lock_arguments(p)
 
@@ -165,8 +217,9 @@ def check_run_io(args: argparse.Namespace, so: dict) -> None:
     if args.resume and not _exists(ckpt, so):
         raise InputError(f"--resume: no checkpoint at {ckpt} to resume from")
     if not args.resume and _exists(ckpt, so):
-        raise InputError(f"{ckpt} exists: pass --resume to continue that run, or choose another "
-                         "--out")  # fmt: skip
+        raise InputError(
+            f"{ckpt} exists: pass --resume to continue that run, or choose another --out"
+        )
 
 
 def check_pretrain_split(split: str, manifest: str, so: dict) -> None:
@@ -178,15 +231,19 @@ def check_pretrain_split(split: str, manifest: str, so: dict) -> None:
     man = read_manifest(manifest, so)
     splits = man.get("splits", {})
     if split not in splits:
-        raise InputError(f"--manifest {manifest}: no split {split!r} to pretrain on "
-                         f"(splits {sorted(splits)}; data.split chooses)")  # fmt: skip
+        raise InputError(
+            f"--manifest {manifest}: no split {split!r} to pretrain on "
+            f"(splits {sorted(splits)}; data.split chooses)"
+        )
     info = splits[split]
     db = info.get("db_stats") or {}
     if not db.get("pixels") or db.get("mean") is None:
         n = info.get("samples", sum(int(s.get("samples", 0)) for s in info.get("shards", [])))
-        raise InputError(f"--manifest {manifest}: the {split!r} split has no valid SAR pixel (all "
-                         f"{n} samples are no data): nothing to pretrain on; sample patches "
-                         "with data (sarcube sample --max-nodata) and write the shards again")  # fmt: skip
+        raise InputError(
+            f"--manifest {manifest}: the {split!r} split has no valid SAR pixel (all "
+            f"{n} samples are no data): nothing to pretrain on; sample patches "
+            "with data (sarcube sample --max-nodata) and write the shards again"
+        )
 
 
 def check_resume_config(args: argparse.Namespace, cfg, so: dict) -> None:
@@ -220,10 +277,12 @@ def check_resume_config(args: argparse.Namespace, cfg, so: dict) -> None:
     diff = config_diff(old, cfg, ignore=(*RESUME_MAY_CHANGE, *allowed))
     if diff:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise InputError(f"cannot resume from {join_url(out, 'checkpoint.pt')}: the config "
-                         f"differs from the run's in {lines} (only train.* and data loader "
-                         f"settings may change on a resume, and {' / '.join(RESUME_MAY_OVERRIDE)} "
-                         "when named as overrides, e.g. --resume optim.base_lr=1e-5)")  # fmt: skip
+        raise InputError(
+            f"cannot resume from {join_url(out, 'checkpoint.pt')}: the config "
+            f"differs from the run's in {lines} (only train.* and data loader "
+            f"settings may change on a resume, and {' / '.join(RESUME_MAY_OVERRIDE)} "
+            "when named as overrides, e.g. --resume optim.base_lr=1e-5)"
+        )
 
 
 def _load_config(config, overrides, method):
@@ -313,8 +372,16 @@ def check_predict_args(args: argparse.Namespace) -> None:
 
 def add_lock_arguments(p: argparse.ArgumentParser) -> None:
     """``--wait`` / ``--break-stale-lock`` of every command that writes shared state."""
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait up to SECONDS for another writer's lock on the output (default: fail at once)")  # fmt: skip
-    p.add_argument("--break-stale-lock", action="store_true",
-                   help="break the output's lock if its holder stopped heart-beating "
-                        "(SARCUBE_LOCK_STALE_AFTER seconds, default 120)")  # fmt: skip
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for another writer's lock on the output (default: fail at once)",
+    )
+    p.add_argument(
+        "--break-stale-lock",
+        action="store_true",
+        help="break the output's lock if its holder stopped heart-beating "
+        "(SARCUBE_LOCK_STALE_AFTER seconds, default 120)",
+    )

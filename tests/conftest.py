@@ -207,8 +207,13 @@ def small_cube(small_synth, tmp_path_factory, dask_cluster) -> str:
 
     url = str(tmp_path_factory.mktemp("cubes") / "small.zarr")
     with Client(dask_cluster) as client:
-        report = ingest([f"{small_synth.out}/scenes"], url, lulc=[f"{small_synth.out}/lulc"], client=client,
-                        progress=False)  # fmt: skip
+        report = ingest(
+            [f"{small_synth.out}/scenes"],
+            url,
+            lulc=[f"{small_synth.out}/lulc"],
+            client=client,
+            progress=False,
+        )
     assert report.ok, report.problems
     return url
 
@@ -227,8 +232,15 @@ def small_shards(small_cube, tmp_path_factory, dask_cluster) -> Path:
     df, meta = build_index(small_cube)
     write_index(df, str(tmp / "index.parquet"), meta)
     with Client(dask_cluster) as client:
-        write_shards(small_cube, str(tmp / "index.parquet"), str(tmp / "shards"), shard_size_mb=64,
-                     min_shards_per_split=2, progress=False, client=client)  # fmt: skip
+        write_shards(
+            small_cube,
+            str(tmp / "index.parquet"),
+            str(tmp / "shards"),
+            shard_size_mb=64,
+            min_shards_per_split=2,
+            progress=False,
+            client=client,
+        )
     return tmp / "shards"
 
 
@@ -240,7 +252,20 @@ def small_demo(tmp_path_factory):
     import sys
 
     work = tmp_path_factory.mktemp("small_demo")
-    proc = subprocess.run([sys.executable, "-m", "sarcube.cli", "demo", "--out", str(work / "demo-output"),
-                           "--bbox", *map(str, SMALL_BBOX)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sarcube.cli",
+            "demo",
+            "--out",
+            str(work / "demo-output"),
+            "--bbox",
+            *map(str, SMALL_BBOX),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work, proc

@@ -41,8 +41,20 @@ def test_bad_bbox_is_one_line_no_traceback(tmp_path):
 
 
 def test_synth_cli_writes_readable_files(tmp_path):
-    out = run("synth", "--out", str(tmp_path / "o"), "--bbox", "140.30", "36.02", "140.32", "36.035",
-              "--dates", "2022-10-10", "--seed", "9")  # fmt: skip
+    out = run(
+        "synth",
+        "--out",
+        str(tmp_path / "o"),
+        "--bbox",
+        "140.30",
+        "36.02",
+        "140.32",
+        "36.035",
+        "--dates",
+        "2022-10-10",
+        "--seed",
+        "9",
+    )
     assert out.returncode == 0, out.stderr
     tifs = sorted(Path(tmp_path / "o").rglob("*.tif"))
     assert [p.parent.name for p in tifs] == ["lulc", "scenes"]
@@ -117,8 +129,11 @@ def _variants(cmd: str) -> list[list[str]]:
     out = []
     for c in (bare, full):
         c = re.sub(r"\s+\|\s+--\S+(\s+[^-\s]\S*)?", "", c)  # "--a x | --b y" outside brackets
-        argv = [t.split("|")[0] if "|" in t and not t.startswith(("'", '"')) else t
-                for t in shlex.split(c)[1:] if t not in ("...", "…")]  # fmt: skip
+        argv = [
+            t.split("|")[0] if "|" in t and not t.startswith(("'", '"')) else t
+            for t in shlex.split(c)[1:]
+            if t not in ("...", "…")
+        ]
         out.append(argv)
     return out
 
@@ -126,8 +141,17 @@ def _variants(cmd: str) -> list[list[str]]:
 def test_readme_cli_examples_parse():
     cmds = _readme_commands()
     names = {c.split()[1] for c in cmds}
-    assert {"synth", "ingest", "sample", "shards", "pretrain", "finetune", "evaluate", "ablation",
-            "predict"} <= names, names  # fmt: skip
+    assert {
+        "synth",
+        "ingest",
+        "sample",
+        "shards",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "ablation",
+        "predict",
+    } <= names, names
     parser = build_parser()
     for cmd in cmds:
         if cmd.split()[1] in ("--help", "-h", "--version"):
@@ -139,8 +163,21 @@ def test_readme_cli_examples_parse():
                 raise AssertionError(f"README example does not parse: {cmd!r} -> {argv}") from e
 
 
-@pytest.mark.parametrize("command", ["synth", "ingest", "sample", "shards", "pretrain", "finetune",
-                                     "evaluate", "ablation", "predict", "demo"])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        "synth",
+        "ingest",
+        "sample",
+        "shards",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "ablation",
+        "predict",
+        "demo",
+    ],
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([command, "--help"])
@@ -154,13 +191,36 @@ def test_launcher_forwards_the_subcommand_arguments_without_nproc():
     from sarcube.cli import _forwarded
     from training.finetune import build_parser as rank_parser
 
-    raw = ["-v", "finetune", "--manifest", "m", "--nproc", "2", "--pretrained", "none", "--out", "o",
-           "--nproc=3", "--storage-option", "endpoint_url=http://h:1", "schedule.epochs=1"]  # fmt: skip
+    raw = [
+        "-v",
+        "finetune",
+        "--manifest",
+        "m",
+        "--nproc",
+        "2",
+        "--pretrained",
+        "none",
+        "--out",
+        "o",
+        "--nproc=3",
+        "--storage-option",
+        "endpoint_url=http://h:1",
+        "schedule.epochs=1",
+    ]
     args = build_parser().parse_args(raw)
     args.argv = raw[2:]
     fwd = _forwarded(args)
-    assert fwd == ["--manifest", "m", "--pretrained", "none", "--out", "o", "--storage-option",
-                   "endpoint_url=http://h:1", "schedule.epochs=1"]  # fmt: skip
+    assert fwd == [
+        "--manifest",
+        "m",
+        "--pretrained",
+        "none",
+        "--out",
+        "o",
+        "--storage-option",
+        "endpoint_url=http://h:1",
+        "schedule.epochs=1",
+    ]
     ns = rank_parser().parse_intermixed_args(fwd)
     assert ns.overrides == ["schedule.epochs=1"] and ns.storage_option == [
         "endpoint_url=http://h:1"
@@ -172,8 +232,18 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     prints): key=value overrides after options are overrides, not unrecognized arguments."""
     from sarcube.cli import main
 
-    rc = main(["pretrain", "--manifest", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
-               "data.batch_size=2", "--resume", "optim.base_lr=1e-5"])  # fmt: skip
+    rc = main(
+        [
+            "pretrain",
+            "--manifest",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+            "data.batch_size=2",
+            "--resume",
+            "optim.base_lr=1e-5",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "unrecognized arguments" not in err
     assert err.strip() == f"sarcube pretrain: error: --manifest {tmp_path / 'none'}: not found"

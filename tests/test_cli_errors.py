@@ -48,239 +48,559 @@ class BadInput:
 
 CASES = [
     # -- storage: a bucket that does not exist --------------------------------------------------
-    BadInput("sample-missing-bucket",
-             ("sample", "--cube", f"{NOBUCKET}/cube.zarr", "--out", "{tmp}/index.parquet", *S3),
-             rf"--cube {NOBUCKET}/cube\.zarr: the bucket 'no-such-bucket-sarcube' does not exist",
-             "sample: the cube's bucket does not exist"),
-    BadInput("shards-missing-bucket",
-             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", f"{NOBUCKET}/shards", *S3),
-             rf"--out {NOBUCKET}/shards: the bucket 'no-such-bucket-sarcube' does not exist",
-             "shards: the output bucket does not exist"),
-    BadInput("pretrain-missing-bucket",
-             ("pretrain", "--manifest", f"{NOBUCKET}/shards", "--out", "{tmp}/run", *S3, *TINY),
-             rf"--manifest {NOBUCKET}/shards: the bucket 'no-such-bucket-sarcube' does not exist",
-             "pretrain: the manifest's bucket does not exist"),
-    BadInput("pretrain-nproc2-missing-bucket",
-             ("pretrain", "--nproc", "2", "--manifest", "{shards}", "--out", f"{NOBUCKET}/run", *S3,
-              *TINY),
-             rf"--out {NOBUCKET}/run: the bucket 'no-such-bucket-sarcube' does not exist",
-             "pretrain --nproc 2: checked before torchrun starts any rank"),
-    BadInput("finetune-missing-bucket",
-             ("finetune", "--manifest", "{shards}", "--pretrained", "none", "--out",
-              f"{NOBUCKET}/ft", *S3),
-             rf"--out {NOBUCKET}/ft: the bucket 'no-such-bucket-sarcube' does not exist",
-             "finetune: the output bucket does not exist"),
-    BadInput("evaluate-missing-bucket",
-             ("evaluate", "--checkpoint", f"{NOBUCKET}/best.pt", "--manifest", "{shards}", "--out",
-              "{tmp}/ev", *S3),
-             rf"--checkpoint {NOBUCKET}/best\.pt: the bucket 'no-such-bucket-sarcube' does not exist",
-             "evaluate: the checkpoint's bucket does not exist"),
-    BadInput("predict-missing-bucket",
-             ("predict", "--cube", f"{NOBUCKET}/cube.zarr", "--checkpoint", "{ckpt}", *S3),
-             rf"--cube {NOBUCKET}/cube\.zarr: the bucket 'no-such-bucket-sarcube' does not exist",
-             "predict: the cube's bucket does not exist"),
-    BadInput("sample-missing-object",
-             ("sample", "--cube", "s3://sarcube-test/nothing.zarr", "--out", "{tmp}/i.parquet", *S3),
-             r"--cube s3://sarcube-test/nothing\.zarr: not found",
-             "sample: nothing at the cube URL (bucket there)"),
-    BadInput("predict-endpoint-down",
-             ("predict", "--cube", "s3://sarcube-test/cube.zarr", "--checkpoint", "{ckpt}",
-              "--storage-option", "endpoint_url=http://127.0.0.1:9"),
-             r"--cube s3://sarcube-test/cube\.zarr: cannot reach the storage endpoint: Could not "
-             r"connect to the endpoint URL",
-             "predict: the S3 endpoint does not answer (after botocore's retries, ~10 s)"),
-    BadInput("sample-unknown-storage-option",
-             ("sample", "--cube", "s3://sarcube-test/cube.zarr", "--out", "{tmp}/i.parquet", *S3,
-              "--storage-option", "connect_timeout=1"),
-             r"--cube s3://sarcube-test/cube\.zarr: a --storage-option the S3 client does not "
-             r"accept \(.*connect_timeout",
-             "sample: a storage option s3fs does not take"),
+    BadInput(
+        "sample-missing-bucket",
+        ("sample", "--cube", f"{NOBUCKET}/cube.zarr", "--out", "{tmp}/index.parquet", *S3),
+        rf"--cube {NOBUCKET}/cube\.zarr: the bucket 'no-such-bucket-sarcube' does not exist",
+        "sample: the cube's bucket does not exist",
+    ),
+    BadInput(
+        "shards-missing-bucket",
+        ("shards", "--cube", "{cube}", "--index", "{index}", "--out", f"{NOBUCKET}/shards", *S3),
+        rf"--out {NOBUCKET}/shards: the bucket 'no-such-bucket-sarcube' does not exist",
+        "shards: the output bucket does not exist",
+    ),
+    BadInput(
+        "pretrain-missing-bucket",
+        ("pretrain", "--manifest", f"{NOBUCKET}/shards", "--out", "{tmp}/run", *S3, *TINY),
+        rf"--manifest {NOBUCKET}/shards: the bucket 'no-such-bucket-sarcube' does not exist",
+        "pretrain: the manifest's bucket does not exist",
+    ),
+    BadInput(
+        "pretrain-nproc2-missing-bucket",
+        (
+            "pretrain",
+            "--nproc",
+            "2",
+            "--manifest",
+            "{shards}",
+            "--out",
+            f"{NOBUCKET}/run",
+            *S3,
+            *TINY,
+        ),
+        rf"--out {NOBUCKET}/run: the bucket 'no-such-bucket-sarcube' does not exist",
+        "pretrain --nproc 2: checked before torchrun starts any rank",
+    ),
+    BadInput(
+        "finetune-missing-bucket",
+        (
+            "finetune",
+            "--manifest",
+            "{shards}",
+            "--pretrained",
+            "none",
+            "--out",
+            f"{NOBUCKET}/ft",
+            *S3,
+        ),
+        rf"--out {NOBUCKET}/ft: the bucket 'no-such-bucket-sarcube' does not exist",
+        "finetune: the output bucket does not exist",
+    ),
+    BadInput(
+        "evaluate-missing-bucket",
+        (
+            "evaluate",
+            "--checkpoint",
+            f"{NOBUCKET}/best.pt",
+            "--manifest",
+            "{shards}",
+            "--out",
+            "{tmp}/ev",
+            *S3,
+        ),
+        rf"--checkpoint {NOBUCKET}/best\.pt: the bucket 'no-such-bucket-sarcube' does not exist",
+        "evaluate: the checkpoint's bucket does not exist",
+    ),
+    BadInput(
+        "predict-missing-bucket",
+        ("predict", "--cube", f"{NOBUCKET}/cube.zarr", "--checkpoint", "{ckpt}", *S3),
+        rf"--cube {NOBUCKET}/cube\.zarr: the bucket 'no-such-bucket-sarcube' does not exist",
+        "predict: the cube's bucket does not exist",
+    ),
+    BadInput(
+        "sample-missing-object",
+        ("sample", "--cube", "s3://sarcube-test/nothing.zarr", "--out", "{tmp}/i.parquet", *S3),
+        r"--cube s3://sarcube-test/nothing\.zarr: not found",
+        "sample: nothing at the cube URL (bucket there)",
+    ),
+    BadInput(
+        "predict-endpoint-down",
+        (
+            "predict",
+            "--cube",
+            "s3://sarcube-test/cube.zarr",
+            "--checkpoint",
+            "{ckpt}",
+            "--storage-option",
+            "endpoint_url=http://127.0.0.1:9",
+        ),
+        r"--cube s3://sarcube-test/cube\.zarr: cannot reach the storage endpoint: Could not "
+        r"connect to the endpoint URL",
+        "predict: the S3 endpoint does not answer (after botocore's retries, ~10 s)",
+    ),
+    BadInput(
+        "sample-unknown-storage-option",
+        (
+            "sample",
+            "--cube",
+            "s3://sarcube-test/cube.zarr",
+            "--out",
+            "{tmp}/i.parquet",
+            *S3,
+            "--storage-option",
+            "connect_timeout=1",
+        ),
+        r"--cube s3://sarcube-test/cube\.zarr: a --storage-option the S3 client does not "
+        r"accept \(.*connect_timeout",
+        "sample: a storage option s3fs does not take",
+    ),
     # -- storage: the server refuses the credentials (403 Forbidden) ------------------------------
-    BadInput("sample-forbidden",
-             ("sample", "--cube", "s3://sarcube-test/cube.zarr", "--out", "{tmp}/i.parquet", *S3),
-             r"--cube s3://sarcube-test/cube\.zarr: access to the bucket 'sarcube-test' is denied",
-             "sample: the server refuses the credentials (403)", "forbidden"),
-    BadInput("shards-forbidden",
-             ("shards", "--cube", "{cube}", "--index", "{index}", "--out",
-              "s3://sarcube-test/shards", *S3),
-             r"--out s3://sarcube-test/shards: access to the bucket 'sarcube-test' is denied",
-             "shards: the server refuses the credentials (403)", "forbidden"),
-    BadInput("finetune-forbidden",
-             ("finetune", "--manifest", "s3://sarcube-test/shards", "--pretrained", "none",
-              "--out", "{tmp}/ft", *S3),
-             r"--manifest s3://sarcube-test/shards: access to the bucket 'sarcube-test' is denied",
-             "finetune: the server refuses the credentials (403)", "forbidden"),
-    BadInput("predict-forbidden",
-             ("predict", "--cube", "{cube}", "--checkpoint", "s3://sarcube-test/best.pt", *S3),
-             r"--checkpoint s3://sarcube-test/best\.pt: access to the bucket 'sarcube-test' is "
-             r"denied", "predict: the server refuses the credentials (403)", "forbidden"),
+    BadInput(
+        "sample-forbidden",
+        ("sample", "--cube", "s3://sarcube-test/cube.zarr", "--out", "{tmp}/i.parquet", *S3),
+        r"--cube s3://sarcube-test/cube\.zarr: access to the bucket 'sarcube-test' is denied",
+        "sample: the server refuses the credentials (403)",
+        "forbidden",
+    ),
+    BadInput(
+        "shards-forbidden",
+        (
+            "shards",
+            "--cube",
+            "{cube}",
+            "--index",
+            "{index}",
+            "--out",
+            "s3://sarcube-test/shards",
+            *S3,
+        ),
+        r"--out s3://sarcube-test/shards: access to the bucket 'sarcube-test' is denied",
+        "shards: the server refuses the credentials (403)",
+        "forbidden",
+    ),
+    BadInput(
+        "finetune-forbidden",
+        (
+            "finetune",
+            "--manifest",
+            "s3://sarcube-test/shards",
+            "--pretrained",
+            "none",
+            "--out",
+            "{tmp}/ft",
+            *S3,
+        ),
+        r"--manifest s3://sarcube-test/shards: access to the bucket 'sarcube-test' is denied",
+        "finetune: the server refuses the credentials (403)",
+        "forbidden",
+    ),
+    BadInput(
+        "predict-forbidden",
+        ("predict", "--cube", "{cube}", "--checkpoint", "s3://sarcube-test/best.pt", *S3),
+        r"--checkpoint s3://sarcube-test/best\.pt: access to the bucket 'sarcube-test' is "
+        r"denied",
+        "predict: the server refuses the credentials (403)",
+        "forbidden",
+    ),
     # -- numbers and devices ----------------------------------------------------------------------
-    BadInput("evaluate-batch-size-0",
-             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{shards}", "--out", "{tmp}/ev",
-              "--batch-size", "0"),
-             r"--batch-size must be ≥ 1, got 0", "evaluate --batch-size 0"),
-    BadInput("predict-batch-size-0",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--batch-size", "0"),
-             r"--batch-size must be ≥ 1, got 0", "predict --batch-size 0"),
-    BadInput("evaluate-device-banana",
-             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{shards}", "--out", "{tmp}/ev",
-              "--device", "banana"),
-             r"--device 'banana': not a device; expected auto, cpu, cuda or cuda:N",
-             "evaluate --device banana"),
-    BadInput("predict-device-banana",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--device", "banana"),
-             r"--device 'banana': not a device; expected cpu, cuda or cuda:N",
-             "predict --device banana"),
-    BadInput("pretrain-device-banana",
-             ("pretrain", "--manifest", "{shards}", "--out", "{tmp}/run", *TINY, "train.device=banana"),
-             r"train\.device must be auto, cpu, cuda or cuda:N, got 'banana'",
-             "pretrain train.device=banana"),
+    BadInput(
+        "evaluate-batch-size-0",
+        (
+            "evaluate",
+            "--checkpoint",
+            "{ckpt}",
+            "--manifest",
+            "{shards}",
+            "--out",
+            "{tmp}/ev",
+            "--batch-size",
+            "0",
+        ),
+        r"--batch-size must be ≥ 1, got 0",
+        "evaluate --batch-size 0",
+    ),
+    BadInput(
+        "predict-batch-size-0",
+        ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--batch-size", "0"),
+        r"--batch-size must be ≥ 1, got 0",
+        "predict --batch-size 0",
+    ),
+    BadInput(
+        "evaluate-device-banana",
+        (
+            "evaluate",
+            "--checkpoint",
+            "{ckpt}",
+            "--manifest",
+            "{shards}",
+            "--out",
+            "{tmp}/ev",
+            "--device",
+            "banana",
+        ),
+        r"--device 'banana': not a device; expected auto, cpu, cuda or cuda:N",
+        "evaluate --device banana",
+    ),
+    BadInput(
+        "predict-device-banana",
+        ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--device", "banana"),
+        r"--device 'banana': not a device; expected cpu, cuda or cuda:N",
+        "predict --device banana",
+    ),
+    BadInput(
+        "pretrain-device-banana",
+        ("pretrain", "--manifest", "{shards}", "--out", "{tmp}/run", *TINY, "train.device=banana"),
+        r"train\.device must be auto, cpu, cuda or cuda:N, got 'banana'",
+        "pretrain train.device=banana",
+    ),
     # -- outputs ----------------------------------------------------------------------------------
-    BadInput("pretrain-out-is-a-file",
-             ("pretrain", "--manifest", "{shards}", "--out", "{file}", *TINY),
-             r"--out \S+/a-file\.txt: an existing file, not a directory",
-             "pretrain --out names an existing regular file"),
-    BadInput("evaluate-out-is-a-file",
-             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{shards}", "--out", "{file}"),
-             r"--out \S+/a-file\.txt: an existing file, not a directory",
-             "evaluate --out names an existing regular file"),
-    BadInput("predict-out-is-a-file",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{file}"),
-             r"--out \S+/a-file\.txt: an existing file, not a directory",
-             "predict --out names an existing regular file"),
-    BadInput("predict-cog-missing-directory",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.zarr",
-              "--cog", "{tmp}/no/such/dir/map.tif"),
-             r"--cog \S+/no/such/dir/map\.tif: the directory \S+/no/such/dir does not exist",
-             "predict --cog in a directory that does not exist (checked before predicting)"),
-    BadInput("predict-cog-under-a-file",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.zarr",
-              "--cog", "{file}/map.tif"),
-             r"--cog \S+/a-file\.txt/map\.tif: \S+/a-file\.txt is a file, not a directory",
-             "predict --cog below a regular file"),
+    BadInput(
+        "pretrain-out-is-a-file",
+        ("pretrain", "--manifest", "{shards}", "--out", "{file}", *TINY),
+        r"--out \S+/a-file\.txt: an existing file, not a directory",
+        "pretrain --out names an existing regular file",
+    ),
+    BadInput(
+        "evaluate-out-is-a-file",
+        ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{shards}", "--out", "{file}"),
+        r"--out \S+/a-file\.txt: an existing file, not a directory",
+        "evaluate --out names an existing regular file",
+    ),
+    BadInput(
+        "predict-out-is-a-file",
+        ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{file}"),
+        r"--out \S+/a-file\.txt: an existing file, not a directory",
+        "predict --out names an existing regular file",
+    ),
+    BadInput(
+        "predict-cog-missing-directory",
+        (
+            "predict",
+            "--cube",
+            "{cube}",
+            "--checkpoint",
+            "{ckpt}",
+            "--out",
+            "{tmp}/p.zarr",
+            "--cog",
+            "{tmp}/no/such/dir/map.tif",
+        ),
+        r"--cog \S+/no/such/dir/map\.tif: the directory \S+/no/such/dir does not exist",
+        "predict --cog in a directory that does not exist (checked before predicting)",
+    ),
+    BadInput(
+        "predict-cog-under-a-file",
+        (
+            "predict",
+            "--cube",
+            "{cube}",
+            "--checkpoint",
+            "{ckpt}",
+            "--out",
+            "{tmp}/p.zarr",
+            "--cog",
+            "{file}/map.tif",
+        ),
+        r"--cog \S+/a-file\.txt/map\.tif: \S+/a-file\.txt is a file, not a directory",
+        "predict --cog below a regular file",
+    ),
     # -- checkpoints ------------------------------------------------------------------------------
-    BadInput("evaluate-missing-checkpoint",
-             ("evaluate", "--checkpoint", "{tmp}/missing.pt", "--manifest", "{shards}", "--out",
-              "{tmp}/ev"),
-             r"--checkpoint \S+/missing\.pt: not found", "evaluate: no such checkpoint file"),
-    BadInput("predict-missing-checkpoint",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{tmp}/missing.pt"),
-             r"--checkpoint \S+/missing\.pt: not found", "predict: no such checkpoint file"),
-    BadInput("evaluate-pickled-object",
-             ("evaluate", "--checkpoint", "{pickled}", "--manifest", "{shards}", "--out", "{tmp}/ev"),
-             r"\S+/pickled\.pt: not a sarcube checkpoint: it contains non-tensor objects "
-             r"\(a argparse\.Namespace object\)",
-             "evaluate: a checkpoint that torch.load(weights_only=True) refuses"),
-    BadInput("predict-pickled-object",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{pickled}", "--out", "{tmp}/p.zarr"),
-             r"\S+/pickled\.pt: not a sarcube checkpoint: it contains non-tensor objects",
-             "predict: a checkpoint that torch.load(weights_only=True) refuses"),
-    BadInput("evaluate-not-a-torch-file",
-             ("evaluate", "--checkpoint", "{garbage}", "--manifest", "{shards}", "--out", "{tmp}/ev"),
-             r"\S+/garbage\.pt: not a sarcube checkpoint: not a readable torch file",
-             "evaluate: a file that is not a torch file at all"),
-    BadInput("finetune-pretrained-pickled",
-             ("finetune", "--manifest", "{shards}", "--pretrained", "{pickled}", "--out",
-              "{tmp}/ft", "data.batch_size=4"),
-             r"\S+/pickled\.pt: .*not a sarcube checkpoint: it contains non-tensor objects",
-             "finetune: --pretrained weights that a safe load refuses"),
-    BadInput("finetune-missing-pretrained",
-             ("finetune", "--manifest", "{shards}", "--pretrained", "{tmp}/enc.pth", "--out",
-              "{tmp}/ft"),
-             r"--pretrained \S+/enc\.pth: not found", "finetune: no such encoder file"),
+    BadInput(
+        "evaluate-missing-checkpoint",
+        (
+            "evaluate",
+            "--checkpoint",
+            "{tmp}/missing.pt",
+            "--manifest",
+            "{shards}",
+            "--out",
+            "{tmp}/ev",
+        ),
+        r"--checkpoint \S+/missing\.pt: not found",
+        "evaluate: no such checkpoint file",
+    ),
+    BadInput(
+        "predict-missing-checkpoint",
+        ("predict", "--cube", "{cube}", "--checkpoint", "{tmp}/missing.pt"),
+        r"--checkpoint \S+/missing\.pt: not found",
+        "predict: no such checkpoint file",
+    ),
+    BadInput(
+        "evaluate-pickled-object",
+        ("evaluate", "--checkpoint", "{pickled}", "--manifest", "{shards}", "--out", "{tmp}/ev"),
+        r"\S+/pickled\.pt: not a sarcube checkpoint: it contains non-tensor objects "
+        r"\(a argparse\.Namespace object\)",
+        "evaluate: a checkpoint that torch.load(weights_only=True) refuses",
+    ),
+    BadInput(
+        "predict-pickled-object",
+        ("predict", "--cube", "{cube}", "--checkpoint", "{pickled}", "--out", "{tmp}/p.zarr"),
+        r"\S+/pickled\.pt: not a sarcube checkpoint: it contains non-tensor objects",
+        "predict: a checkpoint that torch.load(weights_only=True) refuses",
+    ),
+    BadInput(
+        "evaluate-not-a-torch-file",
+        ("evaluate", "--checkpoint", "{garbage}", "--manifest", "{shards}", "--out", "{tmp}/ev"),
+        r"\S+/garbage\.pt: not a sarcube checkpoint: not a readable torch file",
+        "evaluate: a file that is not a torch file at all",
+    ),
+    BadInput(
+        "finetune-pretrained-pickled",
+        (
+            "finetune",
+            "--manifest",
+            "{shards}",
+            "--pretrained",
+            "{pickled}",
+            "--out",
+            "{tmp}/ft",
+            "data.batch_size=4",
+        ),
+        r"\S+/pickled\.pt: .*not a sarcube checkpoint: it contains non-tensor objects",
+        "finetune: --pretrained weights that a safe load refuses",
+    ),
+    BadInput(
+        "finetune-missing-pretrained",
+        (
+            "finetune",
+            "--manifest",
+            "{shards}",
+            "--pretrained",
+            "{tmp}/enc.pth",
+            "--out",
+            "{tmp}/ft",
+        ),
+        r"--pretrained \S+/enc\.pth: not found",
+        "finetune: no such encoder file",
+    ),
     # -- runs -------------------------------------------------------------------------------------
-    BadInput("pretrain-all-nodata-split",
-             ("pretrain", "--manifest", "{nodata}", "--out", "{tmp}/run", *TINY),
-             r"the 'pretrain' split has no valid SAR pixel \(all \d+ samples are no data\)",
-             "pretrain on a split whose samples are all no data"),
-    BadInput("pretrain-resume-nothing",
-             ("pretrain", "--manifest", "{shards}", "--out", "{tmp}/run", "--resume", *TINY),
-             r"--resume: no checkpoint at \S+/run/checkpoint\.pt to resume from",
-             "pretrain --resume where no run was written"),
-    BadInput("pretrain-existing-run",
-             ("pretrain", "--manifest", "{shards}", "--out", "{run}", *TINY),
-             r"\S+/checkpoint\.pt exists: pass --resume to continue that run",
-             "pretrain into a run folder without --resume"),
-    BadInput("pretrain-resume-model-change",
-             ("pretrain", "--manifest", "{shards}", "--out", "{run}", "--resume", *TINY,
-              "model.window_size=4"),
-             r"cannot resume from \S+/checkpoint\.pt: the config differs from the run's in "
-             r"model\.window_size: 8 -> 4",
-             "--resume with a change that is not allowed on a resume"),
-    BadInput("pretrain-nproc2-bad-override",
-             ("pretrain", "--nproc", "2", "--manifest", "{shards}", "--out", "{tmp}/run",
-              "optim.base_rate=1"),
-             r"unknown configuration key 'optim\.base_rate'",
-             "pretrain --nproc 2 with a misspelt override: one line, no torchrun output"),
+    BadInput(
+        "pretrain-all-nodata-split",
+        ("pretrain", "--manifest", "{nodata}", "--out", "{tmp}/run", *TINY),
+        r"the 'pretrain' split has no valid SAR pixel \(all \d+ samples are no data\)",
+        "pretrain on a split whose samples are all no data",
+    ),
+    BadInput(
+        "pretrain-resume-nothing",
+        ("pretrain", "--manifest", "{shards}", "--out", "{tmp}/run", "--resume", *TINY),
+        r"--resume: no checkpoint at \S+/run/checkpoint\.pt to resume from",
+        "pretrain --resume where no run was written",
+    ),
+    BadInput(
+        "pretrain-existing-run",
+        ("pretrain", "--manifest", "{shards}", "--out", "{run}", *TINY),
+        r"\S+/checkpoint\.pt exists: pass --resume to continue that run",
+        "pretrain into a run folder without --resume",
+    ),
+    BadInput(
+        "pretrain-resume-model-change",
+        (
+            "pretrain",
+            "--manifest",
+            "{shards}",
+            "--out",
+            "{run}",
+            "--resume",
+            *TINY,
+            "model.window_size=4",
+        ),
+        r"cannot resume from \S+/checkpoint\.pt: the config differs from the run's in "
+        r"model\.window_size: 8 -> 4",
+        "--resume with a change that is not allowed on a resume",
+    ),
+    BadInput(
+        "pretrain-nproc2-bad-override",
+        (
+            "pretrain",
+            "--nproc",
+            "2",
+            "--manifest",
+            "{shards}",
+            "--out",
+            "{tmp}/run",
+            "optim.base_rate=1",
+        ),
+        r"unknown configuration key 'optim\.base_rate'",
+        "pretrain --nproc 2 with a misspelt override: one line, no torchrun output",
+    ),
     # -- ingest: arguments checked before any work ---------------------------------------------
-    BadInput("ingest-workers-negative",
-             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--workers", "-2"),
-             r"--workers must be ≥ 1 \(worker processes\), got -2",
-             "ingest: a cluster with no workers would hang for ever"),
-    BadInput("ingest-bbox-out-of-range",
-             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--bbox", "-500", "35.9",
-              "-499", "36", "--workers", "1"),
-             r"--bbox -500\.0 35\.9 -499\.0 36\.0: expected W < E within −180…180",
-             "ingest: a longitude of −500"),
-    BadInput("ingest-memory-limit",
-             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--memory-limit",
-              "banana", "--workers", "1"),
-             r"--memory-limit 'banana': expected a size such as 2GB",
-             "ingest: a memory limit that is not a size"),
-    BadInput("ingest-scheduler-unreachable",
-             ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--scheduler",
-              "tcp://127.0.0.1:9"),
-             r"--scheduler tcp://127\.0\.0\.1:9: cannot connect to a Dask scheduler there",
-             "ingest: no scheduler at that address"),
-    BadInput("ingest-cube-is-a-file",
-             ("ingest", "--scenes", "{scene}", "--cube", "{file}", "--workers", "1"),
-             r"--cube .*a-file\.txt: is an existing file, not a cube",
-             "ingest: --cube names a regular file"),
-    BadInput("ingest-cube-is-another-folder",
-             ("ingest", "--scenes", "{scene}", "--cube", "{shards}", "--workers", "1"),
-             r"an existing folder that is not a sarcube cube",
-             "ingest: --cube names a folder of other things"),
-    BadInput("ingest-strict-corrupt-scene",
-             ("ingest", "--scenes", "{scene}", "{corrupt}", "--cube", "{tmp}/cube.zarr",
-              "--scheduler", "{scheduler}", "--strict"),
-             r"--strict: input problems \(nothing was written\):.*pixel data cannot be read at rows",
-             "ingest --strict: a scene damaged in the middle; nothing is written"),
-    BadInput("ingest-strict-label-codes",
-             ("ingest", "--lulc", "{badlabels}", "--cube", "{tmp}/cube.zarr", "--scheduler",
-              "{scheduler}", "--strict"),
-             r"label codes outside the HR-LULC class table: 15 \(100 px\), 200 \(50 px\)",
-             "ingest --strict: label codes 15 and 200 (not in the class table)"),
-    BadInput("ingest-locked-cube",
-             ("ingest", "--scenes", "{scene}", "--cube", "{cube}", "--scheduler", "{scheduler}"),
-             r"--cube|locked by another writer: sarcube test-holder \(pid N",
-             "ingest: another writer holds the cube's lock", "cube_locked"),
+    BadInput(
+        "ingest-workers-negative",
+        ("ingest", "--scenes", "{scene}", "--cube", "{tmp}/cube.zarr", "--workers", "-2"),
+        r"--workers must be ≥ 1 \(worker processes\), got -2",
+        "ingest: a cluster with no workers would hang for ever",
+    ),
+    BadInput(
+        "ingest-bbox-out-of-range",
+        (
+            "ingest",
+            "--scenes",
+            "{scene}",
+            "--cube",
+            "{tmp}/cube.zarr",
+            "--bbox",
+            "-500",
+            "35.9",
+            "-499",
+            "36",
+            "--workers",
+            "1",
+        ),
+        r"--bbox -500\.0 35\.9 -499\.0 36\.0: expected W < E within −180…180",
+        "ingest: a longitude of −500",
+    ),
+    BadInput(
+        "ingest-memory-limit",
+        (
+            "ingest",
+            "--scenes",
+            "{scene}",
+            "--cube",
+            "{tmp}/cube.zarr",
+            "--memory-limit",
+            "banana",
+            "--workers",
+            "1",
+        ),
+        r"--memory-limit 'banana': expected a size such as 2GB",
+        "ingest: a memory limit that is not a size",
+    ),
+    BadInput(
+        "ingest-scheduler-unreachable",
+        (
+            "ingest",
+            "--scenes",
+            "{scene}",
+            "--cube",
+            "{tmp}/cube.zarr",
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+        ),
+        r"--scheduler tcp://127\.0\.0\.1:9: cannot connect to a Dask scheduler there",
+        "ingest: no scheduler at that address",
+    ),
+    BadInput(
+        "ingest-cube-is-a-file",
+        ("ingest", "--scenes", "{scene}", "--cube", "{file}", "--workers", "1"),
+        r"--cube .*a-file\.txt: is an existing file, not a cube",
+        "ingest: --cube names a regular file",
+    ),
+    BadInput(
+        "ingest-cube-is-another-folder",
+        ("ingest", "--scenes", "{scene}", "--cube", "{shards}", "--workers", "1"),
+        r"an existing folder that is not a sarcube cube",
+        "ingest: --cube names a folder of other things",
+    ),
+    BadInput(
+        "ingest-strict-corrupt-scene",
+        (
+            "ingest",
+            "--scenes",
+            "{scene}",
+            "{corrupt}",
+            "--cube",
+            "{tmp}/cube.zarr",
+            "--scheduler",
+            "{scheduler}",
+            "--strict",
+        ),
+        r"--strict: input problems \(nothing was written\):.*pixel data cannot be read at rows",
+        "ingest --strict: a scene damaged in the middle; nothing is written",
+    ),
+    BadInput(
+        "ingest-strict-label-codes",
+        (
+            "ingest",
+            "--lulc",
+            "{badlabels}",
+            "--cube",
+            "{tmp}/cube.zarr",
+            "--scheduler",
+            "{scheduler}",
+            "--strict",
+        ),
+        r"label codes outside the HR-LULC class table: 15 \(100 px\), 200 \(50 px\)",
+        "ingest --strict: label codes 15 and 200 (not in the class table)",
+    ),
+    BadInput(
+        "ingest-locked-cube",
+        ("ingest", "--scenes", "{scene}", "--cube", "{cube}", "--scheduler", "{scheduler}"),
+        r"--cube|locked by another writer: sarcube test-holder \(pid N",
+        "ingest: another writer holds the cube's lock",
+        "cube_locked",
+    ),
     # -- shards, predict, runs: one writer; verified shards ------------------------------------
-    BadInput("shards-workers-negative",
-             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", "{tmp}/shards",
-              "--workers", "-1"),
-             r"--workers must be ≥ 1", "shards: a cluster with no workers"),
-    BadInput("shards-out-is-a-file",
-             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", "{file}"),
-             r"--out \{file\}: an existing file, not a directory", "shards: --out names a regular file"),
-    BadInput("shards-locked-prefix",
-             ("shards", "--cube", "{cube}", "--index", "{index}", "--out", "{shards}",
-              "--scheduler", "{scheduler}"),
-             r"locked by another writer: sarcube test-holder",
-             "shards: another writer holds the prefix's lock", "shards_locked"),
-    BadInput("predict-locked-cube",
-             ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}"),
-             r"locked by another writer: sarcube test-holder",
-             "predict into the cube while another writer holds it", "cube_locked"),
-    BadInput("unlock-live-lock",
-             ("unlock", "{cube}"),
-             r"the lock is live \(sarcube test-holder .*refusing to break it without --force",
-             "unlock: the holder still heart-beats", "cube_locked"),
-    BadInput("evaluate-damaged-shard",
-             ("evaluate", "--checkpoint", "{ckpt}", "--manifest", "{flipped}", "--split", "val",
-              "--out", "{tmp}/ev"),
-             r"the shard differs from the manifest: sha256 .*val-000000\.tar",
-             "evaluate: a byte flipped inside a shard (the manifest's sha256 differs)"),
-]  # fmt: skip
+    BadInput(
+        "shards-workers-negative",
+        (
+            "shards",
+            "--cube",
+            "{cube}",
+            "--index",
+            "{index}",
+            "--out",
+            "{tmp}/shards",
+            "--workers",
+            "-1",
+        ),
+        r"--workers must be ≥ 1",
+        "shards: a cluster with no workers",
+    ),
+    BadInput(
+        "shards-out-is-a-file",
+        ("shards", "--cube", "{cube}", "--index", "{index}", "--out", "{file}"),
+        r"--out \{file\}: an existing file, not a directory",
+        "shards: --out names a regular file",
+    ),
+    BadInput(
+        "shards-locked-prefix",
+        (
+            "shards",
+            "--cube",
+            "{cube}",
+            "--index",
+            "{index}",
+            "--out",
+            "{shards}",
+            "--scheduler",
+            "{scheduler}",
+        ),
+        r"locked by another writer: sarcube test-holder",
+        "shards: another writer holds the prefix's lock",
+        "shards_locked",
+    ),
+    BadInput(
+        "predict-locked-cube",
+        ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}"),
+        r"locked by another writer: sarcube test-holder",
+        "predict into the cube while another writer holds it",
+        "cube_locked",
+    ),
+    BadInput(
+        "unlock-live-lock",
+        ("unlock", "{cube}"),
+        r"the lock is live \(sarcube test-holder .*refusing to break it without --force",
+        "unlock: the holder still heart-beats",
+        "cube_locked",
+    ),
+    BadInput(
+        "evaluate-damaged-shard",
+        (
+            "evaluate",
+            "--checkpoint",
+            "{ckpt}",
+            "--manifest",
+            "{flipped}",
+            "--split",
+            "val",
+            "--out",
+            "{tmp}/ev",
+        ),
+        r"the shard differs from the manifest: sha256 .*val-000000\.tar",
+        "evaluate: a byte flipped inside a shard (the manifest's sha256 differs)",
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +616,18 @@ def ckpt(tmp_path_factory) -> Path:
 
     cfg = load_config("finetune_tiny", method="finetune")
     path = tmp_path_factory.mktemp("ck") / "best.pt"
-    torch.save({"format": MODEL_FORMAT, "model": build_segmentation_model(cfg).state_dict(),
-                "config": cfg.to_dict(), "extra": {"task": "lulc", "num_classes": 9,
-                                                   "db_stats": [-12.0, 5.0]},
-                "epoch": 1, "step": 1, "scores": {}}, path)  # fmt: skip
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "model": build_segmentation_model(cfg).state_dict(),
+            "config": cfg.to_dict(),
+            "extra": {"task": "lulc", "num_classes": 9, "db_stats": [-12.0, 5.0]},
+            "epoch": 1,
+            "step": 1,
+            "scores": {},
+        },
+        path,
+    )
     return path
 
 
@@ -321,8 +649,9 @@ def run_dir(small_shards, tmp_path_factory) -> Path:
     from training.pretrain import main
 
     out = tmp_path_factory.mktemp("run") / "run"
-    assert main(["--manifest", str(small_shards), "--out", str(out), *TINY,
-                 "train.max_steps=1"]) == 0  # fmt: skip
+    assert (
+        main(["--manifest", str(small_shards), "--out", str(out), *TINY, "train.max_steps=1"]) == 0
+    )
     return out
 
 
@@ -350,8 +679,12 @@ def damaged_inputs(small_synth, small_shards, tmp_path_factory) -> dict[str, str
     raw = bytearray(tar.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     tar.write_bytes(bytes(raw))
-    return {"corrupt": corrupt, "badlabels": str(badlabels), "flipped": str(flipped),
-            "scene": scene}  # fmt: skip
+    return {
+        "corrupt": corrupt,
+        "badlabels": str(badlabels),
+        "flipped": str(flipped),
+        "scene": scene,
+    }
 
 
 def _held_lock(url: str):
@@ -373,20 +706,38 @@ def shards_locked(small_shards):
 
 
 @pytest.fixture
-def fill(small_shards, small_cube, ckpt, run_dir, nodata_shards, damaged_inputs, dask_cluster, s3,
-         tmp_path):  # fmt: skip
+def fill(
+    small_shards,
+    small_cube,
+    ckpt,
+    run_dir,
+    nodata_shards,
+    damaged_inputs,
+    dask_cluster,
+    s3,
+    tmp_path,
+):
     """``{name}`` placeholders -> the fixtures' paths (``fill.values`` holds them)."""
     (tmp_path / "a-file.txt").write_text("not a directory\n")
     torch.save({"model": argparse.Namespace(a=1)}, tmp_path / "pickled.pt")
     (tmp_path / "garbage.pt").write_bytes(b"this is not a torch file\n" * 4)
     work = tmp_path / "work"
     work.mkdir()
-    values = {"shards": str(small_shards), "index": str(small_shards.parent / "index.parquet"),
-              "cube": str(small_cube), "ckpt": str(ckpt), "run": str(run_dir),
-              "nodata": str(nodata_shards), "pickled": str(tmp_path / "pickled.pt"),
-              "garbage": str(tmp_path / "garbage.pt"), "file": str(tmp_path / "a-file.txt"),
-              "tmp": str(work), "endpoint": s3.endpoint, "scheduler": dask_cluster.scheduler_address,
-              **damaged_inputs}  # fmt: skip
+    values = {
+        "shards": str(small_shards),
+        "index": str(small_shards.parent / "index.parquet"),
+        "cube": str(small_cube),
+        "ckpt": str(ckpt),
+        "run": str(run_dir),
+        "nodata": str(nodata_shards),
+        "pickled": str(tmp_path / "pickled.pt"),
+        "garbage": str(tmp_path / "garbage.pt"),
+        "file": str(tmp_path / "a-file.txt"),
+        "tmp": str(work),
+        "endpoint": s3.endpoint,
+        "scheduler": dask_cluster.scheduler_address,
+        **damaged_inputs,
+    }
 
     def fill_in(argv):
         return [a.format(**values) for a in argv]
@@ -398,14 +749,16 @@ def fill(small_shards, small_cube, ckpt, run_dir, nodata_shards, damaged_inputs,
 def without_progress_bars(text: str) -> str:
     """stderr without tqdm's progress lines ("inspect: 100%|███| 2/2 …"): progress is shown on
     purpose, the error itself must be one line."""
-    return "\n".join(ln for ln in text.replace("\r", "\n").splitlines()
-                     if not re.match(r"^[\w ]+:\s+\d+%\|", ln))  # fmt: skip
+    return "\n".join(
+        ln for ln in text.replace("\r", "\n").splitlines() if not re.match(r"^[\w ]+:\s+\d+%\|", ln)
+    )
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*SARCUBE, *argv], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [*SARCUBE, *argv], capture_output=True, text=True, timeout=300, env=env, cwd=cwd
+    )
 
 
 @pytest.fixture
@@ -414,8 +767,12 @@ def forbidden(s3):
     import urllib.request
 
     def set_count(n: str) -> None:
-        req = urllib.request.Request(f"{s3.endpoint}/moto-api/reset-auth", data=n.encode(),
-                                     headers={"Content-Type": "text/plain"}, method="POST")  # fmt: skip
+        req = urllib.request.Request(
+            f"{s3.endpoint}/moto-api/reset-auth",
+            data=n.encode(),
+            headers={"Content-Type": "text/plain"},
+            method="POST",
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
     set_count("0")
@@ -446,16 +803,32 @@ def test_bad_input_is_one_line(case, fill, tmp_path, request):
 
 def test_no_credentials_is_one_line(fill, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(PYTHONPATH=str(REPO), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
-    argv = fill(["shards", "--cube", "s3://sarcube-test/cube.zarr", "--index", "{index}", "--out",
-                 "{tmp}/shards", *S3])  # fmt: skip
+    env.update(
+        PYTHONPATH=str(REPO),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    argv = fill(
+        [
+            "shards",
+            "--cube",
+            "s3://sarcube-test/cube.zarr",
+            "--index",
+            "{index}",
+            "--out",
+            "{tmp}/shards",
+            *S3,
+        ]
+    )
     p = subprocess.run([*SARCUBE, *argv], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert p.stderr.strip() == ("sarcube shards: error: --cube s3://sarcube-test/cube.zarr: no S3 "
-                                "credentials (pass --storage-option key=... --storage-option "
-                                "secret=..., set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or "
-                                "--storage-option anon=true)")  # fmt: skip
+    assert p.stderr.strip() == (
+        "sarcube shards: error: --cube s3://sarcube-test/cube.zarr: no S3 "
+        "credentials (pass --storage-option key=... --storage-option "
+        "secret=..., set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or "
+        "--storage-option anon=true)"
+    )
 
 
 def test_verbose_adds_the_traceback(fill, tmp_path):
@@ -467,8 +840,16 @@ def test_verbose_adds_the_traceback(fill, tmp_path):
 
 
 def test_cases_cover_every_command():
-    assert {c.argv[0] for c in CASES} == {"ingest", "sample", "shards", "pretrain", "finetune",
-                                          "evaluate", "predict", "unlock"}  # fmt: skip
+    assert {c.argv[0] for c in CASES} == {
+        "ingest",
+        "sample",
+        "shards",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "predict",
+        "unlock",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,8 +919,16 @@ def test_nonfinite_advice_and_resume_with_a_new_base_lr(small_shards, tmp_path, 
     from sarcube.cli import main
 
     out = tmp_path / "run"
-    argv = ["pretrain", "--manifest", str(small_shards), "--out", str(out), *TINY,
-            "schedule.warmup_epochs=0", "schedule.epochs=1"]  # fmt: skip
+    argv = [
+        "pretrain",
+        "--manifest",
+        str(small_shards),
+        "--out",
+        str(out),
+        *TINY,
+        "schedule.warmup_epochs=0",
+        "schedule.epochs=1",
+    ]
     assert main([*argv, "train.max_steps=1"]) == 0, capsys.readouterr().err
     capsys.readouterr()
     assert main([*argv, "--resume", "optim.base_lr=1e30"]) == 3

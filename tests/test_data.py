@@ -100,16 +100,29 @@ def write_dataset(out: Path, layout=LAYOUT, seed: int = 0, corrupt=None) -> dict
             data = tar_bytes(samples)
             name = f"{split}-{k:06d}.tar"
             (out / name).write_bytes(data)
-            shards.append({"name": name, "samples": size, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+            shards.append(
+                {
+                    "name": name,
+                    "samples": size,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
         splits[split] = {
-            "samples": sum(sizes), "bytes": sum(x["bytes"] for x in shards), "members": members,
+            "samples": sum(sizes),
+            "bytes": sum(x["bytes"] for x in shards),
+            "members": members,
             "shards": shards,
             "db_stats": {"mean": s / n, "std": float(np.sqrt(ss / n - (s / n) ** 2)), "pixels": n},
             "classes": {},
-        }  # fmt: skip
-    manifest = {"format": FORMAT, "seed": seed, "patch_size": P, "splits": splits,
-                "cube": {"url": "synthetic"}}  # fmt: skip
+        }
+    manifest = {
+        "format": FORMAT,
+        "seed": seed,
+        "patch_size": P,
+        "splits": splits,
+        "cube": {"url": "synthetic"},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return truth
 
@@ -153,9 +166,17 @@ def test_writer_matches_sarcube_reader(dataset):
         np.testing.assert_array_equal(got[k]["sar"], truth[k][0])
 
 
-@pytest.mark.parametrize("world,batch,workers,split", [
-    (2, 4, 0, "pretrain"), (2, 4, 2, "pretrain"), (3, 3, 0, "pretrain"), (3, 3, 2, "pretrain"),
-    (3, 2, 2, "train"), (2, 3, 0, "val")])  # fmt: skip
+@pytest.mark.parametrize(
+    "world,batch,workers,split",
+    [
+        (2, 4, 0, "pretrain"),
+        (2, 4, 2, "pretrain"),
+        (3, 3, 0, "pretrain"),
+        (3, 3, 2, "pretrain"),
+        (3, 2, 2, "train"),
+        (2, 3, 0, "val"),
+    ],
+)
 def test_equal_steps_on_every_rank(dataset, world, batch, workers, split):
     _, truth = dataset
     keys_split = {k for k, v in truth.items() if v[2] == split}
@@ -164,8 +185,17 @@ def test_equal_steps_on_every_rank(dataset, world, batch, workers, split):
     for epoch in (0, 1):
         union = set()
         for rank in range(world):
-            s = stream(dataset, split, batch_size=batch, rank=rank, world_size=world,
-                       num_workers=workers, seed=5, task="pretrain", shuffle_buffer=4)  # fmt: skip
+            s = stream(
+                dataset,
+                split,
+                batch_size=batch,
+                rank=rank,
+                world_size=world,
+                num_workers=workers,
+                seed=5,
+                task="pretrain",
+                shuffle_buffer=4,
+            )
             assert s.steps_per_epoch == total // (world * batch) >= 1
             got = list(s.loader(epoch))  # real DataLoader worker processes when workers > 0
             assert len(got) == s.steps_per_epoch
@@ -264,9 +294,10 @@ def test_augmentation_moves_labels_with_the_image(dataset, task):
             valid = b["valid"][i, 0].numpy()
             db = np.where(valid, img * std + mean, np.nan)
             matches = [
-                t for t in _dihedral()
+                t
+                for t in _dihedral()
                 if np.allclose(db, _apply(sar.astype(np.float32), *t), equal_nan=True, atol=1e-3)
-            ]  # fmt: skip
+            ]
             assert matches, key
             t = matches[0]
             assert augmentation(7, 0, key)[0] in {m[0] for m in matches}
@@ -288,8 +319,10 @@ def test_no_augmentation_is_identity(dataset):
             np.testing.assert_allclose(db[ok], truth[key][0].astype(np.float32)[ok], atol=1e-3)
 
 
-@pytest.mark.parametrize("split,task,stats_of", [("pretrain", "pretrain", "pretrain"),
-                                                 ("val", "lulc", "train"), ("train", "water", "train")])  # fmt: skip
+@pytest.mark.parametrize(
+    "split,task,stats_of",
+    [("pretrain", "pretrain", "pretrain"), ("val", "lulc", "train"), ("train", "water", "train")],
+)
 def test_normalisation_and_weight(dataset, split, task, stats_of):
     out, truth = dataset
     manifest = json.loads((out / "manifest.json").read_text())
@@ -315,8 +348,9 @@ def test_normalisation_and_weight(dataset, split, task, stats_of):
     torch.testing.assert_close(b["weight"], sar_intensity_weight(b["image"], 2.0, "normalized"))
 
 
-@pytest.mark.parametrize("task,split,workers", [("pretrain", "pretrain", 0), ("lulc", "train", 2),
-                                                 ("water", "val", 0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "task,split,workers", [("pretrain", "pretrain", 0), ("lulc", "train", 2), ("water", "val", 0)]
+)
 def test_device_prepare_ships_float16_and_finishes_identically(dataset, task, split, workers):
     """prepare="device": the loader ships float16 dB + uint8 labels, ``finish`` makes the same
     batch the worker path makes (checked against the shards' own arrays, not the other path)."""
@@ -335,7 +369,9 @@ def test_device_prepare_ships_float16_and_finishes_identically(dataset, task, sp
             np.testing.assert_array_equal(b["sar"][i, 0].numpy(), aug)  # NaN positions too
             if lut is not None:
                 assert b["label"].dtype == torch.uint8
-                np.testing.assert_array_equal(b["label"][i].numpy(), lut[_apply(truth[key][1], *augmentation(5, 0, key))])  # fmt: skip
+                np.testing.assert_array_equal(
+                    b["label"][i].numpy(), lut[_apply(truth[key][1], *augmentation(5, 0, key))]
+                )
         finished.append(compact.finish(b))
     same_batches(finished, got_full)
     assert all(b["label"].dtype == torch.int64 for b in finished if "label" in b)
@@ -360,9 +396,14 @@ def test_fast_weight_equals_sar_intensity_weight(k):
 
 def test_load_npy_equals_np_load():
     rng = np.random.default_rng(0)
-    arrays = [rng.normal(size=(P, P)).astype(np.float16), rng.normal(size=(P, P)).astype(np.float16),
-              rng.integers(0, 15, (P, P), dtype=np.uint8), np.asfortranarray(np.eye(3)),
-              np.arange(6, dtype=">i4").reshape(2, 3), np.float32(3.5)]  # fmt: skip
+    arrays = [
+        rng.normal(size=(P, P)).astype(np.float16),
+        rng.normal(size=(P, P)).astype(np.float16),
+        rng.integers(0, 15, (P, P), dtype=np.uint8),
+        np.asfortranarray(np.eye(3)),
+        np.arange(6, dtype=">i4").reshape(2, 3),
+        np.float32(3.5),
+    ]
     for _ in range(2):  # the second round hits the header cache
         for a in arrays:
             got = load_npy(_npy(a))
@@ -392,8 +433,15 @@ def test_streams_from_s3_through_worker_processes(dataset, s3):
     s3.fs().put(str(out) + "/", f"{s3.bucket}/run/shards/", recursive=True)
     (out / "stray-000000.tar").write_bytes(b"x")  # not in the manifest: never opened
     s3.fs().pipe_file(f"{s3.bucket}/run/shards/train-000099.tar", b"not a tar")
-    remote = ShardStream(s3.url("run/shards/manifest.json"), "train", batch_size=2, num_workers=2,
-                         task="lulc", seed=4, storage_options=s3.storage_options)  # fmt: skip
+    remote = ShardStream(
+        s3.url("run/shards/manifest.json"),
+        "train",
+        batch_size=2,
+        num_workers=2,
+        task="lulc",
+        seed=4,
+        storage_options=s3.storage_options,
+    )
     assert all(u.startswith("s3://") for u in remote.shards)
     got = list(remote.loader(0))
     local = stream(dataset, "train", num_workers=2, task="lulc", seed=4)
@@ -427,8 +475,9 @@ def _bad(kind):
 def test_malformed_sample_names_key_and_shard(tmp_path, kind):
     truth = write_dataset(tmp_path, {"train": ([4, 4, 4], -14.0)}, corrupt=_bad(kind))
     bad = next(k for k in truth if k.endswith("r0002-c0001"))
-    s = ShardStream(str(tmp_path / "manifest.json"), "train", batch_size=2, task="lulc",
-                    stats_split="train")  # fmt: skip
+    s = ShardStream(
+        str(tmp_path / "manifest.json"), "train", batch_size=2, task="lulc", stats_split="train"
+    )
     with pytest.raises(SampleError) as e:
         list(s.batches(0))
     assert bad in str(e.value) and str(tmp_path / "train-000002.tar") in str(e.value)
@@ -436,15 +485,26 @@ def test_malformed_sample_names_key_and_shard(tmp_path, kind):
     if kind == "no lulc":
         assert "lulc.npy" in str(e.value)
         # pretraining does not need the labels: the same shards stream fine
-        ok = ShardStream(str(tmp_path / "manifest.json"), "train", batch_size=2, task="pretrain",
-                         stats_split="train")  # fmt: skip
+        ok = ShardStream(
+            str(tmp_path / "manifest.json"),
+            "train",
+            batch_size=2,
+            task="pretrain",
+            stats_split="train",
+        )
         assert len(list(ok.batches(0))) == ok.steps_per_epoch
 
 
 def test_malformed_sample_through_a_worker_process(tmp_path):
     write_dataset(tmp_path, {"train": ([4, 4, 4], -14.0)}, corrupt=_bad("shape"))
-    s = ShardStream(str(tmp_path / "manifest.json"), "train", batch_size=2, task="lulc",
-                    num_workers=2, stats_split="train")  # fmt: skip
+    s = ShardStream(
+        str(tmp_path / "manifest.json"),
+        "train",
+        batch_size=2,
+        task="lulc",
+        num_workers=2,
+        stats_split="train",
+    )
     with pytest.raises(SampleError, match=r"r0002-c0001.*train-000002\.tar"):
         list(s.loader(0))
 
@@ -452,8 +512,14 @@ def test_malformed_sample_through_a_worker_process(tmp_path):
 def test_unreadable_shard(tmp_path):
     write_dataset(tmp_path, {"train": ([4, 4], -14.0)})
     (tmp_path / "train-000001.tar").write_bytes(b"not a tar at all" * 100)
-    s = ShardStream(str(tmp_path / "manifest.json"), "train", batch_size=2, task="lulc",
-                    skip_errors=3, shuffle_buffer=1)  # fmt: skip
+    s = ShardStream(
+        str(tmp_path / "manifest.json"),
+        "train",
+        batch_size=2,
+        task="lulc",
+        skip_errors=3,
+        shuffle_buffer=1,
+    )
     with pytest.raises(ShardReadError, match=r"train-000001\.tar"):  # not transient: never skipped
         list(s.batches(0))
 
@@ -463,14 +529,20 @@ def test_transient_classification():
 
     assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
     assert is_transient(ConnectionResetError())
-    err = ClientError({"Error": {"Code": "ServiceUnavailable"},
-                       "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")  # fmt: skip
+    err = ClientError(
+        {"Error": {"Code": "ServiceUnavailable"}, "ResponseMetadata": {"HTTPStatusCode": 503}},
+        "GetObject",
+    )
     wrapped = OSError("ServiceUnavailable")
     wrapped.__cause__ = err
     assert is_transient(wrapped)
     assert not is_transient(FileNotFoundError("s3://b/k"))
-    assert not is_transient(ClientError({"Error": {"Code": "AccessDenied"},
-                                         "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject"))  # fmt: skip
+    assert not is_transient(
+        ClientError(
+            {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+            "GetObject",
+        )
+    )
 
 
 class Outage:

@@ -222,13 +222,29 @@ def test_dockerignore_keeps_sources_and_drops_secrets_and_environments():
         for ln in (REPO / ".dockerignore").read_text().splitlines()
         if ln.strip() and not ln.strip().startswith("#")
     ]
-    for rel in (".venv/bin/python", ".git/HEAD", "deploy/.env", ".env", "notebooks/.env",
-                "demo-output/cube.zarr/zarr.json", "sarcube/__pycache__/cli.cpython-311.pyc",
-                "sarcube.egg-info/PKG-INFO"):  # fmt: skip
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "deploy/.env",
+        ".env",
+        "notebooks/.env",
+        "demo-output/cube.zarr/zarr.json",
+        "sarcube/__pycache__/cli.cpython-311.pyc",
+        "sarcube.egg-info/PKG-INFO",
+    ):
         assert _dockerignore_excludes(rel, patterns), f"{rel} must not reach the build context"
-    for rel in ("pyproject.toml", "README.md", "Makefile", "tools/bootstrap.sh",
-                "tools/fix_torchvision.py", "sarcube/cli.py", "training/configs/simmim_paper.yaml",
-                "deploy/requirements.lock", "deploy/create_bucket.py", "training/data.py"):  # fmt: skip
+    for rel in (
+        "pyproject.toml",
+        "README.md",
+        "Makefile",
+        "tools/bootstrap.sh",
+        "tools/fix_torchvision.py",
+        "sarcube/cli.py",
+        "training/configs/simmim_paper.yaml",
+        "deploy/requirements.lock",
+        "deploy/create_bucket.py",
+        "training/data.py",
+    ):
         assert (REPO / rel).exists(), rel
         assert not _dockerignore_excludes(rel, patterns), f"{rel} is needed by the image"
 
@@ -383,8 +399,14 @@ def test_compose_publishes_every_port_on_loopback_by_default():
     for var in ("SARCUBE_BIND", "DASK_DASHBOARD_BIND", "JUPYTER_BIND"):
         assert example[var] == "127.0.0.1", var
     # the check itself catches the usual forms of "every interface"
-    for bad in ("8786:8786", "${DASK_SCHEDULER_PORT:-8786}:8786", "8786", "0.0.0.0:8786:8786",
-                "${SARCUBE_BIND:-0.0.0.0}:8786:8786", {"target": 8786, "published": 8786}):  # fmt: skip
+    for bad in (
+        "8786:8786",
+        "${DASK_SCHEDULER_PORT:-8786}:8786",
+        "8786",
+        "0.0.0.0:8786:8786",
+        "${SARCUBE_BIND:-0.0.0.0}:8786:8786",
+        {"target": 8786, "published": 8786},
+    ):
         assert _published_ip(bad, {}) != "127.0.0.1", bad
     assert _published_ip({"target": 1, "host_ip": "127.0.0.1"}, {}) == "127.0.0.1"
 
@@ -396,8 +418,10 @@ def _dask_cli(argv: list[str], tls_dir: Path, where: str) -> dict:
 
     assert argv[0] == "dask" and argv[1] in ("scheduler", "worker"), where
     cmd = {"scheduler": dask_scheduler.main, "worker": dask_worker.main}[argv[1]]
-    args = [re.sub(r"^(/etc/sarcube/tls|/run/sarcube-tls)/", f"{tls_dir}/", _expand(str(a), {}))
-            for a in argv[2:]]  # fmt: skip
+    args = [
+        re.sub(r"^(/etc/sarcube/tls|/run/sarcube-tls)/", f"{tls_dir}/", _expand(str(a), {}))
+        for a in argv[2:]
+    ]
     try:
         return cmd.make_context(f"dask {argv[1]}", args).params
     except Exception as e:  # click's usage errors
@@ -433,15 +457,19 @@ def test_compose_tls_override_secures_every_dask_process(tmp_path):
     _dask_cli(base["scheduler"]["command"], tls, "compose.yaml scheduler")
     _dask_cli(base["worker"]["command"], tls, "compose.yaml worker")
     _check_dask_tls(over["scheduler"]["command"], tls, "compose.tls.yaml scheduler")
-    w = _check_dask_tls(over["worker"]["command"], tls, "compose.tls.yaml worker",
-                        scheduler="tls://scheduler:8786")  # fmt: skip
+    w = _check_dask_tls(
+        over["worker"]["command"], tls, "compose.tls.yaml worker", scheduler="tls://scheduler:8786"
+    )
     assert w["nthreads"] == 2 and w["memory_limit"] == "4GiB"  # same settings as compose.yaml
     for name, svc in over.items():
         env = svc["environment"]
         assert env["DASK_SCHEDULER_ADDRESS"] == "tls://scheduler:8786", name
         assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True", name
-        for key, f in (("CA_FILE", "ca.pem"), ("CLIENT__CERT", "cluster.pem"),
-                       ("CLIENT__KEY", "cluster.key")):  # fmt: skip
+        for key, f in (
+            ("CA_FILE", "ca.pem"),
+            ("CLIENT__CERT", "cluster.pem"),
+            ("CLIENT__KEY", "cluster.key"),
+        ):
             assert env[f"DASK_DISTRIBUTED__COMM__TLS__{key}"] == f"/run/sarcube-tls/{f}", name
         assert env["SARCUBE_TLS_DIR"] == "/run/sarcube-tls", name
         (mount,) = [v for v in svc["volumes"] if ":/run/sarcube-tls" in v]
@@ -449,8 +477,11 @@ def test_compose_tls_override_secures_every_dask_process(tmp_path):
     # the certificates: deploy/tls by default, never in git, never in the build context
     assert _env_example()["TLS_DIR"] == "./tls"
     assert "tls/" in (DEPLOY / ".gitignore").read_text().split()
-    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.strip().startswith("#")]  # fmt: skip
+    patterns = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.strip().startswith("#")
+    ]
     for f in ("ca.pem", "ca.key", "cluster.pem", "cluster.key"):
         assert _dockerignore_excludes(f"deploy/tls/{f}", patterns), f
     if (REPO / ".git").exists():
@@ -488,13 +519,17 @@ def _pod_specs(doc: dict) -> dict[str, dict]:
     if kind == "Job":
         return {"spec.template.spec": spec["template"]["spec"]}
     if kind == "DaskCluster":
-        return {"spec.worker.spec": spec["worker"]["spec"],
-                "spec.scheduler.spec": spec["scheduler"]["spec"]}  # fmt: skip
+        return {
+            "spec.worker.spec": spec["worker"]["spec"],
+            "spec.scheduler.spec": spec["scheduler"]["spec"],
+        }
     if kind == "DaskJob":
         cl = spec["cluster"]["spec"]
-        return {"spec.job.spec": spec["job"]["spec"],
-                "spec.cluster.spec.worker.spec": cl["worker"]["spec"],
-                "spec.cluster.spec.scheduler.spec": cl["scheduler"]["spec"]}  # fmt: skip
+        return {
+            "spec.job.spec": spec["job"]["spec"],
+            "spec.cluster.spec.worker.spec": cl["worker"]["spec"],
+            "spec.cluster.spec.scheduler.spec": cl["scheduler"]["spec"],
+        }
     if kind == "TrainJob":
         return {"spec.trainer": _trainjob_pod(doc)}
     return {}
@@ -525,7 +560,11 @@ def _scheduler_services(doc: dict) -> dict[str, dict]:
     if doc.get("kind") == "DaskCluster":
         return {"spec.scheduler.service": doc["spec"]["scheduler"]["service"]}
     if doc.get("kind") == "DaskJob":
-        return {"spec.cluster.spec.scheduler.service": doc["spec"]["cluster"]["spec"]["scheduler"]["service"]}  # fmt: skip
+        return {
+            "spec.cluster.spec.scheduler.service": doc["spec"]["cluster"]["spec"]["scheduler"][
+                "service"
+            ]
+        }
     return {}
 
 
@@ -542,13 +581,21 @@ def test_kubernetes_manifests_validate_strictly(tmp_path):
         if doc["kind"] in CRD_KINDS:
             # embedded specs, as the operators will create them
             for where, spec in _pod_specs(doc).items():
-                pod = {"apiVersion": "v1", "kind": "Pod",
-                       "metadata": {"name": f"{doc['metadata']['name']}-{n}"}, "spec": spec}  # fmt: skip
+                pod = {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"{doc['metadata']['name']}-{n}"},
+                    "spec": spec,
+                }
                 files.append(tmp_path / f"{path.stem}-{n}-{where}.yaml")
                 files[-1].write_text(yaml.safe_dump(pod))
             for where, svc in _scheduler_services(doc).items():
-                service = {"apiVersion": "v1", "kind": "Service",
-                           "metadata": {"name": f"{doc['metadata']['name']}-scheduler"}, "spec": svc}  # fmt: skip
+                service = {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": f"{doc['metadata']['name']}-scheduler"},
+                    "spec": svc,
+                }
                 files.append(tmp_path / f"{path.stem}-{n}-{where}.yaml")
                 files[-1].write_text(yaml.safe_dump(service))
         else:
@@ -598,8 +645,11 @@ def test_custom_resources_match_their_schema():
 
 def test_kubernetes_references_resources_and_rendezvous_agree():
     docs = [d for _, d in _k8s_docs()]
-    data = {(d["kind"], d["metadata"]["name"]): d.get("stringData") or d.get("data") or {}
-            for d in docs if d["kind"] in ("Secret", "ConfigMap")}  # fmt: skip
+    data = {
+        (d["kind"], d["metadata"]["name"]): d.get("stringData") or d.get("data") or {}
+        for d in docs
+        if d["kind"] in ("Secret", "ConfigMap")
+    }
     assert set(data[("Secret", "sarcube-s3")]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all(v == "CHANGE_ME" for v in data[("Secret", "sarcube-s3")].values())  # a template
     for doc in docs:
@@ -621,8 +671,9 @@ def test_kubernetes_references_resources_and_rendezvous_agree():
                         names |= set(data[(kind, src[key]["name"])])
             if c["name"] != "scheduler":  # the Dask scheduler never touches the data
                 assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names, where
-                assert not any("value" in e and SECRET_NAME.search(e["name"])
-                               for e in c.get("env", [])), f"{where}: literal credentials"  # fmt: skip
+                assert not any(
+                    "value" in e and SECRET_NAME.search(e["name"]) for e in c.get("env", [])
+                ), f"{where}: literal credentials"
             res = c.get("resources", {})
             assert res.get("requests") and res.get("limits"), f"{where}: requests and limits"
             for ref in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", json.dumps(c)):
@@ -678,8 +729,11 @@ def test_kubernetes_dask_clusters_use_tls(tmp_path):
         for where, spec in _pod_specs(doc).items():
             where = f"{doc['kind']} {name} {where}"
             (c,) = spec["containers"]
-            tls_volumes = {v["name"] for v in spec.get("volumes", [])
-                           if v.get("secret", {}).get("secretName") == "sarcube-dask-tls"}  # fmt: skip
+            tls_volumes = {
+                v["name"]
+                for v in spec.get("volumes", [])
+                if v.get("secret", {}).get("secretName") == "sarcube-dask-tls"
+            }
             mounts = [m for m in c.get("volumeMounts", []) if m["name"] in tls_volumes]
             assert [(m["mountPath"], m.get("readOnly")) for m in mounts] == [
                 ("/etc/sarcube/tls", True)
@@ -700,11 +754,21 @@ def test_kubernetes_dask_clusters_use_tls(tmp_path):
                 assert 'sched="tls://${DASK_SCHEDULER_ADDRESS#*://}"' in script, where
                 assert script.count('--scheduler "$sched"') == 2, where
     # the check catches a plain scheduler, a plain worker and a mistyped option
-    for argv in (["dask", "scheduler", "--port", "8786"],
-                 ["dask", "worker", "tcp://s:8786", "--tls-ca-file", "/etc/sarcube/tls/ca.pem",
-                  "--tls-cert", "/etc/sarcube/tls/cluster.pem",
-                  "--tls-key", "/etc/sarcube/tls/cluster.key"],
-                 ["dask", "scheduler", "--protocol", "tls", "--tls-ca", "/etc/sarcube/tls/ca.pem"]):  # fmt: skip
+    for argv in (
+        ["dask", "scheduler", "--port", "8786"],
+        [
+            "dask",
+            "worker",
+            "tcp://s:8786",
+            "--tls-ca-file",
+            "/etc/sarcube/tls/ca.pem",
+            "--tls-cert",
+            "/etc/sarcube/tls/cluster.pem",
+            "--tls-key",
+            "/etc/sarcube/tls/cluster.key",
+        ],
+        ["dask", "scheduler", "--protocol", "tls", "--tls-ca", "/etc/sarcube/tls/ca.pem"],
+    ):
         with pytest.raises((AssertionError, pytest.fail.Exception)):
             _check_dask_tls(argv, tls, "broken", scheduler="tls://s:8786")
 
@@ -846,8 +910,11 @@ def _commands_in_yaml(path: Path) -> list[tuple]:
         if isinstance(node, dict):
             cmd, args = node.get("command"), node.get("args")
             if isinstance(cmd, list) or isinstance(args, list):
-                argv = [_expand(str(a), {}) for a in [*(cmd or []), *(args or [])]
-                        if isinstance(a, str | int)]  # fmt: skip
+                argv = [
+                    _expand(str(a), {})
+                    for a in [*(cmd or []), *(args or [])]
+                    if isinstance(a, str | int)
+                ]
                 found.extend(_match_command(argv, source))
             for v in node.values():
                 walk(v)
@@ -973,8 +1040,11 @@ def test_every_command_line_in_deploy_parses_with_the_real_parsers():
         *(("deploy/README.md", c) for c in ("synth", "ingest", "sample", "shards", "pretrain")),
     }
     if "tls-certs" in _sarcube_subcommands():  # sarcube.security.add_tls_certs_parser
-        expected |= {("deploy/README.md", "tls-certs"), ("deploy/k8s/daskcluster.yaml", "tls-certs"),
-                     ("deploy/compose.tls.yaml", "tls-certs")}  # fmt: skip
+        expected |= {
+            ("deploy/README.md", "tls-certs"),
+            ("deploy/k8s/daskcluster.yaml", "tls-certs"),
+            ("deploy/compose.tls.yaml", "tls-certs"),
+        }
     assert expected <= seen, f"not found: {sorted(expected - seen)}"
 
 
@@ -1022,18 +1092,26 @@ def stubs(tmp_path):
     (d / "scontrol").write_text('#!/bin/bash\nprintf "gpu01\\ngpu02\\n"\n')
     (d / "scontrol").chmod(0o755)
     creds = tmp_path / "s3.env"
-    creds.write_text("AWS_ACCESS_KEY_ID=AKIDSTUB\nAWS_SECRET_ACCESS_KEY=stub-secret-value\n"
-                     "AWS_ENDPOINT_URL=http://127.0.0.1:9\n")  # fmt: skip
+    creds.write_text(
+        "AWS_ACCESS_KEY_ID=AKIDSTUB\nAWS_SECRET_ACCESS_KEY=stub-secret-value\n"
+        "AWS_ENDPOINT_URL=http://127.0.0.1:9\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OMPI_", "PMI_"))}
-    env.update(PATH=f"{d}:{BIN}:{os.environ['PATH']}", STUB_DIR=str(d), SARCUBE_S3_ENV=str(creds),
-               SARCUBE_HOME=str(REPO), VIRTUAL_ENV=str(BIN.parent))  # fmt: skip
+    env.update(
+        PATH=f"{d}:{BIN}:{os.environ['PATH']}",
+        STUB_DIR=str(d),
+        SARCUBE_S3_ENV=str(creds),
+        SARCUBE_HOME=str(REPO),
+        VIRTUAL_ENV=str(BIN.parent),
+    )
     return d, env
 
 
 def _recorded(stub_dir: Path, name: str) -> tuple[list[str], dict[str, str]]:
     argv = (stub_dir / f"{name}.argv").read_text().split("\0")[:-1]
-    env = dict(ln.split("=", 1) for ln in (stub_dir / f"{name}.env").read_text().splitlines()
-               if "=" in ln)  # fmt: skip
+    env = dict(
+        ln.split("=", 1) for ln in (stub_dir / f"{name}.env").read_text().splitlines() if "=" in ln
+    )
     return argv, env
 
 
@@ -1042,8 +1120,12 @@ def test_pbs_torchrun_script_starts_one_torchrun_per_node(stubs, tmp_path):
     nodes = tmp_path / "nodes"
     nodes.write_text("cn01\ncn01\ncn02\ncn02\n")
     out = tmp_path / "run"
-    env.update(PBS_NODEFILE=str(nodes), PBS_O_WORKDIR=str(REPO), OUT=str(out),
-               OVERRIDES="schedule.epochs=100 data.batch_size=128")  # fmt: skip
+    env.update(
+        PBS_NODEFILE=str(nodes),
+        PBS_O_WORKDIR=str(REPO),
+        OUT=str(out),
+        OVERRIDES="schedule.epochs=100 data.batch_size=128",
+    )
     r = _run(["bash", "deploy/hpc/pbs_torchrun.sh"], env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     argv, menv = _recorded(d, "mpirun")
@@ -1056,8 +1138,11 @@ def test_pbs_torchrun_script_starts_one_torchrun_per_node(stubs, tmp_path):
     assert node_cmd[0] == "deploy/hpc/torchrun-node.sh"
 
     # what mpirun would start on the second node
-    node_env = {**env, **{k: menv[k] for k in ("NNODES", "GPUS_PER_NODE", "MASTER_ADDR",
-                                                 "MASTER_PORT")}, "OMPI_COMM_WORLD_RANK": "1"}  # fmt: skip
+    node_env = {
+        **env,
+        **{k: menv[k] for k in ("NNODES", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT")},
+        "OMPI_COMM_WORLD_RANK": "1",
+    }
     r = _run(["bash", *node_cmd], env=node_env)
     assert r.returncode == 0, r.stdout + r.stderr
     targv, _ = _recorded(d, "torchrun")
@@ -1105,8 +1190,14 @@ def test_pbs_mpirun_script_starts_one_rank_per_gpu(stubs, tmp_path):
 
 def test_slurm_script_runs_srun_torchrun_with_c10d_rendezvous(stubs, tmp_path):
     d, env = stubs
-    env.update(SLURM_NNODES="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[01-02]",
-               SLURM_SUBMIT_DIR=str(REPO), OUT=str(tmp_path / "run"), CONFIG="mixmae_paper")  # fmt: skip
+    env.update(
+        SLURM_NNODES="2",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu[01-02]",
+        SLURM_SUBMIT_DIR=str(REPO),
+        OUT=str(tmp_path / "run"),
+        CONFIG="mixmae_paper",
+    )
     r = _run(["bash", "deploy/hpc/slurm_torchrun.sh"], env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     argv, senv = _recorded(d, "srun")

@@ -53,14 +53,23 @@ class SynthData:
             level = torch.where(yy < 64 + 32 * i, -20.0, -6.0)
             db = level + 10 * torch.log10(torch.empty(level.shape).exponential_(generator=g) + 1e-3)
             image = (db - self.mean) / self.std
-            yield {"image": image.float(), "weight": sar_intensity_weight(db),
-                   "key": [f"e{epoch}-s{i}-{b}" for b in range(self.batch_size)]}  # fmt: skip
+            yield {
+                "image": image.float(),
+                "weight": sar_intensity_weight(db),
+                "key": [f"e{epoch}-s{i}-{b}" for b in range(self.batch_size)],
+            }
 
 
 def tiny_cfg(*overrides: str) -> Config:
-    base = ["data.batch_size=2", "schedule.epochs=2", "schedule.warmup_epochs=1",
-            "optim.base_lr=0.256", "train.progress=false", "train.tensorboard=false",
-            "train.figure=false"]  # fmt: skip
+    base = [
+        "data.batch_size=2",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=1",
+        "optim.base_lr=0.256",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.figure=false",
+    ]
     return load_config("simmim_tiny", [*base, *overrides])
 
 
@@ -103,10 +112,19 @@ def test_profiles_hold_the_papers_recipes():
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config("simmim_tiny", ["optim.base_lr=1e-3", "optim.betas=[0.9, 0.95]",
-                                      "train.max_steps=7", "optim.grad_clip=null", "seed=3",
-                                      "loss.sar_weight=false", "schedule.warmup_epochs=2",
-                                      "train.log_dir=/tmp/x"])  # fmt: skip
+    cfg = load_config(
+        "simmim_tiny",
+        [
+            "optim.base_lr=1e-3",
+            "optim.betas=[0.9, 0.95]",
+            "train.max_steps=7",
+            "optim.grad_clip=null",
+            "seed=3",
+            "loss.sar_weight=false",
+            "schedule.warmup_epochs=2",
+            "train.log_dir=/tmp/x",
+        ],
+    )
     assert cfg.optim.base_lr == 1e-3 and isinstance(cfg.optim.base_lr, float)  # "1e-3": a YAML str
     assert cfg.optim.betas == [0.9, 0.95] and cfg.train.max_steps == 7 and cfg.seed == 3
     assert cfg.optim.grad_clip is None and cfg.loss.sar_weight is False
@@ -122,8 +140,14 @@ def test_overrides_are_typed(tmp_path):
         4,
     )
     assert mine.model.size == Config().model.size  # untouched keys keep the defaults
-    assert config_diff(mine, load_config(str(f), ["data.batch_size=4", "train.progress=false"]),
-                       ignore=("train",)) == {}  # fmt: skip
+    assert (
+        config_diff(
+            mine,
+            load_config(str(f), ["data.batch_size=4", "train.progress=false"]),
+            ignore=("train",),
+        )
+        == {}
+    )
     assert config_diff(mine, load_config(str(f))) == {"data.batch_size": (4, 256)}
 
 
@@ -265,8 +289,15 @@ def test_task_param_groups_keep_their_lr_scale_under_the_schedule(tmp_path):
 
 def test_rank_detection_from_launchers(tmp_path):
     assert tdist.detect({}) == tdist.DistInfo()
-    t = tdist.detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0",
-                      "MASTER_PORT": "1234"})  # fmt: skip
+    t = tdist.detect(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "h0",
+            "MASTER_PORT": "1234",
+        }
+    )
     assert (t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port, t.source) == (
         3,
         4,
@@ -277,8 +308,14 @@ def test_rank_detection_from_launchers(tmp_path):
     )
     nodefile = tmp_path / "nodes"
     nodefile.write_text("\nabci-node-7\nabci-node-8\n")
-    o = tdist.detect({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
-                      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "PBS_NODEFILE": str(nodefile)})  # fmt: skip
+    o = tdist.detect(
+        {
+            "OMPI_COMM_WORLD_RANK": "5",
+            "OMPI_COMM_WORLD_SIZE": "8",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "PBS_NODEFILE": str(nodefile),
+        }
+    )
     assert (o.rank, o.world_size, o.local_rank, o.master_addr, o.master_port, o.source) == (
         5,
         8,
@@ -318,8 +355,9 @@ def test_resume_continues_exactly(tmp_path, accum):
     full = make_trainer(tiny_cfg(*over), tmp_path / "full", data=SynthData(spe)).fit()
     assert full.finished and full.step == 6 and len(full.losses) == 6
 
-    first = make_trainer(tiny_cfg(*over, "train.max_steps=4"), tmp_path / "split",
-                         data=SynthData(spe)).fit()  # fmt: skip
+    first = make_trainer(
+        tiny_cfg(*over, "train.max_steps=4"), tmp_path / "split", data=SynthData(spe)
+    ).fit()
     assert not first.finished and first.step == 4 and first.epoch == 1  # stopped mid-epoch 1
     ck = load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
     assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (4, 1, 1)
@@ -345,9 +383,17 @@ def test_resume_continues_exactly(tmp_path, accum):
 def test_weight_recomputed_from_the_image_equals_the_loaders(tmp_path, method):
     losses = {}
     for src in ("batch", "model"):
-        cfg = load_config(f"{method}_tiny", ["data.batch_size=2", "train.max_steps=1",
-                                             f"loss.weight_source={src}", "train.progress=false",
-                                             "train.tensorboard=false", "train.figure=false"])  # fmt: skip
+        cfg = load_config(
+            f"{method}_tiny",
+            [
+                "data.batch_size=2",
+                "train.max_steps=1",
+                f"loss.weight_source={src}",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.figure=false",
+            ],
+        )
         losses[src] = make_trainer(cfg, tmp_path / src).fit().losses
     assert losses["model"] == pytest.approx(losses["batch"], rel=1e-5)
 
@@ -453,8 +499,14 @@ def test_checkpoint_on_s3_round_trip_and_resume(s3, tmp_path):
     first = make_trainer(cfg, out, storage_options=so).fit()
     fs = s3.fs()
     names = {p.rsplit("/", 1)[-1] for p in fs.find(f"{s3.bucket}/runs/engine")}
-    assert {"checkpoint.pt", "encoder.pth", "config.yaml", "metrics.jsonl", "reconstruction.png",
-            "rank-00000.json"} <= names  # fmt: skip
+    assert {
+        "checkpoint.pt",
+        "encoder.pth",
+        "config.yaml",
+        "metrics.jsonl",
+        "reconstruction.png",
+        "rank-00000.json",
+    } <= names
     raw = fs.cat_file(f"{s3.bucket}/runs/engine/checkpoint.pt")
     ck = torch.load(io.BytesIO(raw), weights_only=True)  # plain values only
     assert ck["step"] == 2 and ck["config"]["optim"]["base_lr"] == 0.256
@@ -462,8 +514,9 @@ def test_checkpoint_on_s3_round_trip_and_resume(s3, tmp_path):
     assert isinstance(ck["rng"][0]["python"]["internal"], list)
     assert torch.is_tensor(ck["rng"][0]["numpy"]["keys"])
     enc = swin_tiny()
-    enc_sd = torch.load(io.BytesIO(fs.cat_file(f"{s3.bucket}/runs/engine/encoder.pth")),
-                        weights_only=True)  # fmt: skip
+    enc_sd = torch.load(
+        io.BytesIO(fs.cat_file(f"{s3.bucket}/runs/engine/encoder.pth")), weights_only=True
+    )
     report = load_encoder_weights(enc, enc_sd)
     assert len(report.loaded) == len(enc.state_dict())
 

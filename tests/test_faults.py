@@ -60,8 +60,9 @@ def test_killed_shards_rerun_to_identical_shards(seed, small_shards, small_cube,
         "--workers",
         "1",
     ]  # own cluster: killed with it
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     rng = random.Random(seed)
     # wait until the first shard bytes appear (the writing phase), then a random extra delay
     deadline = time.monotonic() + 120
@@ -122,8 +123,9 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
     restart = threading.Timer(4.5, o.start)
     stop.start(), restart.start()
     try:
-        report = ingest(scenes, cube, lulc=lulc, storage_options=so, client=dask_client,
-                        progress=False)  # fmt: skip
+        report = ingest(
+            scenes, cube, lulc=lulc, storage_options=so, client=dask_client, progress=False
+        )
         first = report.summary()
     except SarcubeError as e:  # nothing could be written / inspected while the server was away
         first = str(e)
@@ -150,14 +152,19 @@ def _run_killed_then_resumed(args: list[str], tmp_path: Path, kill_after: tuple[
     holder is dead on this host), and the resume releases it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
-    p = subprocess.run([*SARCUBE, *args, "--out", str(full)], env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [*SARCUBE, *args, "--out", str(full)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-3000:]
 
     split = tmp_path / "split"
-    proc = subprocess.Popen([*SARCUBE, *args, "--out", str(split)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*SARCUBE, *args, "--out", str(split)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     want_steps = random.Random(7).randint(*kill_after)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -172,8 +179,13 @@ def _run_killed_then_resumed(args: list[str], tmp_path: Path, kill_after: tuple[
     assert killed, "the run ended before it could be killed"
     assert (split / LOCK_NAME).exists()  # left by the killed run
 
-    out = subprocess.run([*SARCUBE, *args, "--out", str(split), "--resume"], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [*SARCUBE, *args, "--out", str(split), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert not (split / LOCK_NAME).exists()
     return full, split
@@ -191,10 +203,20 @@ def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
     ends with the parameters and per-step losses of an uninterrupted run."""
     from test_pretrain import records
 
-    args = ["pretrain", "--config", "simmim_tiny", "--manifest", str(small_shards),
-            "data.batch_size=2", "train.progress=false", "train.tensorboard=false",
-            "train.figure=false", "data.shuffle_buffer=4", "schedule.epochs=1",
-            "train.ckpt_every_steps=1"]  # fmt: skip
+    args = [
+        "pretrain",
+        "--config",
+        "simmim_tiny",
+        "--manifest",
+        str(small_shards),
+        "data.batch_size=2",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.figure=false",
+        "data.shuffle_buffer=4",
+        "schedule.epochs=1",
+        "train.ckpt_every_steps=1",
+    ]
     full, split = _run_killed_then_resumed(args, tmp_path, kill_after=(2, 6))
 
     def losses(run):
@@ -213,11 +235,24 @@ def test_killed_finetuning_resumes_to_the_same_weights_and_scores(small_shards, 
     import torch
     from test_pretrain import records
 
-    args = ["finetune", "--config", "finetune_tiny", "--manifest", str(small_shards),
-            "--pretrained", "none", "data.batch_size=4", "seg.eval_batch_size=8",
-            "train.progress=false", "train.tensorboard=false", "seg.panels=0",
-            "schedule.epochs=2", "schedule.warmup_epochs=0", "seg.test_split=null",
-            "train.ckpt_every_steps=1"]  # fmt: skip
+    args = [
+        "finetune",
+        "--config",
+        "finetune_tiny",
+        "--manifest",
+        str(small_shards),
+        "--pretrained",
+        "none",
+        "data.batch_size=4",
+        "seg.eval_batch_size=8",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "seg.panels=0",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "seg.test_split=null",
+        "train.ckpt_every_steps=1",
+    ]
     full, split = _run_killed_then_resumed(args, tmp_path, kill_after=(2, 3))
 
     def history(run):

@@ -29,8 +29,15 @@ from training.finetune import (
 from training.models.swin import swin_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["data.batch_size=4", "seg.eval_batch_size=4", "schedule.epochs=2", "schedule.warmup_epochs=0",
-        "train.progress=false", "train.tensorboard=false", "seg.panels=2"]  # fmt: skip
+FAST = [
+    "data.batch_size=4",
+    "seg.eval_batch_size=4",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "seg.panels=2",
+]
 
 
 def tiny_cfg(*overrides: str, task: str = "lulc"):
@@ -129,8 +136,21 @@ def test_evaluate_command_matches_the_runs_val_scores(lulc_run, small_shards, tm
     _, out, res = lulc_run
     from sarcube.cli import main
 
-    rc = main(["evaluate", "--checkpoint", str(out / "best.pt"), "--manifest", str(small_shards),
-               "--split", "val", "--out", str(tmp_path / "ev"), "--device", "cpu"])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(out / "best.pt"),
+            "--manifest",
+            str(small_shards),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "ev"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     best = next(r for r in res.train.val if r["epoch"] == res.train.best_epoch)
@@ -157,8 +177,16 @@ def test_bad_pretrained_and_wrong_checkpoint_are_clear_errors(small_shards, tmp_
     sd.pop("norm.weight")
     sd["head.weight"] = torch.zeros(2)
     torch.save(sd, bad)
-    argv = ["finetune", "--manifest", str(small_shards), "--out", str(tmp_path / "o"),
-            "--pretrained", str(bad), *FAST]  # fmt: skip
+    argv = [
+        "finetune",
+        "--manifest",
+        str(small_shards),
+        "--out",
+        str(tmp_path / "o"),
+        "--pretrained",
+        str(bad),
+        *FAST,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "norm.weight" in err and "head.weight" in err and str(bad) in err
@@ -167,8 +195,17 @@ def test_bad_pretrained_and_wrong_checkpoint_are_clear_errors(small_shards, tmp_
     # a pretraining checkpoint is not a segmenter
     ck = tmp_path / "pre.pt"
     torch.save({"model": {}, "config": {"method": "simmim"}}, ck)
-    rc = main(["evaluate", "--checkpoint", str(ck), "--manifest", str(small_shards), "--out",
-               str(tmp_path / "ev")])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ck),
+            "--manifest",
+            str(small_shards),
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert rc == 2 and "not a fine-tuned segmenter" in capsys.readouterr().err
 
 
@@ -198,9 +235,24 @@ def test_two_gloo_ranks_validate_like_one_process(small_shards, tmp_path):
     equal one process evaluating best.pt over the whole split."""
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "training.finetune", "--manifest", str(small_shards), "--pretrained", "none",
-           "--out", str(out), *FAST, "schedule.epochs=1", "seg.test_split=null"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "training.finetune",
+        "--manifest",
+        str(small_shards),
+        "--pretrained",
+        "none",
+        "--out",
+        str(out),
+        *FAST,
+        "schedule.epochs=1",
+        "seg.test_split=null",
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((out / "ranks" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
@@ -219,8 +271,13 @@ def test_ablation_runner_writes_table_i_and_resumes(small_shards, encoder_file, 
 
     out = tmp_path / "abl"
     variants = [TABLE_I[0], TABLE_I[3]]  # pretrained baseline, scratch with every refinement
-    args = (str(small_shards), str(encoder_file), str(out), "finetune_tiny",
-            [*FAST, "schedule.epochs=1"])  # fmt: skip
+    args = (
+        str(small_shards),
+        str(encoder_file),
+        str(out),
+        "finetune_tiny",
+        [*FAST, "schedule.epochs=1"],
+    )
     res = run_ablation(*args, variants=variants)
     md = res["markdown"]
     assert "reproduction of the *procedure*" in md and "synthetic" in md
@@ -269,8 +326,11 @@ def sen1floods11_shards(chip: Path, out: Path) -> dict[str, list[str]]:
     with rasterio.open(chip / "Spain_7370579_LabelHand.tif") as src:
         lab = src.read(1)
     code = np.select([lab == 1, lab == 0], [1, 5], 0).astype(np.uint8)
-    quads = {(r, c): (slice(r * 256, r * 256 + 256), slice(c * 256, c * 256 + 256))
-             for r in (0, 1) for c in (0, 1)}  # fmt: skip
+    quads = {
+        (r, c): (slice(r * 256, r * 256 + 256), slice(c * 256, c * 256 + 256))
+        for r in (0, 1)
+        for c in (0, 1)
+    }
     plan = {"train": [(0, 0), (0, 1), (1, 0)], "val": [(1, 1)], "test": [(1, 1)]}
     out.mkdir(parents=True)
     splits, keys = {}, {}
@@ -280,20 +340,42 @@ def sen1floods11_shards(chip: Path, out: Path) -> dict[str, list[str]]:
             key = f"20190919-r{r:04d}-c{c:04d}"
             sar = vv[quads[r, c]].astype(np.float16)
             vals.append(sar[np.isfinite(sar)].astype(np.float64))
-            samples.append((key, {"json": json.dumps({"id": key}).encode(),
-                                  "lulc.npy": npy_bytes(code[quads[r, c]]), "sar.npy": npy_bytes(sar)}))  # fmt: skip
+            samples.append(
+                (
+                    key,
+                    {
+                        "json": json.dumps({"id": key}).encode(),
+                        "lulc.npy": npy_bytes(code[quads[r, c]]),
+                        "sar.npy": npy_bytes(sar),
+                    },
+                )
+            )
         data = _tar(samples)
         (out / f"{split}-000000.tar").write_bytes(data)
         v = np.concatenate(vals)
-        splits[split] = {"samples": len(samples), "bytes": len(data),
-                         "members": ["json", "lulc.npy", "sar.npy"],
-                         "shards": [{"name": f"{split}-000000.tar", "samples": len(samples),
-                                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}],
-                         "db_stats": {"mean": float(v.mean()), "std": float(v.std()), "pixels": v.size},
-                         "classes": {}}  # fmt: skip
+        splits[split] = {
+            "samples": len(samples),
+            "bytes": len(data),
+            "members": ["json", "lulc.npy", "sar.npy"],
+            "shards": [
+                {
+                    "name": f"{split}-000000.tar",
+                    "samples": len(samples),
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            ],
+            "db_stats": {"mean": float(v.mean()), "std": float(v.std()), "pixels": v.size},
+            "classes": {},
+        }
         keys[split] = [k for k, _ in samples]
-    manifest = {"format": FORMAT, "patch_size": 256, "splits": splits,
-                "cube": {"url": str(chip)}, "note": "Sen1Floods11 Spain_7370579, VV"}  # fmt: skip
+    manifest = {
+        "format": FORMAT,
+        "patch_size": 256,
+        "splits": splits,
+        "cube": {"url": str(chip)},
+        "note": "Sen1Floods11 Spain_7370579, VV",
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return keys
 
@@ -304,8 +386,14 @@ def test_water_head_on_real_sen1floods11_chip(realdata, tmp_path):
         pytest.skip(f"{chip} not present")
     shards = tmp_path / "s1f11"
     sen1floods11_shards(chip, shards)
-    cfg = tiny_cfg("data.batch_size=3", "schedule.epochs=8", "schedule.warmup_epochs=1",
-                   "optim.lr_batch_base=3", "seg.eval_batch_size=1", task="water")  # fmt: skip
+    cfg = tiny_cfg(
+        "data.batch_size=3",
+        "schedule.epochs=8",
+        "schedule.warmup_epochs=1",
+        "optim.lr_batch_base=3",
+        "seg.eval_batch_size=1",
+        task="water",
+    )
     out = tmp_path / "water"
     res = run(cfg, str(shards), str(out))
     assert res.train.finished and res.test is not None

@@ -14,8 +14,16 @@ from affine import Affine
 
 from sarcube.storage import gdal_path, redact
 
-PROFILE = dict(driver="GTiff", width=64, height=48, count=1, dtype="uint16", nodata=0,
-               crs="EPSG:32654", transform=Affine(6.25, 0, 400000, 0, -6.25, 4000000))  # fmt: skip
+PROFILE = dict(
+    driver="GTiff",
+    width=64,
+    height=48,
+    count=1,
+    dtype="uint16",
+    nodata=0,
+    crs="EPSG:32654",
+    transform=Affine(6.25, 0, 400000, 0, -6.25, 4000000),
+)
 
 
 def test_each_test_starts_with_one_empty_bucket(s3):
@@ -43,8 +51,12 @@ def test_s3fs_write_gdal_read_and_gdal_write_s3fs_read(s3, tmp_path):
     with rasterio.open(tmp_path / "flipped.tif", "w", **PROFILE) as ds:
         ds.write(data[::-1], 1)
     with s3.rasterio_env():
-        rasterio.shutil.copy(tmp_path / "flipped.tif", gdal_path(s3.url("via-gdal/b.tif")),
-                             driver="GTiff", STREAMABLE_OUTPUT="YES")  # fmt: skip
+        rasterio.shutil.copy(
+            tmp_path / "flipped.tif",
+            gdal_path(s3.url("via-gdal/b.tif")),
+            driver="GTiff",
+            STREAMABLE_OUTPUT="YES",
+        )
     fs.invalidate_cache()
     fs.get_file(f"{s3.bucket}/via-gdal/b.tif", str(tmp_path / "b.tif"))
     with rasterio.open(tmp_path / "b.tif") as ds:
@@ -57,8 +69,13 @@ def test_s3_reachable_from_a_child_process(s3):
         "import s3fs, sys; fs = s3fs.S3FileSystem(); "
         f"sys.stdout.write(fs.cat('{s3.bucket}/hello.txt').decode())"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=s3.subprocess_env(), capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=s3.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "from the test"
 
@@ -72,8 +89,10 @@ def _worker_pid_and_s3_read(endpoint: str, bucket: str) -> tuple[int, bytes]:
 
 def test_dask_cluster_runs_worker_processes_that_reach_s3(dask_client, s3):
     s3.fs().pipe(f"{s3.bucket}/w.txt", b"payload")
-    futures = [dask_client.submit(_worker_pid_and_s3_read, s3.endpoint, s3.bucket, pure=False, key=f"t{i}")
-               for i in range(4)]  # fmt: skip
+    futures = [
+        dask_client.submit(_worker_pid_and_s3_read, s3.endpoint, s3.bucket, pure=False, key=f"t{i}")
+        for i in range(4)
+    ]
     results = dask_client.gather(futures)
     pids = {pid for pid, _ in results}
     assert os.getpid() not in pids and len(dask_client.scheduler_info()["workers"]) == 2

@@ -34,9 +34,18 @@ def reference_db(scene_url: str, grid: CubeGrid) -> np.ndarray:
         dn = ds.read(1).astype(np.float64)
         power = np.where(dn == 0, np.nan, dn**2 * 10 ** (-83.0 / 10))
         out = np.full(grid.shape, np.nan, dtype=np.float64)
-        reproject(power, out, src_transform=ds.transform, src_crs=ds.crs, dst_transform=grid.transform,
-                  dst_crs="EPSG:4326", resampling=Resampling.average, src_nodata=np.nan, dst_nodata=np.nan,
-                  NODATA_VALUES_PCT_THRESHOLD=50)  # fmt: skip
+        reproject(
+            power,
+            out,
+            src_transform=ds.transform,
+            src_crs=ds.crs,
+            dst_transform=grid.transform,
+            dst_crs="EPSG:4326",
+            resampling=Resampling.average,
+            src_nodata=np.nan,
+            dst_nodata=np.nan,
+            NODATA_VALUES_PCT_THRESHOLD=50,
+        )
     return 10 * np.log10(out)
 
 
@@ -56,8 +65,17 @@ def test_hh_db_equals_whole_scene_gdal_warp(small_synth, small_cube):
 def _write(
     path: Path, data: np.ndarray, transform: Affine, crs="EPSG:4326", nodata=0, **extra
 ) -> Path:
-    prof = dict(driver="GTiff", width=data.shape[1], height=data.shape[0], count=1, dtype=data.dtype.name,
-                crs=crs, transform=transform, nodata=nodata, **extra)  # fmt: skip
+    prof = dict(
+        driver="GTiff",
+        width=data.shape[1],
+        height=data.shape[0],
+        count=1,
+        dtype=data.dtype.name,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+        **extra,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", **prof) as ds:
         ds.write(data, 1)
@@ -77,11 +95,19 @@ def test_hand_made_scene_two_by_two_means_and_edge_rule(tmp_path, dask_client):
         block[:k] = 0
         dn[0:2, 2 * j : 2 * j + 2] = block.reshape(2, 2)
     west, north = 140.0, 36.0
-    scene = _write(tmp_path / "in" / "IMG-HH-ALOS2448450000-220912-FBSR2.1GUD.tif", dn,
-                   Affine(1 / 12000, 0, west, 0, -1 / 12000, north))  # fmt: skip
+    scene = _write(
+        tmp_path / "in" / "IMG-HH-ALOS2448450000-220912-FBSR2.1GUD.tif",
+        dn,
+        Affine(1 / 12000, 0, west, 0, -1 / 12000, north),
+    )
     cube_url = str(tmp_path / "cube.zarr")
-    ingest([str(scene)], cube_url, bbox=(west, north - h / 12000, west + w / 12000, north),
-           client=dask_client, progress=False)  # fmt: skip
+    ingest(
+        [str(scene)],
+        cube_url,
+        bbox=(west, north - h / 12000, west + w / 12000, north),
+        client=dask_client,
+        progress=False,
+    )
     got = open_cube(cube_url).hh_db.isel(time=0).values
     p = np.where(dn == 0, np.nan, dn.astype(np.float64) ** 2 * 10 ** (-8.3))
     blocks = p.reshape(256, 2, 256, 2)
@@ -120,8 +146,14 @@ def test_real_palsar2_mosaic_on_its_own_grid(realdata, tmp_path, dask_client):
 
 def test_labels_exact_copy_on_coinciding_grids(small_synth, tmp_path, dask_client):
     cube_url = str(tmp_path / "native.zarr")
-    ingest([], cube_url, lulc=[f"{small_synth.out}/lulc"], resolution="1/12000", client=dask_client,
-           progress=False)  # fmt: skip
+    ingest(
+        [],
+        cube_url,
+        lulc=[f"{small_synth.out}/lulc"],
+        resolution="1/12000",
+        client=dask_client,
+        progress=False,
+    )
     cube = open_cube(cube_url)
     (tile,) = small_synth.lulc_urls
     with rasterio.open(tile) as ds:
@@ -136,16 +168,26 @@ def test_labels_exact_copy_on_coinciding_grids(small_synth, tmp_path, dask_clien
 def test_label_mode_on_a_hand_made_example(tmp_path, dask_client):
     # 4 × 8 HR-LULC pixels -> 2 × 4 cube cells of 2 × 2 pixels each.
     codes = np.array(
-        [[3, 3, 2, 4, 0, 0, 1, 6],
-         [3, 5, 4, 2, 0, 7, 6, 1],
-         [9, 9, 5, 5, 0, 0, 8, 8],
-         [9, 1, 6, 6, 0, 0, 8, 8]], dtype=np.uint8)  # fmt: skip
+        [
+            [3, 3, 2, 4, 0, 0, 1, 6],
+            [3, 5, 4, 2, 0, 7, 6, 1],
+            [9, 9, 5, 5, 0, 0, 8, 8],
+            [9, 1, 6, 6, 0, 0, 8, 8],
+        ],
+        dtype=np.uint8,
+    )
     expected = np.array(
-        [[3,  # three 3s
-          4,  # 2 and 4 tie at 2; 4 reaches two first in raster order (2, 4, 4 ...)
-          7,  # no data ignored: only 7 is left
-          6],  # 1 and 6 tie; 6 reaches two first (1, 6, 6)
-         [9, 5, 0, 8]], dtype=np.uint8)  # fmt: skip
+        [
+            [
+                3,  # three 3s
+                4,  # 2 and 4 tie at 2; 4 reaches two first in raster order (2, 4, 4 ...)
+                7,  # no data ignored: only 7 is left
+                6,
+            ],  # 1 and 6 tie; 6 reaches two first (1, 6, 6)
+            [9, 5, 0, 8],
+        ],
+        dtype=np.uint8,
+    )
     # place it at 140.5°E, 36.5°N inside an otherwise empty 1/12000° tile window
     tile = _write(
         tmp_path / "lulc" / "LC_N36E140.tif",
@@ -163,8 +205,14 @@ def test_s3_round_trip_through_a_process_cluster(s3, small_synth, small_cube, da
     fs.put(f"{small_synth.out}/scenes", f"{s3.bucket}/in/scenes", recursive=True)
     fs.put(f"{small_synth.out}/lulc", f"{s3.bucket}/in/lulc", recursive=True)
     cube_url = s3.url("cubes/small.zarr")
-    report = ingest([s3.url("in/scenes/")], cube_url, lulc=[s3.url("in/lulc/*.tif")],
-                    storage_options=s3.storage_options, client=dask_client, progress=False)  # fmt: skip
+    report = ingest(
+        [s3.url("in/scenes/")],
+        cube_url,
+        lulc=[s3.url("in/lulc/*.tif")],
+        storage_options=s3.storage_options,
+        client=dask_client,
+        progress=False,
+    )
     assert report.ok and len(report.ingested) == 3
     remote = open_cube(cube_url, storage_options=s3.storage_options)
     local = open_cube(small_cube)
@@ -196,8 +244,14 @@ def test_open_cube_selection_crs_and_patch_access(small_cube):
 
 
 def test_misaligned_writes_are_refused(tmp_path):
-    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(1, 1024, 1024), chunks=(1, 256, 256),
-                            shards=(1, 512, 512), dtype="float32", fill_value=np.nan)  # fmt: skip
+    arr = zarr.create_array(
+        str(tmp_path / "a.zarr"),
+        shape=(1, 1024, 1024),
+        chunks=(1, 256, 256),
+        shards=(1, 512, 512),
+        dtype="float32",
+        fill_value=np.nan,
+    )
     with pytest.raises(MisalignedWriteError, match="not aligned"):
         write_region(
             arr, (slice(0, 1), slice(256, 768), slice(0, 512)), np.ones((1, 512, 512), "f4")
@@ -211,13 +265,26 @@ def test_all_nan_chunks_are_not_stored(small_synth, tmp_path, dask_client):
     cube_url = tmp_path / "unsharded.zarr"
     w, s, e, n = small_synth.record["bbox"]
     # the cube reaches 0.15° east of the scene's footprint: chunks there are all NaN
-    ingest([small_synth.scene_urls[0]], str(cube_url), bbox=(w, s, e + 0.15, n), shard_chunks=1,
-           client=dask_client, progress=False)  # fmt: skip
+    ingest(
+        [small_synth.scene_urls[0]],
+        str(cube_url),
+        bbox=(w, s, e + 0.15, n),
+        shard_chunks=1,
+        client=dask_client,
+        progress=False,
+    )
     hh = open_cube(str(cube_url)).hh_db.isel(time=0).values
-    chunks_with_data = {(r, c) for r in range(hh.shape[0] // 256) for c in range(hh.shape[1] // 256)
-                        if np.isfinite(hh[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]).any()}  # fmt: skip
-    stored = {tuple(int(v) for v in p.relative_to(cube_url / "hh_db" / "c" / "0").parts)
-              for p in (cube_url / "hh_db" / "c" / "0").rglob("*") if p.is_file()}  # fmt: skip
+    chunks_with_data = {
+        (r, c)
+        for r in range(hh.shape[0] // 256)
+        for c in range(hh.shape[1] // 256)
+        if np.isfinite(hh[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]).any()
+    }
+    stored = {
+        tuple(int(v) for v in p.relative_to(cube_url / "hh_db" / "c" / "0").parts)
+        for p in (cube_url / "hh_db" / "c" / "0").rglob("*")
+        if p.is_file()
+    }
     assert stored == chunks_with_data
     assert len(stored) < (hh.shape[0] // 256) * (hh.shape[1] // 256)  # some chunk is all NaN
 

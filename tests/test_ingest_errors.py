@@ -136,28 +136,30 @@ def _cases():
         return _rewrite(src, d / _with_date(src, "220922"), data=zeros)
 
     return [
-        ("truncated-tail", "220913", truncated_tail,
-         ["cannot be read", "truncated or corrupt"]),
-        ("truncated-header", "220914", truncated_header,
-         ["cannot read as a GeoTIFF", "Failed to read directory"]),
-        ("not-a-tiff", "220915", not_a_tiff,
-         ["not a GeoTIFF"]),
-        ("corrupt-middle-tile", "220916", corrupt_middle,
-         ["cannot be read", "corrupt"]),
-        ("no-crs", "220917", no_crs,
-         ["no CRS", "expected UTM or EPSG:4326"]),
-        ("float32", "220918", float32,
-         ["expected uint16", "found float32"]),
-        ("two-bands", "220919", two_bands,
-         ["expected 1 band", "found 2"]),
-        ("unparseable-name", None, bad_name,
-         ["does not follow the ALOS-2 scene naming rule",
-          "IMG-{pol}-ALOS2{orbit:5 digits}{frame:4 digits}-{yymmdd}-"]),
-        ("outside-grid", "220921", outside_grid,
-         ["outside the cube grid"]),
-        ("all-nodata", "220922", all_nodata,
-         ["no valid pixel"]),
-    ]  # fmt: skip
+        ("truncated-tail", "220913", truncated_tail, ["cannot be read", "truncated or corrupt"]),
+        (
+            "truncated-header",
+            "220914",
+            truncated_header,
+            ["cannot read as a GeoTIFF", "Failed to read directory"],
+        ),
+        ("not-a-tiff", "220915", not_a_tiff, ["not a GeoTIFF"]),
+        ("corrupt-middle-tile", "220916", corrupt_middle, ["cannot be read", "corrupt"]),
+        ("no-crs", "220917", no_crs, ["no CRS", "expected UTM or EPSG:4326"]),
+        ("float32", "220918", float32, ["expected uint16", "found float32"]),
+        ("two-bands", "220919", two_bands, ["expected 1 band", "found 2"]),
+        (
+            "unparseable-name",
+            None,
+            bad_name,
+            [
+                "does not follow the ALOS-2 scene naming rule",
+                "IMG-{pol}-ALOS2{orbit:5 digits}{frame:4 digits}-{yymmdd}-",
+            ],
+        ),
+        ("outside-grid", "220921", outside_grid, ["outside the cube grid"]),
+        ("all-nodata", "220922", all_nodata, ["no valid pixel"]),
+    ]
 
 
 CASES = _cases()
@@ -208,8 +210,9 @@ def mixed(good, bad_files, dask_cluster, tmp_path_factory):
     scenes, lulc, _ = good
     cube = str(tmp_path_factory.mktemp("mixed") / "cube.zarr")
     with Client(dask_cluster) as client:
-        report = ingest([*scenes, *bad_files.values()], cube, lulc=lulc, client=client,
-                        progress=False)  # fmt: skip
+        report = ingest(
+            [*scenes, *bad_files.values()], cube, lulc=lulc, client=client, progress=False
+        )
     return cube, report
 
 
@@ -285,8 +288,13 @@ def test_nothing_ingested_fails_naming_each_file(with_bbox, good, bad_files, tmp
     with rasterio.open(lulc[0]) as ds:
         bbox = tuple(ds.bounds)
     with pytest.raises(IngestError) as e:
-        ingest(bad, str(tmp_path / "c.zarr"), bbox=bbox if with_bbox else None,
-               client=dask_client, progress=False)  # fmt: skip
+        ingest(
+            bad,
+            str(tmp_path / "c.zarr"),
+            bbox=bbox if with_bbox else None,
+            client=dask_client,
+            progress=False,
+        )
     msg = str(e.value)
     assert "nothing" in msg
     for b in bad:
@@ -300,13 +308,18 @@ def test_nothing_ingested_fails_naming_each_file(with_bbox, good, bad_files, tmp
 def test_unreachable_endpoint(good, tmp_path, dask_client):
     scenes, lulc, dates = good[0][:1], good[1], good[2][:1]
     port = _free_port()  # nothing listens there
-    so = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-          # fail fast: one attempt instead of botocore's retries with back-off (~11 s)
-          "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}  # fmt: skip
+    so = {
+        "key": "k",
+        "secret": "s",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        # fail fast: one attempt instead of botocore's retries with back-off (~11 s)
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+    }
     url = "s3://sarcube-test/scenes/"
     cube = str(tmp_path / "cube.zarr")
-    report = ingest([*scenes, url], cube, lulc=lulc, storage_options=so, client=dask_client,
-                    progress=False)  # fmt: skip
+    report = ingest(
+        [*scenes, url], cube, lulc=lulc, storage_options=so, client=dask_client, progress=False
+    )
     assert len(report.problems) == 1, report.problems
     assert_one_line(report.problems[0], url, ["cannot reach the storage endpoint"])
     assert_good_dates_ingested(cube, dates)
@@ -317,8 +330,14 @@ def test_missing_bucket_and_key(good, s3, tmp_path, dask_client):
     missing_bucket = "s3://no-such-bucket-sarcube/scenes/"
     missing_key = s3.url("scenes", _with_date(scenes[0], "220924"))
     cube = str(tmp_path / "cube.zarr")
-    report = ingest([*scenes, missing_bucket, missing_key], cube, lulc=lulc,
-                    storage_options=s3.storage_options, client=dask_client, progress=False)  # fmt: skip
+    report = ingest(
+        [*scenes, missing_bucket, missing_key],
+        cube,
+        lulc=lulc,
+        storage_options=s3.storage_options,
+        client=dask_client,
+        progress=False,
+    )
     assert len(report.problems) == 2, report.problems
     assert_one_line(report.problems[0], missing_bucket, ["not found"])
     assert_one_line(report.problems[1], missing_key, ["not found"])
@@ -334,17 +353,28 @@ def s3_auth(s3):
     """
     import boto3
 
-    iam = boto3.client("iam", endpoint_url=s3.endpoint, region_name="us-east-1",
-                       aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+    iam = boto3.client(
+        "iam",
+        endpoint_url=s3.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )
     iam.create_user(UserName="ingest")
-    policy = {"Version": "2012-10-17",
-              "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}  # fmt: skip
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+    }
     iam.put_user_policy(UserName="ingest", PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="ingest")["AccessKey"]
 
     def set_auth(count: str) -> None:
-        req = urllib.request.Request(f"{s3.endpoint}/moto-api/reset-auth", data=count.encode(),
-                                     method="POST", headers={"Content-Type": "text/plain"})  # fmt: skip
+        req = urllib.request.Request(
+            f"{s3.endpoint}/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
     set_auth("0")
@@ -366,15 +396,27 @@ def test_wrong_credentials(good, s3, s3_auth, tmp_path, dask_client):
     s3fs.S3FileSystem(**right, skip_instance_cache=True).put_file(scenes[0], s3.url("in", name))
     url = s3.url("in") + "/"
 
-    report = ingest([*scenes, url], str(tmp_path / "wrong.zarr"), lulc=lulc, storage_options=wrong,
-                    client=dask_client, progress=False)  # fmt: skip
+    report = ingest(
+        [*scenes, url],
+        str(tmp_path / "wrong.zarr"),
+        lulc=lulc,
+        storage_options=wrong,
+        client=dask_client,
+        progress=False,
+    )
     assert len(report.problems) == 1, report.problems
     assert_one_line(report.problems[0], url, ["access denied", "credentials"])
     assert_good_dates_ingested(str(tmp_path / "wrong.zarr"), dates)
 
     # control: the server really checks, and the right key gets the scene in (workers via GDAL)
-    report = ingest([*scenes, url], str(tmp_path / "right.zarr"), lulc=lulc, storage_options=right,
-                    client=dask_client, progress=False)  # fmt: skip
+    report = ingest(
+        [*scenes, url],
+        str(tmp_path / "right.zarr"),
+        lulc=lulc,
+        storage_options=right,
+        client=dask_client,
+        progress=False,
+    )
     assert report.problems == [] and len(report.ingested) == 2
     assert _date_of("220925") in open_cube(str(tmp_path / "right.zarr")).time.values
 

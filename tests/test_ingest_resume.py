@@ -41,8 +41,7 @@ def frames(tmp_path_factory):
     from sarcube.synth import synthesize
 
     out = tmp_path_factory.mktemp("resume_synth")
-    res = synthesize(str(out), bbox=BBOX, dates=DATES, scenes_per_date=2, seed=11,
-                     progress=False)  # fmt: skip
+    res = synthesize(str(out), bbox=BBOX, dates=DATES, scenes_per_date=2, seed=11, progress=False)
     by_date: dict[str, list[str]] = {}
     for rec, url in zip(res.record["scenes"], res.scene_urls, strict=True):
         by_date.setdefault(rec["date"], []).append(url)
@@ -117,8 +116,12 @@ def assert_same_cube(got: str, want: str, same_slots: bool = True) -> None:
         assert registry(got) == registry(want)
         assert set(shard_files(got, "hh_db", "c")) == set(shard_files(want, "hh_db", "c"))
     else:
-        strip = lambda r: {d: {k: v for k, v in e.items() if k != "time_index"}  # noqa: E731
-                           for d, e in r["slices"].items()}  # fmt: skip
+
+        def strip(r):
+            return {
+                d: {k: v for k, v in e.items() if k != "time_index"} for d, e in r["slices"].items()
+            }
+
         assert strip(registry(got)) == strip(registry(want))
         assert registry(got)["labels"] == registry(want)["labels"]
     assert shards_by_date(got) == shards_by_date(want)
@@ -170,8 +173,20 @@ def _group_alive(pgid: int) -> bool:
 def test_killed_ingest_resumes_to_the_same_cube(frames, reference, tmp_path, dask_client):
     res, _ = frames
     cube = tmp_path / "cube.zarr"
-    cmd = [sys.executable, "-m", "sarcube.cli", "ingest", "--scenes", *res.scene_urls,
-           "--lulc", *res.lulc_urls, "--cube", str(cube), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sarcube.cli",
+        "ingest",
+        "--scenes",
+        *res.scene_urls,
+        "--lulc",
+        *res.lulc_urls,
+        "--cube",
+        str(cube),
+        "--workers",
+        "1",
+    ]
     log = (tmp_path / "ingest.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     seen = None
@@ -218,8 +233,9 @@ def test_killed_ingest_resumes_to_the_same_cube(frames, reference, tmp_path, das
     assert shown <= {d for d, e in slices.items() if e["status"] == "complete"}
 
     # Re-run to completion (on the test cluster), then compare with the clean run.
-    report = ingest(res.scene_urls, str(cube), lulc=res.lulc_urls, client=dask_client,
-                    progress=False)  # fmt: skip
+    report = ingest(
+        res.scene_urls, str(cube), lulc=res.lulc_urls, client=dask_client, progress=False
+    )
     assert report.ok, report.summary()
     ids = sorted(Path(u).name[7:-4] for u in res.scene_urls)  # IMG-HH-{product id}.tif
     assert sorted(report.ingested + report.skipped) == ids
@@ -231,8 +247,9 @@ def test_killed_ingest_resumes_to_the_same_cube(frames, reference, tmp_path, das
 # (b) incremental: a new date, a new frame of a known date
 
 
-def test_new_date_appends_without_rewriting_existing_shards(frames, reference, tmp_path,
-                                                            dask_client):  # fmt: skip
+def test_new_date_appends_without_rewriting_existing_shards(
+    frames, reference, tmp_path, dask_client
+):
     res, by_date = frames
     cube = str(tmp_path / "cube.zarr")
     first = [u for d in DATES[:3] for u in by_date[d]]
@@ -257,8 +274,7 @@ def test_new_date_appends_without_rewriting_existing_shards(frames, reference, t
     assert_same_cube(cube, reference)
 
 
-def test_second_frame_of_a_date_mosaics_like_both_at_once(frames, reference, tmp_path,
-                                                          dask_client):  # fmt: skip
+def test_second_frame_of_a_date_mosaics_like_both_at_once(frames, reference, tmp_path, dask_client):
     res, by_date = frames
     date = DATES[1]
     a_url, b_url = sorted(by_date[date], reverse=True)  # the later frame first
@@ -269,8 +285,11 @@ def test_second_frame_of_a_date_mosaics_like_both_at_once(frames, reference, tmp
     assert ingest([*others, a_url], cube, **kw).ok
     t = np.datetime64(date, "ns")
     a_only = open_cube(cube).hh_db.sel(time=t).values
-    other_shards = {k: v for k, v in shard_files(cube, "hh_db", "c").items()
-                    if k.split("/")[2] != str(time_index_of(cube, date))}  # fmt: skip
+    other_shards = {
+        k: v
+        for k, v in shard_files(cube, "hh_db", "c").items()
+        if k.split("/")[2] != str(time_index_of(cube, date))
+    }
 
     r = ingest(res.scene_urls, cube, **kw)  # now with the other frame too
     assert r.ok, r.summary()
@@ -308,8 +327,9 @@ def test_rerun_with_unchanged_inputs_skips_everything(frames, reference, dask_cl
     before = shard_files(reference, "hh_db", "c")
     labels_before = shard_files(reference, "lulc", "c")
     reg = registry(reference)
-    report = ingest(res.scene_urls, reference, lulc=res.lulc_urls, client=dask_client,
-                    progress=False)  # fmt: skip
+    report = ingest(
+        res.scene_urls, reference, lulc=res.lulc_urls, client=dask_client, progress=False
+    )
     assert report.ok and report.ingested == []
     expected_ids = sorted(Path(u).name[7:-4] for u in res.scene_urls)  # IMG-HH-{product id}.tif
     assert sorted(report.skipped) == expected_ids
@@ -338,8 +358,13 @@ def test_two_ingests_at_once_on_one_cluster(frames, reference, dask_cluster, tmp
     def job(name: str) -> None:
         try:
             with Client(dask_cluster, set_as_default=False) as client:
-                reports[name] = ingest(by_date[date], str(tmp_path / name), lulc=res.lulc_urls,
-                                       client=client, progress=False)  # fmt: skip
+                reports[name] = ingest(
+                    by_date[date],
+                    str(tmp_path / name),
+                    lulc=res.lulc_urls,
+                    client=client,
+                    progress=False,
+                )
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 

@@ -257,9 +257,12 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # A spawned rank re-imports this module: it imports torchmetrics only inside the tests that
     # use it, since importing it costs seconds per process.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
         timeout=timedelta(seconds=30),
-    )  # fmt: skip
+    )
     try:
         cm = ConfusionMatrix(K)
         pred, target = _rank_data(rank)

@@ -55,8 +55,13 @@ def execute(name: str, cwd: Path, **env: str) -> nbformat.NotebookNode:
     with mock.patch.dict(os.environ, env):
         for key in [k for k in os.environ if k.startswith("SARCUBE_") and k not in env]:
             del os.environ[key]
-        client = NotebookClient(nb, timeout=180, startup_timeout=120, kernel_name="python3",
-                                resources={"metadata": {"path": str(cwd)}})  # fmt: skip
+        client = NotebookClient(
+            nb,
+            timeout=180,
+            startup_timeout=120,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(cwd)}},
+        )
         client.execute()
     return nb
 
@@ -113,11 +118,16 @@ def test_datacube_tour(workdir):
 
 @pytest.mark.slow  # the module's demo takes about a minute
 def test_datacube_tour_on_s3(workdir, s3):
-    s3.fs().put(str(workdir / "demo-output" / "cube.zarr"), f"{s3.bucket}/cube.zarr",
-                recursive=True)  # fmt: skip
+    s3.fs().put(
+        str(workdir / "demo-output" / "cube.zarr"), f"{s3.bucket}/cube.zarr", recursive=True
+    )
     url = s3.url("cube.zarr")
-    nb = execute("01_datacube_tour.ipynb", workdir, SARCUBE_CUBE=url,
-                 SARCUBE_STORAGE_OPTIONS=json.dumps(s3.storage_options))  # fmt: skip
+    nb = execute(
+        "01_datacube_tour.ipynb",
+        workdir,
+        SARCUBE_CUBE=url,
+        SARCUBE_STORAGE_OPTIONS=json.dumps(s3.storage_options),
+    )
     assert_ran_clean(nb)
     assert n_figures(nb) >= 3
     assert f"{url}: 1024 × 1024 cells" in text(nb)

@@ -100,8 +100,11 @@ def test_window_starts_hand_example():
 def test_blend_weight_is_a_partition_of_unity_at_half_overlap():
     w = blend_weight(256).astype(np.float64)
     i = np.arange(256)
-    np.testing.assert_allclose(w, np.outer(np.sin(np.pi * (i + 0.5) / 256) ** 2,
-                                            np.sin(np.pi * (i + 0.5) / 256) ** 2), rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        w,
+        np.outer(np.sin(np.pi * (i + 0.5) / 256) ** 2, np.sin(np.pi * (i + 0.5) / 256) ** 2),
+        rtol=1e-6,
+    )
     assert w.min() > 0
     total = np.zeros((512, 512))
     for r in range(0, 512 - 255, 128):
@@ -218,8 +221,14 @@ def run_script(tmp_path: Path, name: str, **kw) -> subprocess.Popen:
     path = tmp_path / f"{name}.py"
     path.write_text(textwrap.dedent(SCRIPT).format(root=str(ROOT), mean=MEAN, std=STD, **kw))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def test_killed_run_resumes_to_identical_output(cube1k, tmp_path):
@@ -265,8 +274,16 @@ def test_peak_memory_does_not_grow_with_the_region(tmp_path):
     small = (140.0, 35.0 + 3072 / 6000, 140.0 + 1024 / 6000, 35.0 + 4096 / 6000)
     growth = {}
     for name, bbox in (("small", small), ("large", None)):
-        p = run_script(tmp_path, name, cube=str(url), out=str(tmp_path / f"{name}.zarr"),
-                       delay=0.0, bbox=bbox, block=1024, overlap=0)  # fmt: skip
+        p = run_script(
+            tmp_path,
+            name,
+            cube=str(url),
+            out=str(tmp_path / f"{name}.zarr"),
+            delay=0.0,
+            bbox=bbox,
+            block=1024,
+            overlap=0,
+        )
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
         growth[name] = float(out.split("PEAK_GROWTH_MB")[1])
@@ -285,11 +302,27 @@ def test_region_larger_than_a_worker_memory_limit(tmp_path, dask_cluster):
     url = tmp_path / "big.zarr"
     random_cube(url, 6144, seed=3, nodata_box=False)
     pr = Predictor(pointwise_model(), "lulc", MEAN, STD, sha256="pw")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="1.2GB",
-                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit="1.2GB",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         pid0 = list(client.run(os.getpid).values())
-        res = predict(str(url), pr, str(tmp_path / "p.zarr"), client=client, progress=False,
-                      panel=False, block=1024, overlap=0)  # fmt: skip
+        res = predict(
+            str(url),
+            pr,
+            str(tmp_path / "p.zarr"),
+            client=client,
+            progress=False,
+            panel=False,
+            block=1024,
+            overlap=0,
+        )
         assert list(client.run(os.getpid).values()) == pid0  # the same worker process throughout
     assert res.blocks == 36 and res.megapixels == pytest.approx(6144**2 / 1e6)
     m = open_group(str(tmp_path / "p.zarr"), formats=("sarcube-predictions/1",))["pred_lulc"]
@@ -360,8 +393,23 @@ def test_bad_input_is_a_clear_error(cube1k, tmp_path, lulc_checkpoint):
         predict(str(nohh), pr, str(tmp_path / "p2"), progress=False)
     from sarcube.cli import main
 
-    assert main(["predict", "--cube", str(url), "--checkpoint", str(lulc_checkpoint),
-                 "--bbox", "10", "10", "11", "11"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--cube",
+                str(url),
+                "--checkpoint",
+                str(lulc_checkpoint),
+                "--bbox",
+                "10",
+                "10",
+                "11",
+                "11",
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -375,9 +423,18 @@ def lulc_checkpoint(tmp_path_factory) -> Path:
     cfg = load_config("finetune_tiny", method="finetune")
     model = build_segmentation_model(cfg)
     path = tmp_path_factory.mktemp("ck") / "best.pt"
-    torch.save({"format": MODEL_FORMAT, "model": model.state_dict(), "config": cfg.to_dict(),
-                "extra": {"task": "lulc", "num_classes": 9, "db_stats": [MEAN, STD]},
-                "epoch": 1, "step": 1, "scores": {}}, path)  # fmt: skip
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+            "extra": {"task": "lulc", "num_classes": 9, "db_stats": [MEAN, STD]},
+            "epoch": 1,
+            "step": 1,
+            "scores": {},
+        },
+        path,
+    )
     return path
 
 
@@ -389,8 +446,21 @@ def test_cli_predicts_with_a_checkpoint_into_the_cube(small_cube, lulc_checkpoin
     cube = tmp_path / "cube.zarr"
     shutil.copytree(small_cube, cube)
     bbox = ["140.30", str(36.00 + 1792 / 12000), str(140.30 + 256 / 12000), "36.1706"]
-    rc = main(["predict", "--cube", str(cube), "--checkpoint", str(lulc_checkpoint), "--bbox", *bbox,
-               "--time", "2022-09-01/2022-09-30", "--batch-size", "4"])  # fmt: skip
+    rc = main(
+        [
+            "predict",
+            "--cube",
+            str(cube),
+            "--checkpoint",
+            str(lulc_checkpoint),
+            "--bbox",
+            *bbox,
+            "--time",
+            "2022-09-01/2022-09-30",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     ds = open_cube(str(cube))
     assert "pred_lulc" in ds and ds.pred_lulc.shape == ds.hh_db.shape

@@ -43,8 +43,16 @@ def shards(small_cube, dask_cluster, tmp_path_factory) -> Path:
     assert len(pre) == N_SAMPLES
     out = root / "shards"
     with Client(dask_cluster) as client:
-        write_shards(small_cube, (pre, meta), str(out), shard_size_mb=64, min_shards_per_split=4,
-                     splits=("pretrain",), client=client, progress=False)  # fmt: skip
+        write_shards(
+            small_cube,
+            (pre, meta),
+            str(out),
+            shard_size_mb=64,
+            min_shards_per_split=4,
+            splits=("pretrain",),
+            client=client,
+            progress=False,
+        )
     assert read_manifest(str(out))["splits"]["pretrain"]["samples"] == N_SAMPLES
     return out
 
@@ -62,12 +70,32 @@ def test_two_ranks_stream_from_s3_and_learn(method, shards, s3, tmp_path):
     for f in shards.iterdir():
         fs.put_file(str(f), f"{s3.bucket}/shards/{f.name}")
     out = s3.url(f"runs/{method}")
-    args = ["--config", f"{method}_tiny", "--manifest", s3.url("shards"), "--out", out,
-            "--storage-option", f"endpoint_url={s3.endpoint}", *TINY, "schedule.epochs=4",
-            "optim.base_lr=0.256", f"train.log_dir={tmp_path / 'logs'}"]  # fmt: skip
+    args = [
+        "--config",
+        f"{method}_tiny",
+        "--manifest",
+        s3.url("shards"),
+        "--out",
+        out,
+        "--storage-option",
+        f"endpoint_url={s3.endpoint}",
+        *TINY,
+        "schedule.epochs=4",
+        "optim.base_lr=0.256",
+        f"train.log_dir={tmp_path / 'logs'}",
+    ]
     if method == "simmim":  # torchrun itself
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "training.pretrain", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.pretrain",
+            *args,
+        ]
     else:  # the same through `sarcube pretrain --nproc 2`
         cmd = [sys.executable, "-m", "sarcube.cli", "pretrain", "--nproc", "2", *args]
     env = {**s3.subprocess_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -96,8 +124,9 @@ def test_two_ranks_stream_from_s3_and_learn(method, shards, s3, tmp_path):
     assert ck["config"]["method"] == method and ck["global_batch"] == 4
     model_sd = ck["model"]
     enc = swin_tiny()
-    load_encoder_weights(enc, torch.load(io.BytesIO(fs.cat_file(f"{base}/encoder.pth")),
-                                         weights_only=True))  # fmt: skip
+    load_encoder_weights(
+        enc, torch.load(io.BytesIO(fs.cat_file(f"{base}/encoder.pth")), weights_only=True)
+    )
     for k, v in enc.state_dict().items():
         assert torch.equal(v, model_sd[f"encoder.{k}"]), k
     assert fs.cat_file(f"{base}/reconstruction.png")[:4] == b"\x89PNG"
@@ -109,8 +138,16 @@ def test_two_ranks_stream_from_s3_and_learn(method, shards, s3, tmp_path):
 @pytest.mark.parametrize("method", ["simmim", "mixmae"])
 def test_resume_through_the_stream_is_exact(method, shards, tmp_path):
     """10 steps (2 epochs of 5) vs 7 steps + resume (from step 2 of epoch 1)."""
-    args = ["--config", f"{method}_tiny", "--manifest", str(shards), *TINY,
-            "schedule.epochs=2", "train.figure=false", "data.shuffle_buffer=4"]  # fmt: skip
+    args = [
+        "--config",
+        f"{method}_tiny",
+        "--manifest",
+        str(shards),
+        *TINY,
+        "schedule.epochs=2",
+        "train.figure=false",
+        "data.shuffle_buffer=4",
+    ]
     assert main([*args, "--out", str(tmp_path / "full")]) == 0
     assert main([*args, "--out", str(tmp_path / "split"), "train.max_steps=7"]) == 0
     ck = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
@@ -136,25 +173,67 @@ def test_sarcube_pretrain_cli(shards, tmp_path, capsys):
     from sarcube.cli import main as sarcube_main
 
     out = tmp_path / "cli"
-    rc = sarcube_main(["pretrain", "--config", "tiny", "--method", "mixmae", "--manifest",
-                       str(shards), "--out", str(out), *TINY, "train.max_steps=1"])  # fmt: skip
+    rc = sarcube_main(
+        [
+            "pretrain",
+            "--config",
+            "tiny",
+            "--method",
+            "mixmae",
+            "--manifest",
+            str(shards),
+            "--out",
+            str(out),
+            *TINY,
+            "train.max_steps=1",
+        ]
+    )
     assert rc == 0
-    assert {"checkpoint.pt", "encoder.pth", "config.yaml", "metrics.jsonl",
-            "reconstruction.png"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    assert {
+        "checkpoint.pt",
+        "encoder.pth",
+        "config.yaml",
+        "metrics.jsonl",
+        "reconstruction.png",
+    } <= {p.name for p in out.iterdir()}
     assert "stopped at train.max_steps after step 1" in capsys.readouterr().out
     enc = swin_tiny()
     load_encoder_weights(enc, str(out / "encoder.pth"))
     assert param_checksum(enc)
 
-    assert sarcube_main(["pretrain", "--manifest", str(shards), "--out", str(tmp_path / "x"),
-                         "optim.base_rate=1"]) == 2  # fmt: skip
+    assert (
+        sarcube_main(
+            [
+                "pretrain",
+                "--manifest",
+                str(shards),
+                "--out",
+                str(tmp_path / "x"),
+                "optim.base_rate=1",
+            ]
+        )
+        == 2
+    )
     assert "unknown configuration key 'optim.base_rate'" in capsys.readouterr().err
 
     # a diverging run stops with the step and the last good checkpoint
     bad = tmp_path / "nan"
-    rc = sarcube_main(["pretrain", "--config", "simmim_tiny", "--manifest", str(shards), "--out",
-                       str(bad), *TINY, "optim.base_lr=1e30", "optim.grad_clip=null",
-                       "schedule.warmup_epochs=0", "train.ckpt_every_steps=1"])  # fmt: skip
+    rc = sarcube_main(
+        [
+            "pretrain",
+            "--config",
+            "simmim_tiny",
+            "--manifest",
+            str(shards),
+            "--out",
+            str(bad),
+            *TINY,
+            "optim.base_lr=1e30",
+            "optim.grad_clip=null",
+            "schedule.warmup_epochs=0",
+            "train.ckpt_every_steps=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 3, err
     assert "non-finite loss (nan) at step 2 (epoch 0)" in err

@@ -20,8 +20,13 @@ def test_design_example_scene_name():
     n = parse_scene_name("s3://bucket/x/IMG-HH-ALOS2237752900-181018-UBSR2.1GUD.tif")
     assert (n.orbit, n.frame, n.date) == (23775, 2900, dt.date(2018, 10, 18))
     assert (n.mode, n.look, n.level, n.processing, n.projection, n.direction) == (
-        "UBS", "R", "2.1", "G", "U", "D",
-    )  # fmt: skip
+        "UBS",
+        "R",
+        "2.1",
+        "G",
+        "U",
+        "D",
+    )
     assert n.filename() == "IMG-HH-ALOS2237752900-181018-UBSR2.1GUD.tif"
 
 

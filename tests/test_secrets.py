@@ -27,11 +27,24 @@ TINY = ["data.batch_size=2", "train.progress=false", "train.tensorboard=false"]
 
 
 def test_launcher_hands_secrets_over_outside_the_command_line():
-    argv = ["--manifest", "m", "--storage-option", f"key={KEY}", f"--storage-option=secret={SECRET}",
-            "--storage-option", "endpoint_url=http://h:1", "optim.base_lr=1"]  # fmt: skip
+    argv = [
+        "--manifest",
+        "m",
+        "--storage-option",
+        f"key={KEY}",
+        f"--storage-option=secret={SECRET}",
+        "--storage-option",
+        "endpoint_url=http://h:1",
+        "optim.base_lr=1",
+    ]
     fwd, secrets = split_secret_storage_options(argv)
-    assert fwd == ["--manifest", "m", "--storage-option", "endpoint_url=http://h:1",
-                   "optim.base_lr=1"]  # fmt: skip
+    assert fwd == [
+        "--manifest",
+        "m",
+        "--storage-option",
+        "endpoint_url=http://h:1",
+        "optim.base_lr=1",
+    ]
     assert secrets == [f"key={KEY}", f"secret={SECRET}"]
     shown = " ".join(redact_argv(argv))
     assert KEY not in shown and SECRET not in shown
@@ -68,12 +81,25 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
     fs.put(str(small_synth.out), f"{s3.bucket}/synth", recursive=True)
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}  # fmt: skip
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", AWS_EC2_METADATA_DISABLED="true",
-               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))  # fmt: skip
-    so = ["--storage-option", f"key={KEY}", "--storage-option", f"secret={SECRET}",
-          "--storage-option", f"endpoint_url={s3.endpoint}"]  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+    )
+    so = [
+        "--storage-option",
+        f"key={KEY}",
+        "--storage-option",
+        f"secret={SECRET}",
+        "--storage-option",
+        f"endpoint_url={s3.endpoint}",
+    ]
     cube, index, shards = s3.url("cube.zarr"), s3.url("index.parquet"), s3.url("shards")
     printed: list[tuple[str, bytes]] = []
 
@@ -81,8 +107,13 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         """Run a command; meanwhile watch the command lines of its child processes (Dask
         workers, torchrun ranks): only the command as typed may hold the credentials."""
         with (tmp_path / "o").open("w+b") as out, (tmp_path / "e").open("w+b") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "sarcube.cli", *argv], cwd=work,
-                                    env=env, stdout=out, stderr=err)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sarcube.cli", *argv],
+                cwd=work,
+                env=env,
+                stdout=out,
+                stderr=err,
+            )
             seen: list[str] = []
             while proc.poll() is None:
                 seen += children_with_secrets(proc.pid)
@@ -97,35 +128,126 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         return p
 
     w, s = SMALL_BBOX[:2]
-    sarcube("synth", "--out", s3.url("synth-mini"), "--bbox", str(w), str(s), str(w + 0.02),
-            str(s + 0.015), "--dates", "2022-10-10", *so)  # fmt: skip
-    sarcube("ingest", "--scenes", s3.url("synth/scenes"), "--lulc", s3.url("synth/lulc"), "--cube",
-            cube, "--workers", "1", *so)  # fmt: skip
+    sarcube(
+        "synth",
+        "--out",
+        s3.url("synth-mini"),
+        "--bbox",
+        str(w),
+        str(s),
+        str(w + 0.02),
+        str(s + 0.015),
+        "--dates",
+        "2022-10-10",
+        *so,
+    )
+    sarcube(
+        "ingest",
+        "--scenes",
+        s3.url("synth/scenes"),
+        "--lulc",
+        s3.url("synth/lulc"),
+        "--cube",
+        cube,
+        "--workers",
+        "1",
+        *so,
+    )
     sarcube("sample", "--cube", cube, "--out", index, "--n-anchors", "2000", "--block", "2", *so)
-    sarcube("shards", "--cube", cube, "--index", index, "--out", shards, "--min-shards", "2",
-            "--shard-size-mb", "64", "--workers", "1", *so)  # fmt: skip
+    sarcube(
+        "shards",
+        "--cube",
+        cube,
+        "--index",
+        index,
+        "--out",
+        shards,
+        "--min-shards",
+        "2",
+        "--shard-size-mb",
+        "64",
+        "--workers",
+        "1",
+        *so,
+    )
     splits = json.loads(fs.cat_file(f"{s3.bucket}/shards/manifest.json"))["splits"]
-    p = sarcube("pretrain", "--nproc", "2", "--manifest", shards, "--out", s3.url("runs/pre"), *so,
-                *TINY, "schedule.epochs=1", "train.max_steps=2", "train.figure=false")  # fmt: skip
+    p = sarcube(
+        "pretrain",
+        "--nproc",
+        "2",
+        "--manifest",
+        shards,
+        "--out",
+        s3.url("runs/pre"),
+        *so,
+        *TINY,
+        "schedule.epochs=1",
+        "train.max_steps=2",
+        "train.figure=false",
+    )
     launching = next(ln for ln in p.stdout.decode().splitlines() if ln.startswith("launching:"))
     assert "key=*** --storage-option secret=***" in launching
     assert fs.exists(f"{s3.bucket}/runs/pre/encoder.pth")  # the ranks reached S3 with the options
     split = "test" if "test" in splits else "val"
-    sarcube("finetune", "--nproc", "2", "--manifest", shards, "--pretrained",
-            s3.url("runs/pre/encoder.pth"), "--out", s3.url("runs/ft"), *so, *TINY,
-            "seg.eval_batch_size=2", "schedule.epochs=1", "schedule.warmup_epochs=0",
-            f"seg.test_split={split}", "seg.panels=1")  # fmt: skip
-    ckpt = s3.url("runs/ft/best.pt" if fs.exists(f"{s3.bucket}/runs/ft/best.pt")
-                  else "runs/ft/checkpoint.pt")  # fmt: skip
-    sarcube("evaluate", "--checkpoint", ckpt, "--manifest", shards, "--split", split, "--out",
-            s3.url("runs/eval"), "--device", "cpu", "--panels", "1", *so)  # fmt: skip
+    sarcube(
+        "finetune",
+        "--nproc",
+        "2",
+        "--manifest",
+        shards,
+        "--pretrained",
+        s3.url("runs/pre/encoder.pth"),
+        "--out",
+        s3.url("runs/ft"),
+        *so,
+        *TINY,
+        "seg.eval_batch_size=2",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        f"seg.test_split={split}",
+        "seg.panels=1",
+    )
+    ckpt = s3.url(
+        "runs/ft/best.pt" if fs.exists(f"{s3.bucket}/runs/ft/best.pt") else "runs/ft/checkpoint.pt"
+    )
+    sarcube(
+        "evaluate",
+        "--checkpoint",
+        ckpt,
+        "--manifest",
+        shards,
+        "--split",
+        split,
+        "--out",
+        s3.url("runs/eval"),
+        "--device",
+        "cpu",
+        "--panels",
+        "1",
+        *so,
+    )
     bbox = [str(w), str(s + 1792 / 12000), str(w + 256 / 12000), str(s + 2048 / 12000 - 1e-4)]
-    sarcube("predict", "--cube", cube, "--checkpoint", ckpt, "--out", s3.url("pred.zarr"),
-            "--bbox", *bbox, "--time", "2022-09-01/2022-09-30", "--cog", s3.url("map.tif"), *so)  # fmt: skip
+    sarcube(
+        "predict",
+        "--cube",
+        cube,
+        "--checkpoint",
+        ckpt,
+        "--out",
+        s3.url("pred.zarr"),
+        "--bbox",
+        *bbox,
+        "--time",
+        "2022-09-01/2022-09-30",
+        "--cog",
+        s3.url("map.tif"),
+        *so,
+    )
     p = sarcube("unlock", cube, *so)
     assert b"not locked" in p.stdout
-    p = sarcube("sample", "--cube", "s3://no-such-bucket-sarcube/cube.zarr", "--out", index, *so,
-                rc=2)  # fmt: skip
+    p = sarcube(
+        "sample", "--cube", "s3://no-such-bucket-sarcube/cube.zarr", "--out", index, *so, rc=2
+    )
     assert b"does not exist" in p.stderr and b"Traceback" not in p.stderr
 
     for cmd, out in printed:

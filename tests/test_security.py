@@ -99,17 +99,35 @@ def tls_cluster(tmp_path_factory):
     def start(args: list[str], name: str) -> subprocess.Popen:
         log = open(root / f"{name}.log", "wb")  # closed in the finalizer
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-m", *args], stdout=log,
-                                      stderr=subprocess.STDOUT, env=env))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        )
         return procs[-1]
 
     def logs_text() -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in root.glob("*.log"))
 
     try:
-        sched = start(["distributed.cli.dask_scheduler", "--protocol", "tls", "--host", "127.0.0.1",
-                       "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file),
-                       "--idle-timeout", "300", *_tls_flags(certs)], "scheduler")  # fmt: skip
+        sched = start(
+            [
+                "distributed.cli.dask_scheduler",
+                "--protocol",
+                "tls",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+                "--idle-timeout",
+                "300",
+                *_tls_flags(certs),
+            ],
+            "scheduler",
+        )
         deadline = time.monotonic() + 30
         address = None
         while address is None:
@@ -119,9 +137,22 @@ def tls_cluster(tmp_path_factory):
             with contextlib.suppress(OSError, ValueError):  # not there yet, or half-written
                 address = json.loads(sched_file.read_text())["address"]
         assert address.startswith("tls://127.0.0.1:"), address
-        start(["distributed.cli.dask_worker", address, "--no-nanny", "--nthreads", "1",
-               "--no-dashboard", "--death-timeout", "30", "--memory-limit", "0",
-               *_tls_flags(certs)], "worker")  # fmt: skip
+        start(
+            [
+                "distributed.cli.dask_worker",
+                address,
+                "--no-nanny",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--death-timeout",
+                "30",
+                "--memory-limit",
+                "0",
+                *_tls_flags(certs),
+            ],
+            "worker",
+        )
         yield certs, other, address
     finally:
         _stop(procs)
@@ -283,8 +314,19 @@ def test_tls_certs_command_writes_files_and_prints_no_key(tmp_path, capsys):
     from cryptography import x509
 
     out = tmp_path / "tls"
-    args = _parser().parse_args(["tls-certs", "--out", str(out), "--host", "dask.example.org",
-                                 "--host", "192.0.2.7", "--days", "10"])  # fmt: skip
+    args = _parser().parse_args(
+        [
+            "tls-certs",
+            "--out",
+            str(out),
+            "--host",
+            "dask.example.org",
+            "--host",
+            "192.0.2.7",
+            "--days",
+            "10",
+        ]
+    )
     assert args.func(args) == 0
     printed = capsys.readouterr()
     key_lines = {ln for f in (KEY, CA_KEY) for ln in (out / f).read_text().splitlines()[1:-1]}

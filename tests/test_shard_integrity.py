@@ -95,8 +95,13 @@ def edit_sha(path: Path) -> None:
     man.write_text(json.dumps(m, indent=1))
 
 
-DAMAGE = {"header": corrupt_header, "payload": flip_payload, "truncated": truncate,
-          "deleted": delete, "sha256": edit_sha}  # fmt: skip
+DAMAGE = {
+    "header": corrupt_header,
+    "payload": flip_payload,
+    "truncated": truncate,
+    "deleted": delete,
+    "sha256": edit_sha,
+}
 
 
 def train_stream(out: Path, **kw) -> ShardStream:
@@ -156,8 +161,10 @@ def test_tolerance_skips_counts_and_logs(shards, kind, caplog):
     assert s.stats["shards_bad"] == 1
     assert [Path(u).name for u in s.stats["bad_urls"]] == ["pretrain-000000.tar"]
     assert s.stats["shards_read"] >= 1
-    assert any("skipping bad shard" in r.getMessage() and "pretrain-000000.tar" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "skipping bad shard" in r.getMessage() and "pretrain-000000.tar" in r.getMessage()
+        for r in caplog.records
+    )
     # the budget is per worker and epoch: a second bad shard is an error
     DAMAGE[kind](shards / "pretrain-000001.tar")
     with pytest.raises(ShardIntegrityError, match=r"pretrain-00000[01]\.tar"):
@@ -180,8 +187,16 @@ def test_resume_reads_verified_shards(shards):
 
 
 def eval_stream(out: Path, **kw) -> ShardStream:
-    return ShardStream(str(out / MANIFEST), "test", batch_size=2, task="lulc", augment=False,
-                       stats_split="train", evaluation=True, **kw)  # fmt: skip
+    return ShardStream(
+        str(out / MANIFEST),
+        "test",
+        batch_size=2,
+        task="lulc",
+        augment=False,
+        stats_split="train",
+        evaluation=True,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -202,8 +217,9 @@ def checkpoint(tmp_path_factory) -> Path:
     from training.config import load_config
     from training.finetune import build_segmentation_model
 
-    cfg = load_config("finetune_tiny", ["data.batch_size=4", "seg.eval_batch_size=4"],
-                      method="finetune")  # fmt: skip
+    cfg = load_config(
+        "finetune_tiny", ["data.batch_size=4", "seg.eval_batch_size=4"], method="finetune"
+    )
     model = build_segmentation_model(cfg)
     path = tmp_path_factory.mktemp("ck") / "best.pt"
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
@@ -215,8 +231,19 @@ def test_evaluate_command_fails_in_one_line(shards, checkpoint, tmp_path, capsys
     from sarcube.cli import main
 
     DAMAGE[kind](shards / "test-000000.tar")
-    argv = ["evaluate", "--checkpoint", str(checkpoint), "--manifest", str(shards), "--split",
-            "test", "--out", str(tmp_path / "ev"), "--device", "cpu"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(checkpoint),
+        "--manifest",
+        str(shards),
+        "--split",
+        "test",
+        "--out",
+        str(tmp_path / "ev"),
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
@@ -232,8 +259,17 @@ def test_evaluate_command_fails_in_one_line(shards, checkpoint, tmp_path, capsys
 # Manifest entries outside the manifest's folder
 
 
-@pytest.mark.parametrize("name", ["../outside/pretrain-000000.tar", "sub/../../x.tar", "/tmp/x.tar",
-                                  "s3://bucket/x.tar", "file:///tmp/x.tar", ""])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside/pretrain-000000.tar",
+        "sub/../../x.tar",
+        "/tmp/x.tar",
+        "s3://bucket/x.tar",
+        "file:///tmp/x.tar",
+        "",
+    ],
+)
 def test_shard_names_leaving_the_folder_are_refused(shards, name):
     (shards.parent / "outside").mkdir(exist_ok=True)
     shutil.copy(shards / "pretrain-000000.tar", shards.parent / "outside")
@@ -259,8 +295,9 @@ def plan_of(path: Path) -> ShardPlan:
 
 def rerun(small_cube, shards: Path, client, caplog, **kw) -> dict:
     with caplog.at_level(logging.INFO, logger="sarcube.shards"):
-        return write_shards(small_cube, str(shards.parent / "index.parquet"), str(shards),
-                            client=client, **KW, **kw)  # fmt: skip
+        return write_shards(
+            small_cube, str(shards.parent / "index.parquet"), str(shards), client=client, **KW, **kw
+        )
 
 
 def assert_repaired(shards: Path, small_shards: Path, manifest: dict, name: str) -> None:
@@ -272,15 +309,19 @@ def assert_repaired(shards: Path, small_shards: Path, manifest: dict, name: str)
     assert data == (small_shards / name).read_bytes()  # what an undisturbed run wrote
 
     def samples(out: Path) -> list:
-        return [(x["key"], x["sar"].tobytes(), None if x["lulc"] is None else x["lulc"].tobytes())
-                for x in iter_samples(str(out), split) if x["shard"] == name]  # fmt: skip
+        return [
+            (x["key"], x["sar"].tobytes(), None if x["lulc"] is None else x["lulc"].tobytes())
+            for x in iter_samples(str(out), split)
+            if x["shard"] == name
+        ]
 
     assert samples(shards) == samples(small_shards)
     assert read_manifest(str(shards)) == manifest
 
 
-def test_rerun_rewrites_a_damaged_shard_recorded_in_the_manifest(small_cube, small_shards, shards,
-                                                                 dask_client, caplog):  # fmt: skip
+def test_rerun_rewrites_a_damaged_shard_recorded_in_the_manifest(
+    small_cube, small_shards, shards, dask_client, caplog
+):
     name = "pretrain-000001.tar"
     plan = plan_of(shards / name)
     unchecked = next(i for i in range(len(plan.samples)) if i not in spot_checks(plan))
@@ -297,8 +338,9 @@ def test_rerun_rewrites_a_damaged_shard_recorded_in_the_manifest(small_cube, sma
     )
 
 
-def test_rerun_without_a_manifest_checks_samples_against_the_cube(small_cube, small_shards, shards,
-                                                                 dask_client, caplog):  # fmt: skip
+def test_rerun_without_a_manifest_checks_samples_against_the_cube(
+    small_cube, small_shards, shards, dask_client, caplog
+):
     (shards / MANIFEST).unlink()  # a crashed run: no recorded hashes
     checked = shards / "train-000000.tar"
     flip_payload(checked, spot_checks(plan_of(checked))[0])  # a spot-checked sample
@@ -319,16 +361,18 @@ def test_rerun_without_a_manifest_checks_samples_against_the_cube(small_cube, sm
     assert_repaired(shards, small_shards, m, "train-000001.tar")
 
 
-def test_a_killed_rerun_does_not_lose_the_recorded_hashes(small_cube, small_shards, shards,
-                                                         dask_client, caplog):  # fmt: skip
+def test_a_killed_rerun_does_not_lose_the_recorded_hashes(
+    small_cube, small_shards, shards, dask_client, caplog
+):
     """A re-run removes the manifest first; killed right after that, the next run still has the
     hashes the manifest recorded, and finds a damaged payload that no spot check reads."""
     from sarcube.shards import _prepare_destination
 
     name = "pretrain-000001.tar"
     plan = plan_of(shards / name)
-    flip_payload(shards / name, next(i for i in range(len(plan.samples))
-                                     if i not in spot_checks(plan)))  # fmt: skip
+    flip_payload(
+        shards / name, next(i for i in range(len(plan.samples)) if i not in spot_checks(plan))
+    )
     recorded = (shards / MANIFEST).read_bytes()
     _prepare_destination(str(shards), {})  # what the killed re-run had done before it died
     assert not (shards / MANIFEST).exists()
@@ -355,8 +399,9 @@ def test_training_reports_skipped_shards(shards, tmp_path):
     from test_engine import make_trainer, tiny_cfg
 
     corrupt_header(shards / "pretrain-000000.tar")
-    cfg = tiny_cfg("data.batch_size=8", "schedule.epochs=1", "data.max_bad_shards=1",
-                   "data.num_workers=0")  # fmt: skip
+    cfg = tiny_cfg(
+        "data.batch_size=8", "schedule.epochs=1", "data.max_bad_shards=1", "data.num_workers=0"
+    )
     assert cfg.data.max_bad_shards == 1
     data = train_stream(shards, batch_size=8, max_bad_shards=cfg.data.max_bad_shards)
     res = make_trainer(cfg, tmp_path / "run", data=data).fit()
@@ -380,11 +425,23 @@ def test_training_command_fails_in_one_line(shards, tmp_path, capsys):
     from sarcube.cli import main
 
     delete(shards / "pretrain-000001.tar")
-    argv = ["pretrain", "--manifest", str(shards), "--out", str(tmp_path / "run"), "--config",
-            "simmim_tiny", "data.batch_size=2", "data.num_workers=0", "train.progress=false"]  # fmt: skip
+    argv = [
+        "pretrain",
+        "--manifest",
+        str(shards),
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        "simmim_tiny",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "train.progress=false",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0] == ("sarcube pretrain: error: the shard is missing; re-run `sarcube shards` to "
-                      "rewrite it; data.max_bad_shards > 0 skips such shards in training "
-                      f"({shards / 'pretrain-000001.tar'})")  # fmt: skip
+    assert err[0] == (
+        "sarcube pretrain: error: the shard is missing; re-run `sarcube shards` to "
+        "rewrite it; data.max_bad_shards > 0 skips such shards in training "
+        f"({shards / 'pretrain-000001.tar'})"
+    )

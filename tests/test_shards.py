@@ -52,8 +52,13 @@ def small_cube(small_synth, tmp_path_factory, dask_cluster):
 
     url = str(tmp_path_factory.mktemp("cubes") / "small.zarr")
     with Client(dask_cluster) as client:
-        report = ingest([f"{small_synth.out}/scenes"], url, lulc=[f"{small_synth.out}/lulc"], client=client,
-                        progress=False)  # fmt: skip
+        report = ingest(
+            [f"{small_synth.out}/scenes"],
+            url,
+            lulc=[f"{small_synth.out}/lulc"],
+            client=client,
+            progress=False,
+        )
     assert report.ok, report.problems
     return url
 
@@ -75,16 +80,35 @@ def build_index(cube_url: str) -> tuple[pd.DataFrame, dict]:
                     continue
                 w, s, e, n = grid.window_bounds(r * 256, (r + 1) * 256, c * 256, (c + 1) * 256)
                 counts = np.bincount(lab.ravel(), minlength=256)
-                rows.append({
-                    "patch_id": patch_id(t, r, c), "time": t, "row": np.int32(r), "col": np.int32(c),
-                    "lon_min": w, "lat_min": s, "lon_max": e, "lat_max": n,
-                    "split": "pretrain" if t.month in (10, 11) else FINETUNE_RULE[(min(r // 2, 1), min(c // 2, 1))],
-                    **{h: np.int32(counts[code]) for h, code in zip(HIST_COLUMNS, CODES, strict=True)},
-                    "nodata_frac": np.float32(nodata), "anchors": np.int32(1), "shard": "",
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "patch_id": patch_id(t, r, c),
+                        "time": t,
+                        "row": np.int32(r),
+                        "col": np.int32(c),
+                        "lon_min": w,
+                        "lat_min": s,
+                        "lon_max": e,
+                        "lat_max": n,
+                        "split": "pretrain"
+                        if t.month in (10, 11)
+                        else FINETUNE_RULE[(min(r // 2, 1), min(c // 2, 1))],
+                        **{
+                            h: np.int32(counts[code])
+                            for h, code in zip(HIST_COLUMNS, CODES, strict=True)
+                        },
+                        "nodata_frac": np.float32(nodata),
+                        "anchors": np.int32(1),
+                        "shard": "",
+                    }
+                )
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    meta = {"cube_url": cube_url, "cube_fingerprint": cube_fingerprint(open_group(cube_url).attrs),
-            "seed": 0, "params": {"rule": "test: all patches"}}  # fmt: skip
+    meta = {
+        "cube_url": cube_url,
+        "cube_fingerprint": cube_fingerprint(open_group(cube_url).attrs),
+        "seed": 0,
+        "params": {"rule": "test: all patches"},
+    }
     return df, meta
 
 
@@ -133,8 +157,9 @@ def test_round_trip_through_s3(s3, small_cube, index, dask_client):
     df, meta = read_index(index)
     write_index(df, index_url, meta, s3.storage_options)
     out = s3.url("runs/shards")
-    manifest = write_shards(cube_url, index_url, out, storage_options=s3.storage_options,
-                            client=dask_client, **KW)  # fmt: skip
+    manifest = write_shards(
+        cube_url, index_url, out, storage_options=s3.storage_options, client=dask_client, **KW
+    )
 
     assert read_manifest(out, s3.storage_options) == manifest  # what was written last, read back
     assert (
@@ -193,8 +218,9 @@ def test_round_trip_through_s3(s3, small_cube, index, dask_client):
         assert all(shard_of[k] == s for k, s in seen.items())  # the index's shard column
 
 
-def test_shards_are_byte_identical_wherever_the_cube_lives(s3, small_cube, index, clean_run, tmp_path,
-                                                           dask_client):  # fmt: skip
+def test_shards_are_byte_identical_wherever_the_cube_lives(
+    s3, small_cube, index, clean_run, tmp_path, dask_client
+):
     out, manifest = clean_run
     again = tmp_path / "again"
     m2 = write_shards(small_cube, index, str(again), client=dask_client, **KW)
@@ -222,8 +248,9 @@ def test_shards_are_byte_identical_wherever_the_cube_lives(s3, small_cube, index
     ]
 
 
-def test_resume_rewrites_only_missing_or_damaged_shards(small_cube, index, clean_run, tmp_path,
-                                                        dask_client):  # fmt: skip
+def test_resume_rewrites_only_missing_or_damaged_shards(
+    small_cube, index, clean_run, tmp_path, dask_client
+):
     out, manifest = clean_run
     crashed = tmp_path / "crashed"
     shutil.copytree(out, crashed)
@@ -256,8 +283,12 @@ def test_manifest_statistics_equal_numpy_over_the_split(small_cube, index, clean
     lulc = cube.lulc.values
     for split, entry in manifest["splits"].items():
         rows = df[df["split"] == split]
-        sar = np.stack([hh[pd.Timestamp(t)][r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
-                        for t, r, c in zip(rows["time"], rows["row"], rows["col"], strict=True)])  # fmt: skip
+        sar = np.stack(
+            [
+                hh[pd.Timestamp(t)][r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
+                for t, r, c in zip(rows["time"], rows["row"], rows["col"], strict=True)
+            ]
+        )
         v = sar.astype(np.float16).astype(np.float64)
         v = v[np.isfinite(v)]
         st = entry["db_stats"]
@@ -265,8 +296,12 @@ def test_manifest_statistics_equal_numpy_over_the_split(small_cube, index, clean
         assert st["mean"] == pytest.approx(v.mean(), rel=1e-12)
         assert st["std"] == pytest.approx(v.std(), rel=1e-9)
         assert abs(st["mean"] - sar[np.isfinite(sar)].mean()) < 1e-3  # float16 vs float32 values
-        labels = np.stack([lulc[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
-                           for r, c in zip(rows["row"], rows["col"], strict=True)])  # fmt: skip
+        labels = np.stack(
+            [
+                lulc[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
+                for r, c in zip(rows["row"], rows["col"], strict=True)
+            ]
+        )
         counts = np.bincount(labels.ravel(), minlength=15)
         cls = entry["classes"]
         assert cls["pixels"] == {str(k): int(counts[k]) for k in CODES}
@@ -280,8 +315,13 @@ def test_manifest_statistics_equal_numpy_over_the_split(small_cube, index, clean
 
 def test_index_from_another_cube_is_refused(small_synth, small_cube, index, tmp_path, dask_client):
     other = str(tmp_path / "other.zarr")
-    ingest([small_synth.scene_urls[0]], other, lulc=[f"{small_synth.out}/lulc"], client=dask_client,
-           progress=False)  # fmt: skip
+    ingest(
+        [small_synth.scene_urls[0]],
+        other,
+        lulc=[f"{small_synth.out}/lulc"],
+        client=dask_client,
+        progress=False,
+    )
     fp_other = cube_fingerprint(open_group(other).attrs)
     fp_index = read_index(index)[1]["cube_fingerprint"]
     assert fp_other != fp_index
@@ -291,8 +331,9 @@ def test_index_from_another_cube_is_refused(small_synth, small_cube, index, tmp_
     assert not (out / MANIFEST).exists()
 
 
-def test_index_disagreeing_with_the_labels_fails_without_a_manifest(small_cube, index, tmp_path,
-                                                                    dask_client):  # fmt: skip
+def test_index_disagreeing_with_the_labels_fails_without_a_manifest(
+    small_cube, index, tmp_path, dask_client
+):
     df, meta = read_index(index)
     df.loc[df["split"] == "val", "hist_01"] += 1  # same fingerprint, wrong histograms
     out = tmp_path / "out"
@@ -306,11 +347,22 @@ def test_clear_errors(s3, small_cube, index, tmp_path, dask_client):
     with pytest.raises(ShardError, match="no rows"):
         write_shards(small_cube, (df.iloc[:0], meta), str(tmp_path / "a"), client=dask_client, **KW)
     with pytest.raises(ShardError, match=r"no patches in split\(s\) \['val'\]"):
-        write_shards(small_cube, (df[df["split"] != "val"], meta), str(tmp_path / "b"),
-                     client=dask_client, **KW)  # fmt: skip
+        write_shards(
+            small_cube,
+            (df[df["split"] != "val"], meta),
+            str(tmp_path / "b"),
+            client=dask_client,
+            **KW,
+        )
     # ... unless only the other splits are asked for
-    m = write_shards(small_cube, (df[df["split"] != "val"], meta), str(tmp_path / "b"),
-                     splits=("pretrain", "train"), client=dask_client, **KW)  # fmt: skip
+    m = write_shards(
+        small_cube,
+        (df[df["split"] != "val"], meta),
+        str(tmp_path / "b"),
+        splits=("pretrain", "train"),
+        client=dask_client,
+        **KW,
+    )
     assert sorted(m["splits"]) == ["pretrain", "train"]
     with pytest.raises(ValueError, match="needs its metadata"):
         write_shards(small_cube, df, str(tmp_path / "c"), client=dask_client, **KW)
@@ -320,8 +372,14 @@ def test_clear_errors(s3, small_cube, index, tmp_path, dask_client):
         with pytest.raises(ShardError, match="cannot write shards there"):
             write_shards(small_cube, index, str(dest), client=dask_client, **KW)
     with pytest.raises(ShardError, match="cannot write shards there"):
-        write_shards(small_cube, index, "s3://no-such-bucket-here/shards", storage_options=s3.storage_options,
-                     client=dask_client, **KW)  # fmt: skip
+        write_shards(
+            small_cube,
+            index,
+            "s3://no-such-bucket-here/shards",
+            storage_options=s3.storage_options,
+            client=dask_client,
+            **KW,
+        )
     assert a_file.read_text() == "x"
     with pytest.raises(ShardError, match="no manifest"):
         read_manifest(str(tmp_path / "a"))
@@ -333,10 +391,25 @@ def test_shard_count_rule_and_shuffle():
     assert shard_count(3000 * 2**20, 5, 256, 8) == 5  # never more shards than samples
     assert shard_count(0, 1, 256, 8) == 1
     # 40 × 40 patches on one date: every shard draws from all over the area
-    rows = [{"patch_id": patch_id("2022-10-10", r, c), "time": pd.Timestamp("2022-10-10"), "row": r, "col": c,
-             "lon_min": 0.0, "lat_min": 0.0, "lon_max": 1.0, "lat_max": 1.0, "split": "pretrain",
-             **dict.fromkeys(HIST_COLUMNS, 0), "nodata_frac": 0.0, "anchors": 1, "shard": ""}
-            for r in range(40) for c in range(40)]  # fmt: skip
+    rows = [
+        {
+            "patch_id": patch_id("2022-10-10", r, c),
+            "time": pd.Timestamp("2022-10-10"),
+            "row": r,
+            "col": c,
+            "lon_min": 0.0,
+            "lat_min": 0.0,
+            "lon_max": 1.0,
+            "lat_max": 1.0,
+            "split": "pretrain",
+            **dict.fromkeys(HIST_COLUMNS, 0),
+            "nodata_frac": 0.0,
+            "anchors": 1,
+            "shard": "",
+        }
+        for r in range(40)
+        for c in range(40)
+    ]
     df = pd.DataFrame(rows)
     plans = plan_shards(df, {"2022-10-10": 0}, "fp", ["pretrain"], 256, 8, seed=0)["pretrain"]
     assert [len(p.samples) for p in plans] == [200] * 8

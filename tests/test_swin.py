@@ -59,9 +59,15 @@ def test_state_dict_names(tiny):
         "layers",
         "norm",
     }
-    for k in ["patch_embed.proj.weight", "patch_embed.norm.weight", "absolute_pos_embed",
-              "layers.0.blocks.0.attn.relative_position_bias_table", "layers.1.downsample.reduction.weight",
-              "layers.3.blocks.0.mlp.fc2.weight", "norm.weight"]:  # fmt: skip
+    for k in [
+        "patch_embed.proj.weight",
+        "patch_embed.norm.weight",
+        "absolute_pos_embed",
+        "layers.0.blocks.0.attn.relative_position_bias_table",
+        "layers.1.downsample.reduction.weight",
+        "layers.3.blocks.0.mlp.fc2.weight",
+        "norm.weight",
+    ]:
         assert k in keys, k
     assert "absolute_pos_embed" in tiny.no_weight_decay()
     assert "layers.0.blocks.0.attn.relative_position_bias_table" in tiny.no_weight_decay()
@@ -74,9 +80,15 @@ def test_stages_agree_with_timm_swin():
     torch.manual_seed(1)
     ours = swin_tiny(absolute_pos_embed=False).eval()
     ref = SwinTransformer(
-        img_size=256, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depths=(1, 1, 2, 1),
-        num_heads=(1, 2, 4, 8), window_size=8,
-    ).eval()  # fmt: skip
+        img_size=256,
+        patch_size=4,
+        in_chans=1,
+        num_classes=0,
+        embed_dim=32,
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 4, 8),
+        window_size=8,
+    ).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 1, 256, 256)
     with torch.no_grad():

@@ -33,8 +33,9 @@ LOOKS = 3.0
 @pytest.fixture(scope="module")
 def template_synth(tmp_path_factory, hrlulc_250m):
     out = tmp_path_factory.mktemp("template_synth")
-    return synthesize(str(out), bbox=TEMPLATE_BBOX, lulc_template=hrlulc_250m, seed=5,
-                      looks=LOOKS, progress=False)  # fmt: skip
+    return synthesize(
+        str(out), bbox=TEMPLATE_BBOX, lulc_template=hrlulc_250m, seed=5, looks=LOOKS, progress=False
+    )
 
 
 @pytest.fixture(params=["procedural", "template"])
@@ -51,8 +52,15 @@ def labels_on_scene_grid(lulc_urls, scene_url) -> np.ndarray:
         for url in lulc_urls:
             with rasterio.open(url) as lt:
                 part = np.zeros_like(dst)
-                reproject(rasterio.band(lt, 1), part, dst_transform=sc.transform, dst_crs=sc.crs,
-                          resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)  # fmt: skip
+                reproject(
+                    rasterio.band(lt, 1),
+                    part,
+                    dst_transform=sc.transform,
+                    dst_crs=sc.crs,
+                    resampling=Resampling.nearest,
+                    src_nodata=0,
+                    dst_nodata=0,
+                )
                 dst = np.where(part > 0, part, dst)
     return dst
 
@@ -141,12 +149,26 @@ def lake_synth(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lake")
     codes = np.full((480, 480), 6, dtype=np.uint8)
     codes[:, :240] = 1
-    profile = dict(driver="GTiff", width=480, height=480, count=1, dtype="uint8", nodata=0,
-                   crs="EPSG:4326", transform=Affine(1 / 480, 0, 140.0, 0, -1 / 480, 37.0))  # fmt: skip
+    profile = dict(
+        driver="GTiff",
+        width=480,
+        height=480,
+        count=1,
+        dtype="uint8",
+        nodata=0,
+        crs="EPSG:4326",
+        transform=Affine(1 / 480, 0, 140.0, 0, -1 / 480, 37.0),
+    )
     with rasterio.open(tmp / "template.tif", "w", **profile) as ds:
         ds.write(codes, 1)
-    return synthesize(str(tmp / "out"), bbox=(140.42, 36.45, 140.58, 36.55), dates=["2022-10-10"],
-                      lulc_template=tmp / "template.tif", looks=LOOKS, progress=False)  # fmt: skip
+    return synthesize(
+        str(tmp / "out"),
+        bbox=(140.42, 36.45, 140.58, 36.55),
+        dates=["2022-10-10"],
+        lulc_template=tmp / "template.tif",
+        looks=LOOKS,
+        progress=False,
+    )
 
 
 def test_speckle_of_homogeneous_water_is_gamma_with_L_looks(lake_synth):
@@ -173,9 +195,12 @@ def test_same_seed_byte_identical_other_seed_differs(tmp_path, small_synth):
 
     again = synthesize(str(tmp_path / "again"), bbox=SMALL_BBOX, seed=3, progress=False)
     other = synthesize(str(tmp_path / "other"), bbox=SMALL_BBOX, seed=4, progress=False)
-    for a, b, c in zip(small_synth.lulc_urls + small_synth.scene_urls,
-                       again.lulc_urls + again.scene_urls,
-                       other.lulc_urls + other.scene_urls, strict=True):  # fmt: skip
+    for a, b, c in zip(
+        small_synth.lulc_urls + small_synth.scene_urls,
+        again.lulc_urls + again.scene_urls,
+        other.lulc_urls + other.scene_urls,
+        strict=True,
+    ):
         assert sha256(a) == sha256(b)
         assert sha256(a) != sha256(c)
     assert json.loads(Path(small_synth.out, "synth.json").read_text()) == json.loads(
@@ -203,8 +228,13 @@ def test_class_shares_follow_the_real_map(template_synth, hrlulc_250m):
 
 def test_procedural_shares_match_japan_table(tmp_path):
     """Without a template, a 0.3° area gets Japan's land shares within ±3 points per class."""
-    res = synthesize(str(tmp_path / "p"), bbox=(139.0, 35.0, 139.3, 35.3), dates=["2022-09-12"],
-                     seed=1, progress=False)  # fmt: skip
+    res = synthesize(
+        str(tmp_path / "p"),
+        bbox=(139.0, 35.0, 139.3, 35.3),
+        dates=["2022-09-12"],
+        seed=1,
+        progress=False,
+    )
     codes = np.concatenate([rasterio.open(u).read(1).ravel() for u in res.lulc_urls])
     table = np.array([JAPAN_LAND_SHARES_PCT[c] for c in range(1, 15)])
     diff = _shares(codes) - table
@@ -231,15 +261,24 @@ def test_bad_arguments_are_clear_errors(tmp_path, kwargs, message):
 
 def test_bbox_outside_the_template(tmp_path, hrlulc_250m):
     with pytest.raises(SynthError, match="outside the LULC template") as e:
-        synthesize(str(tmp_path / "x"), bbox=(10.0, 45.0, 10.1, 45.1), lulc_template=hrlulc_250m,
-                   progress=False)  # fmt: skip
+        synthesize(
+            str(tmp_path / "x"),
+            bbox=(10.0, 45.0, 10.1, 45.1),
+            lulc_template=hrlulc_250m,
+            progress=False,
+        )
     assert hrlulc_250m.name in str(e.value)
 
 
 def test_synth_writes_to_s3(s3):
     url = s3.url("synth")
-    res = synthesize(url, bbox=(140.30, 36.02, 140.33, 36.04), dates=["2022-09-12"],
-                     storage_options=s3.storage_options, progress=False)  # fmt: skip
+    res = synthesize(
+        url,
+        bbox=(140.30, 36.02, 140.33, 36.04),
+        dates=["2022-09-12"],
+        storage_options=s3.storage_options,
+        progress=False,
+    )
     fs = s3.fs()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{s3.bucket}/synth"))
     assert names == sorted(

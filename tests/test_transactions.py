@@ -250,8 +250,9 @@ def _check_outcome(cube: str, outs, dates_by_run: list[str]) -> int:
 
 @pytest.mark.slow  # real processes racing, repeated
 @pytest.mark.parametrize("trial", range(5))
-def test_concurrent_ingests_of_different_dates(trial, labelled_cube, small_synth, dask_cluster,
-                                               tmp_path):  # fmt: skip
+def test_concurrent_ingests_of_different_dates(
+    trial, labelled_cube, small_synth, dask_cluster, tmp_path
+):
     cube = str(tmp_path / "cube.zarr")
     shutil.copytree(labelled_cube, cube)
     scenes = small_synth.scene_urls[:2]
@@ -276,9 +277,11 @@ def test_concurrent_creation_of_one_cube(trial, small_synth, dask_cluster, tmp_p
     dates = sorted(small_synth.record["dates"])[:2]
     sched = ["--scheduler", dask_cluster.scheduler_address]
     outs = _race(
-        [["ingest", "--scenes", s, "--lulc", *small_synth.lulc_urls, "--cube", cube, *sched]
-         for s in scenes]
-    )  # fmt: skip
+        [
+            ["ingest", "--scenes", s, "--lulc", *small_synth.lulc_urls, "--cube", cube, *sched]
+            for s in scenes
+        ]
+    )
     assert "FileExistsError" not in "".join(o.stderr for o in outs)
     REFUSALS.setdefault("create", []).append(_check_outcome(cube, outs, dates))
 
@@ -314,8 +317,9 @@ def _bad_label_tile(src: str, dst_dir: Path) -> str:
     return str(dst)
 
 
-def test_unknown_label_codes_refused_before_writing(labelled_cube, small_synth, dask_cluster,
-                                                    tmp_path):  # fmt: skip
+def test_unknown_label_codes_refused_before_writing(
+    labelled_cube, small_synth, dask_cluster, tmp_path
+):
     cube = str(tmp_path / "cube.zarr")
     shutil.copytree(labelled_cube, cube)
     before = _stored(cube)
@@ -356,7 +360,7 @@ def test_bad_ingest_arguments(small_synth, tmp_path, capsys):
         "workers": (["--workers", "-2"], "--workers must be ≥ 1"),
         "bbox": (["--bbox", "-500", "35.9", "-499", "36", "--workers", "1"], "−180…180"),
         "memory": (["--memory-limit", "banana", "--workers", "1"], "--memory-limit 'banana'"),
-    }  # fmt: skip
+    }
     for name, (extra, expected) in cases.items():
         t0 = time.monotonic()
         line = _main_one_line([*base, *extra], capsys)
@@ -407,8 +411,19 @@ def test_strict_is_all_or_nothing_for_an_all_nodata_scene(small_synth, tmp_path,
         zeros = np.zeros((1, ds.height, ds.width), np.uint16)
     empty = _rewrite(scene, tmp_path / _with_date(scene, "220922"), data=zeros)
     cube = tmp_path / "cube.zarr"
-    argv = ["ingest", "--scenes", scene, empty, "--lulc", *small_synth.lulc_urls,
-            "--cube", str(cube), "--workers", "1", "--strict"]  # fmt: skip
+    argv = [
+        "ingest",
+        "--scenes",
+        scene,
+        empty,
+        "--lulc",
+        *small_synth.lulc_urls,
+        "--cube",
+        str(cube),
+        "--workers",
+        "1",
+        "--strict",
+    ]
     from sarcube.cli import main
 
     assert main(argv) == 2
@@ -440,8 +455,19 @@ def test_concurrent_shard_writers(trial, small_shards, small_cube, dask_cluster,
     index = tmp_path / "index.parquet"
     shutil.copy(small_shards.parent / "index.parquet", index)
     out = tmp_path / "shards"
-    common = ["shards", "--cube", small_cube, "--index", str(index), "--out", str(out),
-              "--shard-size-mb", "64", "--scheduler", dask_cluster.scheduler_address]  # fmt: skip
+    common = [
+        "shards",
+        "--cube",
+        small_cube,
+        "--index",
+        str(index),
+        "--out",
+        str(out),
+        "--shard-size-mb",
+        "64",
+        "--scheduler",
+        dask_cluster.scheduler_address,
+    ]
     outs = _race([[*common, "--min-shards", n] for n in ("2", "3")])
     ok = [o for o in outs if o.returncode == 0]
     assert ok, [o.stderr for o in outs]

@@ -34,10 +34,12 @@ from .config import load_config
 
 __all__ = ["TABLE_I", "Variant", "format_ablation", "run_ablation"]
 
-NOTE = ("A reproduction of the *procedure* of Table I (arXiv 2601.15705) with the {profile} "
-        "profile on the data of {manifest}. On sarcube's synthetic demo data these numbers are not "
-        "ALOS-2 accuracies (the paper's: 47.45 → 50.26 mIoU with pretraining, 41.18 without; "
-        "docs/design.md). Scratch trains as long as the others here (the paper: 400 vs 200 epochs).")  # fmt: skip
+NOTE = (
+    "A reproduction of the *procedure* of Table I (arXiv 2601.15705) with the {profile} "
+    "profile on the data of {manifest}. On sarcube's synthetic demo data these numbers are not "
+    "ALOS-2 accuracies (the paper's: 47.45 → 50.26 mIoU with pretraining, 41.18 without; "
+    "docs/design.md). Scratch trains as long as the others here (the paper: 400 vs 200 epochs)."
+)
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,11 @@ class Variant:
     alpha_scaled: bool  # (iii)
 
     def overrides(self) -> list[str]:
-        return [f"seg.hires_injection={str(self.hires_injection).lower()}",
-                f"seg.refine_up={str(self.refine_up).lower()}",
-                f"seg.alpha_scaled={str(self.alpha_scaled).lower()}"]  # fmt: skip
+        return [
+            f"seg.hires_injection={str(self.hires_injection).lower()}",
+            f"seg.refine_up={str(self.refine_up).lower()}",
+            f"seg.alpha_scaled={str(self.alpha_scaled).lower()}",
+        ]
 
 
 TABLE_I: tuple[Variant, ...] = (
@@ -75,20 +79,32 @@ def _pct(v: float | None) -> str:
 
 def format_ablation(rows: Sequence[Mapping[str, Any]], note: str) -> str:
     """Markdown in Table I's layout: the four switches, then best val mIoU and mAcc (%)."""
-    lines = ["# Ablation of the refinements (Table I layout; validation set, %)", "",
-             f"> {note}", "",
-             "| Pretraining | High-res feat. | Refine-Up | α-scale | mIoU | mAcc | best epoch |",
-             "|:-:|:-:|:-:|:-:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "# Ablation of the refinements (Table I layout; validation set, %)",
+        "",
+        f"> {note}",
+        "",
+        "| Pretraining | High-res feat. | Refine-Up | α-scale | mIoU | mAcc | best epoch |",
+        "|:-:|:-:|:-:|:-:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {_mark(r['pretraining'])} | {_mark(r['hires_injection'])} | "
-                     f"{_mark(r['refine_up'])} | {_mark(r['alpha_scaled'])} | {_pct(r['miou'])} | "
-                     f"{_pct(r['macc'])} | {r['best_epoch']} |")  # fmt: skip
+        lines.append(
+            f"| {_mark(r['pretraining'])} | {_mark(r['hires_injection'])} | "
+            f"{_mark(r['refine_up'])} | {_mark(r['alpha_scaled'])} | {_pct(r['miou'])} | "
+            f"{_pct(r['macc'])} | {r['best_epoch']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(manifest: str, pretrained: str, out: str, config: str = "finetune_tiny",
-                 overrides: Sequence[str] = (), storage_options: Mapping[str, Any] | None = None,
-                 variants: Sequence[Variant] = TABLE_I) -> dict[str, Any]:  # fmt: skip
+def run_ablation(
+    manifest: str,
+    pretrained: str,
+    out: str,
+    config: str = "finetune_tiny",
+    overrides: Sequence[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
+    variants: Sequence[Variant] = TABLE_I,
+) -> dict[str, Any]:
     """Fine-tune and validate every variant; returns (and writes) the table.
 
     Args:
@@ -108,8 +124,9 @@ def run_ablation(manifest: str, pretrained: str, out: str, config: str = "finetu
             rows.append(json.loads(read_bytes(result_url, so)))
             print(f"ablation: {v.name}: done earlier, kept", flush=True)
             continue
-        cfg = load_config(config, [*overrides, *v.overrides(), "seg.test_split=null"],
-                          method="finetune")  # fmt: skip
+        cfg = load_config(
+            config, [*overrides, *v.overrides(), "seg.test_split=null"], method="finetune"
+        )
         cfg.seg.pretrained = pretrained if v.pretraining else None
         if cfg.seg.val_split is None:
             raise ValueError("the ablation compares validation scores: seg.val_split is null")
@@ -121,11 +138,18 @@ def run_ablation(manifest: str, pretrained: str, out: str, config: str = "finetu
 
             best = load_model_checkpoint(join_url(run_url, "best.pt"), so).get("scores", {})
         best = best or {}
-        row = {"variant": v.name, "pretraining": v.pretraining, "hires_injection": v.hires_injection,
-               "refine_up": v.refine_up, "alpha_scaled": v.alpha_scaled,
-               "miou": best.get("miou"), "macc": best.get("macc"),
-               "best_epoch": res.train.best_epoch, "epochs": cfg.schedule.epochs,
-               "run": run_url}  # fmt: skip
+        row = {
+            "variant": v.name,
+            "pretraining": v.pretraining,
+            "hires_injection": v.hires_injection,
+            "refine_up": v.refine_up,
+            "alpha_scaled": v.alpha_scaled,
+            "miou": best.get("miou"),
+            "macc": best.get("macc"),
+            "best_epoch": res.train.best_epoch,
+            "epochs": cfg.schedule.epochs,
+            "run": run_url,
+        }
         write_bytes(result_url, json.dumps(row, indent=1).encode(), so)
         rows.append(row)
     note = NOTE.format(profile=config, manifest=manifest)

@@ -101,13 +101,17 @@ def torch_load_safe(data: bytes, url: str, map_location: Any = "cpu") -> Any:
     except pickle.UnpicklingError as e:
         m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = f" (a {m.group(1)} object)" if m else ""
-        raise CheckpointError(f"{url}: not a sarcube checkpoint: it contains non-tensor "
-                              f"objects{what} that a safe load (weights only) refuses; sarcube "
-                              "checkpoints hold only tensors, numbers, strings, lists and "
-                              "dicts") from None  # fmt: skip
+        raise CheckpointError(
+            f"{url}: not a sarcube checkpoint: it contains non-tensor "
+            f"objects{what} that a safe load (weights only) refuses; sarcube "
+            "checkpoints hold only tensors, numbers, strings, lists and "
+            "dicts"
+        ) from None
     except Exception as e:  # truncated, not a torch file at all, ...
-        raise CheckpointError(f"{url}: not a sarcube checkpoint: not a readable torch file "
-                              f"({type(e).__name__}{': ' + str(e)[:200] if str(e) else ''})") from None  # fmt: skip
+        raise CheckpointError(
+            f"{url}: not a sarcube checkpoint: not a readable torch file "
+            f"({type(e).__name__}{': ' + str(e)[:200] if str(e) else ''})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -468,8 +468,9 @@ def load_config(
     return apply_overrides(cfg, overrides).validate()
 
 
-def config_diff(a: Config | Mapping[str, Any], b: Config | Mapping[str, Any],
-                ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:  # fmt: skip
+def config_diff(
+    a: Config | Mapping[str, Any], b: Config | Mapping[str, Any], ignore: Sequence[str] = ()
+) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (a value, b value)}`` for the keys that differ, except those under an
     ``ignore`` prefix (``"train"`` ignores the whole section, ``"data.num_workers"`` one key)."""
     da = a.to_dict() if isinstance(a, Config) else dict(a)

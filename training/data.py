@@ -174,8 +174,16 @@ _NATIVE_SCHEMES = frozenset({"pipe", "http", "https", "ais", "sftp", "ftps", "sc
 _LOCAL_SCHEMES = frozenset({"", "file", "local"})
 _TAG_SHARDS, _TAG_SHUFFLE = 0x5A4D, 0x5B0F  # separate generator streams for the two draws
 _CHUNK = 8  # samples per element-wise pass in collate (8 × 256² float32 = 2 MiB)
-_STAT_KEYS = ("shards_read", "shards_skipped", "shards_bad", "read_retries", "failed_reads",
-              "samples_decoded", "samples_fast_forwarded", "wraps")  # fmt: skip
+_STAT_KEYS = (
+    "shards_read",
+    "shards_skipped",
+    "shards_bad",
+    "read_retries",
+    "failed_reads",
+    "samples_decoded",
+    "samples_fast_forwarded",
+    "wraps",
+)
 _STAT_LISTS = ("skipped_urls", "bad_urls")
 _ERROR = "_data_error"  # a batch dict carrying a worker's DataError
 
@@ -223,10 +231,21 @@ class TransientReadError(DataError):
 # The fsspec opener for WebDataset
 
 
-_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
-                               errno.ETIMEDOUT, errno.EPIPE, errno.EBUSY, errno.EAGAIN,
-                               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
-                               errno.EHOSTDOWN})  # fmt: skip
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.EBUSY,
+        errno.EAGAIN,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+    }
+)
 
 
 def _third_party_transient() -> tuple[type[BaseException], ...]:
@@ -234,9 +253,14 @@ def _third_party_transient() -> tuple[type[BaseException], ...]:
     try:
         from botocore import exceptions as bx
 
-        out += [bx.ConnectionError, bx.HTTPClientError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
-                getattr(bx, "ResponseStreamingError", bx.HTTPClientError),
-                getattr(bx, "IncompleteReadError", bx.HTTPClientError)]  # fmt: skip
+        out += [
+            bx.ConnectionError,
+            bx.HTTPClientError,
+            bx.ConnectTimeoutError,
+            bx.ReadTimeoutError,
+            getattr(bx, "ResponseStreamingError", bx.HTTPClientError),
+            getattr(bx, "IncompleteReadError", bx.HTTPClientError),
+        ]
     except ImportError:  # pragma: no cover - s3fs brings botocore
         pass
     try:
@@ -255,8 +279,13 @@ def _third_party_transient() -> tuple[type[BaseException], ...]:
     return tuple(out)
 
 
-_TRANSIENT_TYPES = (ConnectionError, TimeoutError, asyncio.TimeoutError, socket.timeout,
-                    *_third_party_transient())  # fmt: skip
+_TRANSIENT_TYPES = (
+    ConnectionError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    socket.timeout,
+    *_third_party_transient(),
+)
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -311,9 +340,16 @@ _FS_CACHE: dict[tuple, Any] = {}  # (pid, protocol, options) -> filesystem, crea
 _COUNTERS = {"read_retries": 0, "failed_reads": 0}  # this process's opener counters
 
 
-def register_fsspec_opener(storage_options: Mapping[str, Any] | None = None, retries: int = 3,
-                           timeout: float = 60.0, *, backoff: float = 0.5, block_size: int = 8 * MIB,
-                           prefix: str = "", protocols: Sequence[str] | None = None) -> None:  # fmt: skip
+def register_fsspec_opener(
+    storage_options: Mapping[str, Any] | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    *,
+    backoff: float = 0.5,
+    block_size: int = 8 * MIB,
+    prefix: str = "",
+    protocols: Sequence[str] | None = None,
+) -> None:
     """Make WebDataset's ``gopen`` open ``s3://`` (and every other fsspec protocol it has no
     handler of its own for: ``gs``, ``az``, ``memory`` …) through fsspec, with retries.
 
@@ -340,11 +376,15 @@ def register_fsspec_opener(storage_options: Mapping[str, Any] | None = None, ret
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if block_size < 1:
         raise ValueError(f"block_size must be ≥ 1 byte, got {block_size}")
-    _OPENERS[str(prefix)] = _OpenerConfig(dict(storage_options or {}), int(retries), float(timeout),
-                                          float(backoff), int(block_size))  # fmt: skip
+    _OPENERS[str(prefix)] = _OpenerConfig(
+        dict(storage_options or {}), int(retries), float(timeout), float(backoff), int(block_size)
+    )
     if protocols is None:
-        protocols = [p for p in fsspec.available_protocols()
-                     if p not in _NATIVE_SCHEMES and p not in _LOCAL_SCHEMES]  # fmt: skip
+        protocols = [
+            p
+            for p in fsspec.available_protocols()
+            if p not in _NATIVE_SCHEMES and p not in _LOCAL_SCHEMES
+        ]
     for p in protocols:
         wds_gopen.gopen_schemes[p] = gopen_fsspec
 
@@ -376,8 +416,12 @@ def _fs_options(protocol: str, cfg: _OpenerConfig) -> dict[str, Any]:
 
 def _filesystem(url: str, cfg: _OpenerConfig, fresh: bool = False):
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    key = (os.getpid(), protocol, json.dumps(cfg.storage_options, sort_keys=True, default=str),
-           cfg.timeout)  # fmt: skip
+    key = (
+        os.getpid(),
+        protocol,
+        json.dumps(cfg.storage_options, sort_keys=True, default=str),
+        cfg.timeout,
+    )
     fs = None if fresh else _FS_CACHE.get(key)
     if fs is None:
         fs = fsspec.filesystem(protocol, **_fs_options(protocol, cfg))
@@ -415,11 +459,21 @@ class RetryingReader(io.RawIOBase):
                     _COUNTERS["failed_reads"] += 1
                     raise TransientReadError(
                         f"{self.url}: {what} failed after {attempt + 1} attempts "
-                        f"({type(e).__name__}: {e})", shard=self.url) from e  # fmt: skip
+                        f"({type(e).__name__}: {e})",
+                        shard=self.url,
+                    ) from e
                 _COUNTERS["read_retries"] += 1
                 wait = self.cfg.backoff * 2**attempt
-                log.info("%s: %s: transient %s (%s); retry %d/%d in %.2f s", self.url, what,
-                         type(e).__name__, e, attempt + 1, self.cfg.retries, wait)  # fmt: skip
+                log.info(
+                    "%s: %s: transient %s (%s); retry %d/%d in %.2f s",
+                    self.url,
+                    what,
+                    type(e).__name__,
+                    e,
+                    attempt + 1,
+                    self.cfg.retries,
+                    wait,
+                )
                 time.sleep(wait)
                 # a new filesystem (new connection pool) for the next attempt
                 self._fs, self._path = _filesystem(self.url, self.cfg, fresh=True)
@@ -589,9 +643,14 @@ def load_npy(data: bytes) -> np.ndarray:
         if hit is not None and len(data) - off == hit[2]:
             return np.frombuffer(data, dtype=hit[0], offset=off).reshape(hit[1])
     arr = np.load(io.BytesIO(data), allow_pickle=False)
-    if (off > 0 and isinstance(arr, np.ndarray) and not arr.dtype.hasobject
-            and arr.flags.c_contiguous and len(data) - off == arr.nbytes
-            and len(_NPY_HEADERS) < 256):  # fmt: skip
+    if (
+        off > 0
+        and isinstance(arr, np.ndarray)
+        and not arr.dtype.hasobject
+        and arr.flags.c_contiguous
+        and len(data) - off == arr.nbytes
+        and len(_NPY_HEADERS) < 256
+    ):
         _NPY_HEADERS[data[:off]] = (arr.dtype, arr.shape, arr.nbytes)
     return arr
 
@@ -811,17 +870,23 @@ class ShardStream:
         members = splits[split].get("members") or []
         self.with_labels = task != "pretrain"
         if self.with_labels and members and "lulc.npy" not in members:
-            raise ValueError(f"task {task!r} needs labels but split {split!r} has none "
-                             f"(members {members}); fine-tune on train/val/test")  # fmt: skip
+            raise ValueError(
+                f"task {task!r} needs labels but split {split!r} has none "
+                f"(members {members}); fine-tune on train/val/test"
+            )
         self.stats_split = stats_split or ("pretrain" if task == "pretrain" else "train")
         if self.stats_split not in splits:
-            raise ValueError(f"{self.manifest_url}: no split {self.stats_split!r} for the "
-                             f"normalisation statistics (splits {sorted(splits)}); pass stats_split")  # fmt: skip
+            raise ValueError(
+                f"{self.manifest_url}: no split {self.stats_split!r} for the "
+                f"normalisation statistics (splits {sorted(splits)}); pass stats_split"
+            )
         db = splits[self.stats_split].get("db_stats") or {}
         mean, std = db.get("mean"), db.get("std")
         if mean is None or std is None or not np.isfinite([mean, std]).all() or std <= 0:
-            raise ValueError(f"{self.manifest_url}: split {self.stats_split!r} has unusable dB "
-                             f"statistics (mean {mean}, std {std})")  # fmt: skip
+            raise ValueError(
+                f"{self.manifest_url}: split {self.stats_split!r} has unusable dB "
+                f"statistics (mean {mean}, std {std})"
+            )
         self.mean, self.std = float(mean), float(std)
         self.lut = {"lulc": nine_class_lut(), "water": water_lut()}.get(task)
 
@@ -833,21 +898,34 @@ class ShardStream:
             )
         slots = self.world_size * max(self.num_workers, 1)
         if len(self.shards) < slots and not evaluation:
-            log.warning("split %s: %d shards for %d rank×worker slots; some shards are read by "
-                        "several slots (write ≥ %d shards)", split, len(self.shards), slots, 4 * slots)  # fmt: skip
+            log.warning(
+                "split %s: %d shards for %d rank×worker slots; some shards are read by "
+                "several slots (write ≥ %d shards)",
+                split,
+                len(self.shards),
+                slots,
+                4 * slots,
+            )
         base = self.shards[0].rsplit("/", 1)[0] + "/"
-        self._opener = {"storage_options": self.storage_options, "retries": int(retries),
-                        "timeout": float(timeout), "backoff": float(backoff),
-                        "block_size": int(block_size), "prefix": base}  # fmt: skip
+        self._opener = {
+            "storage_options": self.storage_options,
+            "retries": int(retries),
+            "timeout": float(timeout),
+            "backoff": float(backoff),
+            "block_size": int(block_size),
+            "prefix": base,
+        }
         register_fsspec_opener(**self._opener)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def __repr__(self) -> str:
-        return (f"ShardStream({self.manifest_url!r}, {self.split!r}, task={self.task!r}, "
-                f"rank={self.rank}/{self.world_size}, workers={self.num_workers}, "
-                f"batch={self.batch_size}, steps/epoch={self.steps_per_epoch})")  # fmt: skip
+        return (
+            f"ShardStream({self.manifest_url!r}, {self.split!r}, task={self.task!r}, "
+            f"rank={self.rank}/{self.world_size}, workers={self.num_workers}, "
+            f"batch={self.batch_size}, steps/epoch={self.steps_per_epoch})"
+        )
 
     # --- the plan -------------------------------------------------------------------------
 
@@ -881,9 +959,14 @@ class ShardStream:
             out[r] = []
             for w in range(self._nw):
                 idx = self.worker_shards(epoch, w, r)
-                out[r].append({"worker": w, "shards": [self.shards[i] for i in idx],
-                               "samples": sum(self.shard_samples[i] for i in idx),
-                               "quota": self.worker_quota(w)})  # fmt: skip
+                out[r].append(
+                    {
+                        "worker": w,
+                        "shards": [self.shards[i] for i in idx],
+                        "samples": sum(self.shard_samples[i] for i in idx),
+                        "quota": self.worker_quota(w),
+                    }
+                )
         return out
 
     # --- streaming ------------------------------------------------------------------------
@@ -939,36 +1022,62 @@ class ShardStream:
             if tolerant and state.counts["shards_skipped"] < self.skip_errors:
                 state.counts["shards_skipped"] += 1
                 state.counts["skipped_urls"].append(url)
-                log.warning("skipping the rest of shard %s after a transient read error "
-                            "(%d of skip_errors=%d this epoch): %s", url,
-                            state.counts["shards_skipped"], self.skip_errors, e.message)  # fmt: skip
+                log.warning(
+                    "skipping the rest of shard %s after a transient read error "
+                    "(%d of skip_errors=%d this epoch): %s",
+                    url,
+                    state.counts["shards_skipped"],
+                    self.skip_errors,
+                    e.message,
+                )
                 return
-            how = (f"skip_errors={self.skip_errors} spent; raise it to skip such shards"
-                   if tolerant else "evaluation reads every shard; retry, or raise retries")  # fmt: skip
+            how = (
+                f"skip_errors={self.skip_errors} spent; raise it to skip such shards"
+                if tolerant
+                else "evaluation reads every shard; retry, or raise retries"
+            )
             raise ShardReadError(f"shard {url}: {e.message} ({how})", shard=url) from e
         except DataError:
             raise
         except Exception as e:
             what = e.args[0] if e.args else e  # WebDataset appends the stream and URL to args
-            self._bad_shard(url, f"the shard cannot be read as a WebDataset tar "
-                            f"({type(e).__name__}: {what})", state, tolerant, cause=e)  # fmt: skip
+            self._bad_shard(
+                url,
+                f"the shard cannot be read as a WebDataset tar ({type(e).__name__}: {what})",
+                state,
+                tolerant,
+                cause=e,
+            )
         finally:
             if reader is not None:
                 reader.close()
 
-    def _bad_shard(self, url: str, what: str, state: _WorkerState, tolerant: bool,
-                   integrity: bool = False, cause: BaseException | None = None) -> None:  # fmt: skip
+    def _bad_shard(
+        self,
+        url: str,
+        what: str,
+        state: _WorkerState,
+        tolerant: bool,
+        integrity: bool = False,
+        cause: BaseException | None = None,
+    ) -> None:
         """Skip a bad shard (counted, logged) within ``max_bad_shards``, else raise."""
         if tolerant and state.counts["shards_bad"] < self.max_bad_shards:
             state.counts["shards_bad"] += 1
             state.counts["bad_urls"].append(url)
             state.bad.add(url)
-            log.error("skipping bad shard %s (%d of max_bad_shards=%d this epoch; samples it gave "
-                      "before the end of the tar were used): %s", url, state.counts["shards_bad"],
-                      self.max_bad_shards, what)  # fmt: skip
+            log.error(
+                "skipping bad shard %s (%d of max_bad_shards=%d this epoch; samples it gave "
+                "before the end of the tar were used): %s",
+                url,
+                state.counts["shards_bad"],
+                self.max_bad_shards,
+                what,
+            )
             return
-        how = ("re-run `sarcube shards` to rewrite it"
-               + ("; data.max_bad_shards > 0 skips such shards in training" if tolerant else ""))  # fmt: skip
+        how = "re-run `sarcube shards` to rewrite it" + (
+            "; data.max_bad_shards > 0 skips such shards in training" if tolerant else ""
+        )
         cls = ShardIntegrityError if integrity else ShardReadError
         raise cls(f"{what}; {how} ({url})", shard=url) from cause
 
@@ -1004,8 +1113,10 @@ class ShardStream:
                 n += 1
                 yield s
             if n == 0:
-                raise ShardReadError(f"rank {self.rank} worker {worker}, epoch {epoch}: its shards "
-                                     f"{shards} gave no sample in a whole pass")  # fmt: skip
+                raise ShardReadError(
+                    f"rank {self.rank} worker {worker}, epoch {epoch}: its shards "
+                    f"{shards} gave no sample in a whole pass"
+                )
             passes += 1
 
     def _worker_batches(
@@ -1040,16 +1151,23 @@ class ShardStream:
         try:
             arr = load_npy(sample[ext])
         except Exception as e:
-            raise SampleError(f"{where}: {ext} is not a readable .npy array ({type(e).__name__}: {e})",
-                              key=key, shard=url) from None  # fmt: skip
+            raise SampleError(
+                f"{where}: {ext} is not a readable .npy array ({type(e).__name__}: {e})",
+                key=key,
+                shard=url,
+            ) from None
         if (
             not isinstance(arr, np.ndarray)
             or arr.dtype != dtype
             or arr.shape != (self.patch, self.patch)
         ):
-            raise SampleError(f"{where}: {ext} is {getattr(arr, 'dtype', type(arr).__name__)} "
-                              f"{getattr(arr, 'shape', '')}, expected {np.dtype(dtype)} "
-                              f"({self.patch}, {self.patch})", key=key, shard=url)  # fmt: skip
+            raise SampleError(
+                f"{where}: {ext} is {getattr(arr, 'dtype', type(arr).__name__)} "
+                f"{getattr(arr, 'shape', '')}, expected {np.dtype(dtype)} "
+                f"({self.patch}, {self.patch})",
+                key=key,
+                shard=url,
+            )
         return arr
 
     def collate(
@@ -1096,16 +1214,21 @@ class ShardStream:
         """
         device = torch.device("cpu" if device is None else device)
         if "sar" not in batch:
-            return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                    for k, v in batch.items()}  # fmt: skip
+            return {
+                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()
+            }
         sar = batch["sar"].to(device, non_blocking=True)  # (B, 1, P, P) float16 dB
         n, shape = sar.shape[0], tuple(sar.shape)
         cpu = device.type == "cpu"
         shared = cpu and get_worker_info() is not None
 
         def empty(dtype: torch.dtype) -> torch.Tensor:
-            return _empty(shape, dtype, shared) if cpu else torch.empty(shape, dtype=dtype,
-                                                                       device=device)  # fmt: skip
+            return (
+                _empty(shape, dtype, shared)
+                if cpu
+                else torch.empty(shape, dtype=dtype, device=device)
+            )
 
         image, weight, valid = empty(torch.float32), empty(torch.float32), empty(torch.bool)
         if cpu:  # finite <=> exponent bits not all ones (much faster than isfinite on float16)
@@ -1124,8 +1247,12 @@ class ShardStream:
             torch.sub(x, self.mean, out=image[a:b]).div_(self.std)
             src = x if self.weight_domain == "db" else image[a:b]
             intensity_weight(src, self.weight_k, out=weight[a:b])
-        out: dict[str, Any] = {"image": image, "weight": weight, "valid": valid,
-                               "key": batch["key"]}  # fmt: skip
+        out: dict[str, Any] = {
+            "image": image,
+            "weight": weight,
+            "valid": valid,
+            "key": batch["key"],
+        }
         if "label" in batch:
             lab = batch["label"].to(device, non_blocking=True)
             label = _empty(tuple(lab.shape), torch.int64, shared) if cpu else None
@@ -1195,9 +1322,14 @@ class ShardStream:
         if nw == 0:
             yield from self._eval_batches(0, 1)
             return
-        dl = DataLoader(_EvalDataset(self), batch_size=None, num_workers=nw,
-                        pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                        multiprocessing_context=self.multiprocessing_context)  # fmt: skip
+        dl = DataLoader(
+            _EvalDataset(self),
+            batch_size=None,
+            num_workers=nw,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            multiprocessing_context=self.multiprocessing_context,
+        )
         it = iter(dl)
         try:
             for batch in it:
@@ -1270,10 +1402,14 @@ class EpochLoader:
         if s.num_workers == 0:
             yield from s.batches(self.epoch, self.start_step)
             return
-        dl = DataLoader(_EpochDataset(s, self.epoch, self.start_step), batch_size=None,
-                        num_workers=s.num_workers, pin_memory=s.pin_memory,
-                        prefetch_factor=s.prefetch_factor,
-                        multiprocessing_context=s.multiprocessing_context)  # fmt: skip
+        dl = DataLoader(
+            _EpochDataset(s, self.epoch, self.start_step),
+            batch_size=None,
+            num_workers=s.num_workers,
+            pin_memory=s.pin_memory,
+            prefetch_factor=s.prefetch_factor,
+            multiprocessing_context=s.multiprocessing_context,
+        )
         base, latest, n = s.stats, {}, 0
         it = iter(dl)
         try:

@@ -128,13 +128,26 @@ METRICS = "metrics.jsonl"
 FIGURE = "reconstruction.png"
 FORMAT = "sarcube-checkpoint/1"
 MODEL_FORMAT = "sarcube-model/1"  # best.pt: weights + config + scores, no optimiser state
-NO_DECAY_SUFFIXES: tuple[str, ...] = ("absolute_pos_embed", "pos_embed", "relative_position_bias_table",
-                                      "mask_token", "cls_token")  # fmt: skip
+NO_DECAY_SUFFIXES: tuple[str, ...] = (
+    "absolute_pos_embed",
+    "pos_embed",
+    "relative_position_bias_table",
+    "mask_token",
+    "cls_token",
+)
 # Keys that may change between a run and its resume (everything else must match the checkpoint).
-RESUME_MAY_CHANGE: tuple[str, ...] = ("train", "data.num_workers", "data.retries", "data.timeout",
-                                      "data.skip_errors", "data.max_bad_shards", "seg.pretrained",
-                                      "seg.test_split",
-                                      "seg.panels", "seg.eval_batch_size")  # fmt: skip
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "train",
+    "data.num_workers",
+    "data.retries",
+    "data.timeout",
+    "data.skip_errors",
+    "data.max_bad_shards",
+    "seg.pretrained",
+    "seg.test_split",
+    "seg.panels",
+    "seg.eval_batch_size",
+)
 # Keys that may change on a resume when named as overrides on its command line (``--resume
 # optim.base_lr=1e-5``): the change is applied to the restored optimiser and schedule and
 # recorded in ``history.jsonl`` and the checkpoint's ``history``.
@@ -177,15 +190,28 @@ class NonFiniteLossError(RuntimeError):
         checkpoint: URL of the last good checkpoint, or ``None`` if none was written.
     """
 
-    def __init__(self, step: int, epoch: int, value: float, what: str, checkpoint: str | None,
-                 base_lr: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        step: int,
+        epoch: int,
+        value: float,
+        what: str,
+        checkpoint: str | None,
+        base_lr: float | None = None,
+    ):
         self.step, self.epoch, self.value, self.checkpoint = step, epoch, value, checkpoint
         lower = f"{base_lr / 10:.3g}" if base_lr else "<lower>"
-        last = (f"the last good checkpoint is {checkpoint}; to continue from it with a lower "
-                f"learning rate, run the same command again with --resume optim.base_lr={lower} "
-                "added" if checkpoint else "no checkpoint was written yet")  # fmt: skip
-        super().__init__(f"non-finite {what} ({value}) at step {step} (epoch {epoch}); training "
-                         f"stopped before applying this update; {last}")  # fmt: skip
+        last = (
+            f"the last good checkpoint is {checkpoint}; to continue from it with a lower "
+            f"learning rate, run the same command again with --resume optim.base_lr={lower} "
+            "added"
+            if checkpoint
+            else "no checkpoint was written yet"
+        )
+        super().__init__(
+            f"non-finite {what} ({value}) at step {step} (epoch {epoch}); training "
+            f"stopped before applying this update; {last}"
+        )
 
 
 @dataclass
@@ -212,8 +238,13 @@ class TrainResult:
 # Learning rate, parameter groups, optimiser
 
 
-def scaled_lr(base_lr: float, batch_size: int, world_size: int = 1, accum_steps: int = 1,
-              lr_batch_base: int = 256) -> float:  # fmt: skip
+def scaled_lr(
+    base_lr: float,
+    batch_size: int,
+    world_size: int = 1,
+    accum_steps: int = 1,
+    lr_batch_base: int = 256,
+) -> float:
     """``base_lr × batch_size × world_size × accum_steps / lr_batch_base`` (linear scaling)."""
     return base_lr * batch_size * world_size * accum_steps / lr_batch_base
 
@@ -243,8 +274,13 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                    peak_lr: float, min_lr: float = 0.0) -> LambdaLR:  # fmt: skip
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    peak_lr: float,
+    min_lr: float = 0.0,
+) -> LambdaLR:
     """Per-step warm-up + cosine ``LambdaLR`` (factor of each group's initial lr)."""
     ratio = min_lr / peak_lr if peak_lr > 0 else 0.0
     return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, ratio))
@@ -255,8 +291,9 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-def param_groups_weight_decay(model: nn.Module, weight_decay: float,
-                              skip: Iterable[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
+def param_groups_weight_decay(
+    model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
+) -> list[dict[str, Any]]:
     """Two AdamW groups: ``decay`` (matrices, kernels) and ``no_decay`` (``ndim <= 1``, names in
     ``model.no_weight_decay()`` or ``skip``, names ending in :data:`NO_DECAY_SUFFIXES`).
 
@@ -264,10 +301,18 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
     parameters are left out; an empty group is dropped.
     """
     skip_names = _no_decay_names(model) | set(skip)
-    decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": weight_decay,
-                             "group_name": "decay"}  # fmt: skip
-    no_decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": 0.0,
-                                "group_name": "no_decay"}  # fmt: skip
+    decay: dict[str, Any] = {
+        "params": [],
+        "param_names": [],
+        "weight_decay": weight_decay,
+        "group_name": "decay",
+    }
+    no_decay: dict[str, Any] = {
+        "params": [],
+        "param_names": [],
+        "weight_decay": 0.0,
+        "group_name": "no_decay",
+    }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -279,8 +324,13 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
     return [g for g in (decay, no_decay) if g["params"]]
 
 
-def build_optimizer(groups: list[dict[str, Any]], lr: float, betas: Sequence[float] = (0.9, 0.999),
-                    eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:  # fmt: skip
+def build_optimizer(
+    groups: list[dict[str, Any]],
+    lr: float,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
     """AdamW over ``groups``; a group's own ``lr`` (layer decay) is kept, others get ``lr``."""
     for g in groups:
         g.setdefault("lr", lr)
@@ -297,8 +347,9 @@ def step_seed(seed: int, step: int, rank: int, tag: int = _TAG_MASK) -> int:
     return (int(words[0]) << 32 | int(words[1])) & ((1 << 63) - 1)
 
 
-def step_generator(seed: int, step: int, rank: int, tag: int = _TAG_MASK,
-                   device: str | torch.device = "cpu") -> torch.Generator:  # fmt: skip
+def step_generator(
+    seed: int, step: int, rank: int, tag: int = _TAG_MASK, device: str | torch.device = "cpu"
+) -> torch.Generator:
     """A fresh ``torch.Generator`` seeded from ``(seed, step, rank, tag)``: the random masks of
     micro-step ``step`` on ``rank``, independent of anything drawn before (exact resume)."""
     return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank, tag))
@@ -348,8 +399,9 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(log_dir / "tb"),
-                                    purge_step=None if resume_step is None else resume_step + 1)  # fmt: skip
+            self.tb = SummaryWriter(
+                str(log_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.path is None:
@@ -389,10 +441,18 @@ class Trainer:
         extra_state: small plain values stored in every checkpoint (e.g. the manifest URL).
     """
 
-    def __init__(self, cfg: Config, model: nn.Module, task: Task, data: DataSource, out: str,
-                 storage_options: Mapping[str, Any] | None = None,
-                 dist_info: tdist.DistInfo | None = None, device: torch.device | None = None,
-                 extra_state: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        task: Task,
+        data: DataSource,
+        out: str,
+        storage_options: Mapping[str, Any] | None = None,
+        dist_info: tdist.DistInfo | None = None,
+        device: torch.device | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self._lock: StoreLock | None = None  # the run folder's lock while fit() runs (rank 0)
         self.task = task
@@ -407,8 +467,10 @@ class Trainer:
         self.device = device or tdist.select_device(self.info, cfg.train.device)
         self.extra_state = dict(extra_state or {})
         if self.world > 1 and not tdist.get_world_size() == self.world:
-            raise RuntimeError(f"world size {self.world} but no matching process group: call "
-                               "training.distributed.init_distributed() first")  # fmt: skip
+            raise RuntimeError(
+                f"world size {self.world} but no matching process group: call "
+                "training.distributed.init_distributed() first"
+            )
 
         t = cfg.train
         cuda = self.device.type == "cuda"
@@ -432,32 +494,45 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.accum = cfg.optim.accum_steps
         self.global_batch = cfg.data.batch_size * self.world * self.accum
-        self.lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, self.world, self.accum,
-                            cfg.optim.lr_batch_base)  # fmt: skip
+        self.lr = scaled_lr(
+            cfg.optim.base_lr, cfg.data.batch_size, self.world, self.accum, cfg.optim.lr_batch_base
+        )
         groups_fn = getattr(task, "param_groups", None)
-        groups = (groups_fn(self.model, cfg.optim.weight_decay, self.lr) if callable(groups_fn)
-                  else param_groups_weight_decay(self.model, cfg.optim.weight_decay))  # fmt: skip
-        self.optimizer = build_optimizer(groups, self.lr, cfg.optim.betas, cfg.optim.eps,
-                                         fused=True if cuda else None)  # fmt: skip
+        groups = (
+            groups_fn(self.model, cfg.optim.weight_decay, self.lr)
+            if callable(groups_fn)
+            else param_groups_weight_decay(self.model, cfg.optim.weight_decay)
+        )
+        self.optimizer = build_optimizer(
+            groups, self.lr, cfg.optim.betas, cfg.optim.eps, fused=True if cuda else None
+        )
         self.steps_per_epoch = int(data.steps_per_epoch) // self.accum
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the data gives {data.steps_per_epoch} batches per epoch, fewer "
-                             f"than optim.accum_steps = {self.accum}")  # fmt: skip
+            raise ValueError(
+                f"the data gives {data.steps_per_epoch} batches per epoch, fewer "
+                f"than optim.accum_steps = {self.accum}"
+            )
         self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
-        self.warmup_steps = min(round(cfg.schedule.warmup_epochs * self.steps_per_epoch),
-                                self.total_steps)  # fmt: skip
-        self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps,
-                                         self.lr, cfg.schedule.min_lr)  # fmt: skip
+        self.warmup_steps = min(
+            round(cfg.schedule.warmup_epochs * self.steps_per_epoch), self.total_steps
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, self.warmup_steps, self.total_steps, self.lr, cfg.schedule.min_lr
+        )
         self.net: nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # Swin's buffers (relative position index, window masks) are constant: no per-forward
             # buffer broadcast (the keyword was renamed in torch 2.12).
-            sync_kw = ("forward_sync_buffers" if "forward_sync_buffers"
-                       in inspect.signature(DDP.__init__).parameters else "broadcast_buffers")  # fmt: skip
-            self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None,
-                           **{sync_kw: False})  # fmt: skip
+            sync_kw = (
+                "forward_sync_buffers"
+                if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                else "broadcast_buffers"
+            )
+            self.net = DDP(
+                self.model, device_ids=[self.device.index] if cuda else None, **{sync_kw: False}
+            )
         if t.compile:
             self.net = torch.compile(self.net)
 
@@ -510,8 +585,12 @@ class Trainer:
             return {}
         bad = int(stats.get("shards_bad", 0)) + int(stats.get("shards_skipped", 0))
         if bad:
-            log.warning("rank %d: the loader skipped %d shard(s) so far: %s", self.rank, bad,
-                        [*stats.get("bad_urls", []), *stats.get("skipped_urls", [])])  # fmt: skip
+            log.warning(
+                "rank %d: the loader skipped %d shard(s) so far: %s",
+                self.rank,
+                bad,
+                [*stats.get("bad_urls", []), *stats.get("skipped_urls", [])],
+            )
         return {"loader": dict(stats)}
 
     def _fetch(self, it: Iterator[dict[str, Any]], epoch: int) -> dict[str, Any]:
@@ -590,15 +669,19 @@ class Trainer:
             lines = "; ".join(
                 f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items())
             )
-            raise ValueError(f"cannot resume from {self.ckpt_url}: the config differs from the "
-                             f"checkpoint's in {lines} (only train.* and data loader settings "
-                             f"may change on a resume, and {' / '.join(RESUME_MAY_OVERRIDE)} "
-                             "when named as overrides, e.g. --resume optim.base_lr=1e-5)")  # fmt: skip
+            raise ValueError(
+                f"cannot resume from {self.ckpt_url}: the config differs from the "
+                f"checkpoint's in {lines} (only train.* and data loader settings "
+                f"may change on a resume, and {' / '.join(RESUME_MAY_OVERRIDE)} "
+                "when named as overrides, e.g. --resume optim.base_lr=1e-5)"
+            )
         self.resume_changes = {k: list(v) for k, v in config_diff(ck["config"], self.cfg).items()}
         if ck["world_size"] != self.world or ck["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(f"cannot resume from {self.ckpt_url} exactly: it was written by "
-                             f"{ck['world_size']} rank(s) with {ck['steps_per_epoch']} steps per "
-                             f"epoch, this run has {self.world} rank(s) with {self.steps_per_epoch}")  # fmt: skip
+            raise ValueError(
+                f"cannot resume from {self.ckpt_url} exactly: it was written by "
+                f"{ck['world_size']} rank(s) with {ck['steps_per_epoch']} steps per "
+                f"epoch, this run has {self.world} rank(s) with {self.steps_per_epoch}"
+            )
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -642,16 +725,21 @@ class Trainer:
             fn.min_ratio = self.cfg.schedule.min_lr / self.lr if self.lr > 0 else 0.0
             changed = True
         if changed:  # the lr of the last update as the new schedule gives it
-            sched._last_lr = [b * lam(sched.last_epoch) for b, lam in
-                              zip(sched.base_lrs, sched.lr_lambdas, strict=True)]  # fmt: skip
+            sched._last_lr = [
+                b * lam(sched.last_epoch)
+                for b, lam in zip(sched.base_lrs, sched.lr_lambdas, strict=True)
+            ]
 
     def _record_history(self, resume: bool, state: Mapping[str, Any]) -> None:
         """Append this start or resume (with the config keys that changed) to the run's history:
         ``history.jsonl`` next to the checkpoints (rank 0; every attempt) and the checkpoint's
         ``history`` (the attempts that led to it)."""
-        event: dict[str, Any] = {"event": "resume" if resume else "start",
-                                 "step": int(state["step"]), "epoch": int(state["epoch"]),
-                                 "time": time.time()}  # fmt: skip
+        event: dict[str, Any] = {
+            "event": "resume" if resume else "start",
+            "step": int(state["step"]),
+            "epoch": int(state["epoch"]),
+            "time": time.time(),
+        }
         if resume:
             event["changes"] = dict(getattr(self, "resume_changes", {}) or {})
         self.history.append(event)  # this checkpoint lineage's
@@ -665,8 +753,9 @@ class Trainer:
 
     # -- one optimiser step -------------------------------------------------------------------
 
-    def train_step(self, it: Iterator[dict[str, Any]], state: Mapping[str, Any]
-                   ) -> tuple[float, float | None, dict[str, Any]]:  # fmt: skip
+    def train_step(
+        self, it: Iterator[dict[str, Any]], state: Mapping[str, Any]
+    ) -> tuple[float, float | None, dict[str, Any]]:
         """Accumulate ``accum_steps`` micro-batches, check, clip and update.
 
         Returns ``(loss averaged over micro-batches and ranks, grad norm or None, last batch)``.
@@ -698,8 +787,9 @@ class Trainer:
         value = float(loss_avg)
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(step + 1, epoch, value, "loss", self.last_checkpoint,
-                                     self.cfg.optim.base_lr)  # fmt: skip
+            raise NonFiniteLossError(
+                step + 1, epoch, value, "loss", self.last_checkpoint, self.cfg.optim.base_lr
+            )
         grad_norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -709,8 +799,14 @@ class Trainer:
             grad_norm = float(gn)
             if not math.isfinite(grad_norm) and self.scaler is None:
                 self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(step + 1, epoch, grad_norm, "gradient norm",
-                                         self.last_checkpoint, self.cfg.optim.base_lr)  # fmt: skip
+                raise NonFiniteLossError(
+                    step + 1,
+                    epoch,
+                    grad_norm,
+                    "gradient norm",
+                    self.last_checkpoint,
+                    self.cfg.optim.base_lr,
+                )
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -730,19 +826,30 @@ class Trainer:
             ck = load_checkpoint(self.ckpt_url, self.so)
             return self._restore(ck, allow_changes)
         if exists(self.ckpt_url, self.so):
-            raise FileExistsError(f"{self.ckpt_url} exists: pass --resume to continue that run, "
-                                  "or choose another output")  # fmt: skip
+            raise FileExistsError(
+                f"{self.ckpt_url} exists: pass --resume to continue that run, "
+                "or choose another output"
+            )
         torch.manual_seed(step_seed(cfg.seed, 0, self.rank, 2))  # per-rank training RNG
         np.random.seed(step_seed(cfg.seed, 0, self.rank, 3) % 2**32)  # noqa: NPY002
         random.seed(step_seed(cfg.seed, 0, self.rank, 4))
-        return {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_steps": 0,
-                "best_value": None, "best_epoch": None}  # fmt: skip
+        return {
+            "step": 0,
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "epoch_loss_sum": 0.0,
+            "epoch_steps": 0,
+            "best_value": None,
+            "best_epoch": None,
+        }
 
     def _checkpoint_due(self, state: Mapping[str, Any], epoch_end: bool, last: bool) -> bool:
         t = self.cfg.train
-        return bool(last
-                    or (t.ckpt_every_steps and state["step"] % t.ckpt_every_steps == 0)
-                    or (epoch_end and state["epoch"] % max(t.ckpt_every_epochs, 1) == 0))  # fmt: skip
+        return bool(
+            last
+            or (t.ckpt_every_steps and state["step"] % t.ckpt_every_steps == 0)
+            or (epoch_end and state["epoch"] % max(t.ckpt_every_epochs, 1) == 0)
+        )
 
     def fit(self, resume: bool = False, allow_changes: Sequence[str] = ()) -> TrainResult:
         """Train to the end of ``schedule.epochs`` (or ``train.max_steps``); see the module doc.
@@ -795,8 +902,13 @@ class Trainer:
         if self.main and t.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=state["step"], desc=cfg.method,
-                       dynamic_ncols=True, leave=False)  # fmt: skip
+            bar = tqdm(
+                total=self.total_steps,
+                initial=state["step"],
+                desc=cfg.method,
+                dynamic_ncols=True,
+                leave=False,
+            )
 
         losses: list[float] = []  # this call's per-step losses
         val_records: list[dict[str, Any]] = []
@@ -824,22 +936,39 @@ class Trainer:
                         epoch_end = state["step_in_epoch"] == self.steps_per_epoch
                         # -- metrics
                         if state["step"] % t.log_every == 0 or epoch_end:
-                            metrics.write({"kind": "step", "step": state["step"], "epoch": epoch,
-                                           "loss": loss, "lr": lr, "grad_norm": gnorm,
-                                           "img_per_s": self.global_batch / dt, "time": time.time()})  # fmt: skip
+                            metrics.write(
+                                {
+                                    "kind": "step",
+                                    "step": state["step"],
+                                    "epoch": epoch,
+                                    "loss": loss,
+                                    "lr": lr,
+                                    "grad_norm": gnorm,
+                                    "img_per_s": self.global_batch / dt,
+                                    "time": time.time(),
+                                }
+                            )
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                         if epoch_end:
                             secs = time.perf_counter() - t_epoch
                             done = self.steps_per_epoch - first
-                            metrics.write({"kind": "epoch", "step": state["step"], "epoch": epoch,
-                                           "loss": state["epoch_loss_sum"] / state["epoch_steps"],
-                                           "img_per_s": self.global_batch * done / secs,
-                                           "seconds": secs, "time": time.time(),
-                                           **self._loader_stats()})  # fmt: skip
-                            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0,
-                                         epoch_steps=0)  # fmt: skip
+                            metrics.write(
+                                {
+                                    "kind": "epoch",
+                                    "step": state["step"],
+                                    "epoch": epoch,
+                                    "loss": state["epoch_loss_sum"] / state["epoch_steps"],
+                                    "img_per_s": self.global_batch * done / secs,
+                                    "seconds": secs,
+                                    "time": time.time(),
+                                    **self._loader_stats(),
+                                }
+                            )
+                            state.update(
+                                epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_steps=0
+                            )
                             val = self._validate(state, epoch, metrics, bar)
                             if val is not None:
                                 val_records.append(val)
@@ -870,21 +999,34 @@ class Trainer:
                 bar.close()
             metrics.close()
 
-        result = TrainResult(step=state["step"], epoch=state["epoch"], steps_taken=len(losses),
-                             finished=not stopped, last_loss=losses[-1] if losses else None,
-                             checkpoint=self.last_checkpoint,
-                             metrics=(self._url(METRICS) if self._tmp_log_dir is not None else
-                                      str(metrics.path) if metrics.path else None), losses=losses,
-                             best_value=state.get("best_value"), best_epoch=state.get("best_epoch"),
-                             val=val_records)  # fmt: skip
+        result = TrainResult(
+            step=state["step"],
+            epoch=state["epoch"],
+            steps_taken=len(losses),
+            finished=not stopped,
+            last_loss=losses[-1] if losses else None,
+            checkpoint=self.last_checkpoint,
+            metrics=(
+                self._url(METRICS)
+                if self._tmp_log_dir is not None
+                else str(metrics.path)
+                if metrics.path
+                else None
+            ),
+            losses=losses,
+            best_value=state.get("best_value"),
+            best_epoch=state.get("best_epoch"),
+            val=val_records,
+        )
         if state.get("best_epoch") is not None:
             result.best = self._url(BEST)
         samples = len(losses) * cfg.data.batch_size * self.accum
         self._finish(result, per_epoch, samples, last_batch)
         return result
 
-    def _validate(self, state: dict[str, Any], epoch: int, metrics: MetricsLog,
-                  bar: Any) -> dict[str, Any] | None:  # fmt: skip
+    def _validate(
+        self, state: dict[str, Any], epoch: int, metrics: MetricsLog, bar: Any
+    ) -> dict[str, Any] | None:
         """The task's validation after ``epoch`` (every rank); writes a ``val`` metrics line and,
         when ``task.best_metric`` improved, ``best.pt``."""
         fn = getattr(self.task, "validate", None)
@@ -914,8 +1056,10 @@ class Trainer:
             def fmt(v: float | None) -> str:
                 return "n/a" if v is None else f"{v:.4f}"
 
-            msg = (f"epoch {epoch}: val {key} {fmt(value)} (best {fmt(state['best_value'])} at "
-                   f"epoch {state['best_epoch']})")  # fmt: skip
+            msg = (
+                f"epoch {epoch}: val {key} {fmt(value)} (best {fmt(state['best_value'])} at "
+                f"epoch {state['best_epoch']})"
+            )
             (bar.write if bar is not None else log.info)(msg)
         return record
 
@@ -924,13 +1068,21 @@ class Trainer:
         epoch and scores; ``torch.load(weights_only=True)`` safe. All ranks wait."""
         url = self._url(name)
         if self.main:
-            save_checkpoint({"format": MODEL_FORMAT,
-                             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                             "config": self.cfg.to_dict(), "extra": self.extra_state,
-                             "step": int(state["step"]), "epoch": int(state["epoch"]),
-                             "scores": {k: v for k, v in scores.items()
-                                        if isinstance(v, (int, float, type(None)))}},
-                            url, self.so)  # fmt: skip
+            save_checkpoint(
+                {
+                    "format": MODEL_FORMAT,
+                    "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                    "config": self.cfg.to_dict(),
+                    "extra": self.extra_state,
+                    "step": int(state["step"]),
+                    "epoch": int(state["epoch"]),
+                    "scores": {
+                        k: v for k, v in scores.items() if isinstance(v, (int, float, type(None)))
+                    },
+                },
+                url,
+                self.so,
+            )
         tdist.barrier()
         return url
 
@@ -939,8 +1091,13 @@ class Trainer:
         base = max(self.scheduler.base_lrs)
         return base * self.scheduler.lr_lambdas[0](step)
 
-    def _finish(self, result: TrainResult, per_epoch: Mapping[str, int], samples: int,
-                last_batch: Mapping[str, Any] | None) -> None:  # fmt: skip
+    def _finish(
+        self,
+        result: TrainResult,
+        per_epoch: Mapping[str, int],
+        samples: int,
+        last_batch: Mapping[str, Any] | None,
+    ) -> None:
         """Encoder export, figure, per-rank summary, TensorBoard upload."""
         t = self.cfg.train
         if self.main:
@@ -950,8 +1107,9 @@ class Trainer:
             )
             if isinstance(encoder, nn.Module):
                 url = self._url(ENCODER)
-                save_checkpoint({k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-                                url, self.so)  # fmt: skip
+                save_checkpoint(
+                    {k: v.detach().cpu() for k, v in encoder.state_dict().items()}, url, self.so
+                )
                 result.encoder = url
             fig_fn = getattr(self.task, "figure", None)
             if t.figure and callable(fig_fn) and last_batch is not None:
@@ -972,11 +1130,23 @@ class Trainer:
                         if f.is_file():
                             fs.pipe_file(f"{root}/{f.relative_to(tb).as_posix()}", f.read_bytes())
         if t.rank_summary:
-            summary = {"rank": self.rank, "world_size": self.world, "host": socket.gethostname(),
-                       "device": str(self.device), "step": result.step, "epoch": result.epoch,
-                       "steps_taken": result.steps_taken, "steps_per_epoch": dict(per_epoch),
-                       "samples": samples, "last_loss": result.last_loss,
-                       "param_sha256": param_checksum(self.model), **self._loader_stats()}  # fmt: skip
-            write_bytes(self._url(f"ranks/rank-{self.rank:05d}.json"),
-                        json.dumps(summary, indent=1).encode(), self.so)  # fmt: skip
+            summary = {
+                "rank": self.rank,
+                "world_size": self.world,
+                "host": socket.gethostname(),
+                "device": str(self.device),
+                "step": result.step,
+                "epoch": result.epoch,
+                "steps_taken": result.steps_taken,
+                "steps_per_epoch": dict(per_epoch),
+                "samples": samples,
+                "last_loss": result.last_loss,
+                "param_sha256": param_checksum(self.model),
+                **self._loader_stats(),
+            }
+            write_bytes(
+                self._url(f"ranks/rank-{self.rank:05d}.json"),
+                json.dumps(summary, indent=1).encode(),
+                self.so,
+            )
         tdist.barrier()

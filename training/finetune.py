@@ -93,18 +93,26 @@ BEST_METRIC = {"lulc": "miou", "water": "iou"}
 # Model and loss
 
 
-def build_segmentation_model(cfg: Config, storage_options: Mapping[str, Any] | None = None
-                             ) -> UPerNetSegmenter:  # fmt: skip
+def build_segmentation_model(
+    cfg: Config, storage_options: Mapping[str, Any] | None = None
+) -> UPerNetSegmenter:
     """The segmenter of ``cfg`` (``model`` + ``seg``), initialised from ``cfg.seed`` (the same
     on every rank), with the encoder weights of ``cfg.seg.pretrained`` when set (a local path or
     fsspec URL of ``encoder.pth`` or a pretraining checkpoint; every encoder tensor is loaded or
     :class:`~training.models.pretrained.EncoderWeightsError` lists what does not fit)."""
     s, m = cfg.seg, cfg.model
     torch.manual_seed(cfg.seed)
-    model = build_segmenter(m.size, num_classes=9 if s.task == "lulc" else 1,
-                            hires_injection=s.hires_injection, refine_up=s.refine_up,
-                            drop_path_rate=m.drop_path_rate, channels=s.channels,
-                            dropout=s.dropout, img_size=m.img_size, window_size=m.window_size)  # fmt: skip
+    model = build_segmenter(
+        m.size,
+        num_classes=9 if s.task == "lulc" else 1,
+        hires_injection=s.hires_injection,
+        refine_up=s.refine_up,
+        drop_path_rate=m.drop_path_rate,
+        channels=s.channels,
+        dropout=s.dropout,
+        img_size=m.img_size,
+        window_size=m.window_size,
+    )
     if s.pretrained:
         url = s.pretrained
         try:
@@ -126,8 +134,10 @@ def class_frequencies(manifest: Mapping[str, Any], split: str = "train") -> list
     try:
         frac = manifest["splits"][split]["classes"]["nine_class_fraction"]
     except KeyError:
-        raise ValueError(f"the manifest has no class frequencies for split {split!r} "
-                         "(splits.<split>.classes.nine_class_fraction)") from None  # fmt: skip
+        raise ValueError(
+            f"the manifest has no class frequencies for split {split!r} "
+            "(splits.<split>.classes.nine_class_fraction)"
+        ) from None
     f = [float(frac.get(name, 0.0)) for name in NINE_CLASS_NAMES]
     if not math.isclose(sum(f), 1.0, abs_tol=1e-4):
         raise ValueError(f"split {split!r} has no labelled pixels (class fractions {f})")
@@ -145,10 +155,20 @@ def build_loss(cfg: Config, class_freqs: Sequence[float] | None = None) -> nn.Mo
     if s.alpha_scaled:
         if class_freqs is None:
             raise ValueError("the α-scaled focal + dice loss needs the train class frequencies")
-        return FocalDiceLoss(class_freqs=class_freqs, lambda_focal=s.lambda_focal,
-                             lambda_dice=s.lambda_dice, gamma=s.gamma, alpha_scale=s.alpha_scale)  # fmt: skip
-    return FocalDiceLoss(alpha=[1.0] * 9, lambda_focal=s.lambda_focal, lambda_dice=s.lambda_dice,
-                         gamma=s.gamma, alpha_scale=1.0)  # fmt: skip
+        return FocalDiceLoss(
+            class_freqs=class_freqs,
+            lambda_focal=s.lambda_focal,
+            lambda_dice=s.lambda_dice,
+            gamma=s.gamma,
+            alpha_scale=s.alpha_scale,
+        )
+    return FocalDiceLoss(
+        alpha=[1.0] * 9,
+        lambda_focal=s.lambda_focal,
+        lambda_dice=s.lambda_dice,
+        gamma=s.gamma,
+        alpha_scale=1.0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +193,15 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, stream: Any, task: str, device: torch.device | str = "cpu",
-                   threshold: float = 0.5, panels: int = 0,
-                   amp_dtype: torch.dtype | None = None) -> EvalResult:  # fmt: skip
+def evaluate_model(
+    model: nn.Module,
+    stream: Any,
+    task: str,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    panels: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> EvalResult:
     """Confusion matrix of ``model`` over this rank's share of ``stream``'s split
     (``stream.eval_batches()``: every sample once over all ranks), summed across ranks.
 
@@ -192,8 +218,11 @@ def evaluate_model(model: nn.Module, stream: Any, task: str, device: torch.devic
     try:
         for raw in stream.eval_batches():
             batch = stream.finish(raw, device)
-            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                   else torch.autocast(device.type, enabled=False))  # fmt: skip
+            ctx = (
+                torch.autocast(device.type, dtype=amp_dtype)
+                if amp_dtype is not None
+                else torch.autocast(device.type, enabled=False)
+            )
             with ctx:
                 logits = model(batch["image"])
             pred = predict_classes(logits.float(), task, threshold)
@@ -204,9 +233,14 @@ def evaluate_model(model: nn.Module, stream: Any, task: str, device: torch.devic
                     break
                 db = batch["image"][i, 0].float() * stream.std + stream.mean
                 db = torch.where(batch["valid"][i, 0], db, torch.nan)
-                kept.append({"key": batch["key"][i], "sar_db": db.cpu().numpy(),
-                             "pred": pred[i].cpu().numpy().astype(np.int64),
-                             "truth": batch["label"][i].cpu().numpy().astype(np.int64)})  # fmt: skip
+                kept.append(
+                    {
+                        "key": batch["key"][i],
+                        "sar_db": db.cpu().numpy(),
+                        "pred": pred[i].cpu().numpy().astype(np.int64),
+                        "truth": batch["label"][i].cpu().numpy().astype(np.int64),
+                    }
+                )
     finally:
         model.train(was)
     cm.all_reduce()
@@ -225,8 +259,11 @@ def evaluate_model(model: nn.Module, stream: Any, task: str, device: torch.devic
 
 
 def _scalar_scores(task: str, scores: Mapping[str, Any]) -> dict[str, float]:
-    keys = ("iou", "precision", "recall", "f1", "accuracy") if task == "water" else (
-        "miou", "macc", "pixel_acc")  # fmt: skip
+    keys = (
+        ("iou", "precision", "recall", "f1", "accuracy")
+        if task == "water"
+        else ("miou", "macc", "pixel_acc")
+    )
     return {k: float(scores[k]) for k in keys}
 
 
@@ -237,8 +274,9 @@ def _scalar_scores(task: str, scores: Mapping[str, Any]) -> dict[str, float]:
 class SegmentationTask:
     """Loss, layer-decay groups and per-epoch validation of the segmenter (engine hooks)."""
 
-    def __init__(self, cfg: Config, model: UPerNetSegmenter, loss_fn: nn.Module,
-                 val_stream: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: Config, model: UPerNetSegmenter, loss_fn: nn.Module, val_stream: Any = None
+    ) -> None:
         self.cfg, self.raw, self.val_stream = cfg, model, val_stream
         self.loss_fn = loss_fn
         self.task = cfg.seg.task
@@ -256,8 +294,13 @@ class SegmentationTask:
         self, model: nn.Module, weight_decay: float, lr: float
     ) -> list[dict[str, Any]]:
         names = {n.rsplit(".", 1)[-1] for n in self.raw.no_weight_decay()}
-        return param_groups_layer_decay(model, lr, weight_decay, self.cfg.optim.layer_decay,
-                                        no_weight_decay_names=names | _NO_WD)  # fmt: skip
+        return param_groups_layer_decay(
+            model,
+            lr,
+            weight_decay,
+            self.cfg.optim.layer_decay,
+            no_weight_decay_names=names | _NO_WD,
+        )
 
     def validate(self, model: nn.Module, *, epoch: int, device: torch.device) -> dict[str, float]:
         if self.val_stream is None:
@@ -283,19 +326,42 @@ class FinetuneResult:
     report: dict[str, Any] | None  # paths of the test report (rank 0)
 
 
-def _stream(cfg: Config, manifest: str, split: str, so: Mapping[str, Any] | None, rank: int,
-            world: int, *, train: bool, pin_memory: bool = False):  # fmt: skip
+def _stream(
+    cfg: Config,
+    manifest: str,
+    split: str,
+    so: Mapping[str, Any] | None,
+    rank: int,
+    world: int,
+    *,
+    train: bool,
+    pin_memory: bool = False,
+):
     from .data import ShardStream
 
     d = cfg.data
     bs = d.batch_size if train else (cfg.seg.eval_batch_size or d.batch_size)
-    return ShardStream(manifest, split, batch_size=bs, rank=rank, world_size=world,
-                       num_workers=d.num_workers, seed=cfg.seed, task=cfg.seg.task,
-                       augment=d.augment and train, shuffle_buffer=d.shuffle_buffer,
-                       storage_options=so, skip_errors=d.skip_errors,
-                       max_bad_shards=d.max_bad_shards, retries=d.retries,
-                       timeout=d.timeout, pin_memory=pin_memory, stats_split="train",
-                       prepare=d.prepare, evaluation=not train)  # fmt: skip
+    return ShardStream(
+        manifest,
+        split,
+        batch_size=bs,
+        rank=rank,
+        world_size=world,
+        num_workers=d.num_workers,
+        seed=cfg.seed,
+        task=cfg.seg.task,
+        augment=d.augment and train,
+        shuffle_buffer=d.shuffle_buffer,
+        storage_options=so,
+        skip_errors=d.skip_errors,
+        max_bad_shards=d.max_bad_shards,
+        retries=d.retries,
+        timeout=d.timeout,
+        pin_memory=pin_memory,
+        stats_split="train",
+        prepare=d.prepare,
+        evaluation=not train,
+    )
 
 
 def _upload_dir(local: Path, url: str, so: Mapping[str, Any] | None) -> None:
@@ -304,8 +370,14 @@ def _upload_dir(local: Path, url: str, so: Mapping[str, Any] | None) -> None:
             write_bytes(join_url(url, f.name), f.read_bytes(), so)
 
 
-def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any] | None = None,
-        resume: bool = False, allow_changes: Sequence[str] = ()) -> FinetuneResult:  # fmt: skip
+def run(
+    cfg: Config,
+    manifest: str,
+    out: str,
+    storage_options: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    allow_changes: Sequence[str] = (),
+) -> FinetuneResult:
     """Fine-tune under ``cfg`` on ``manifest``'s train split, validate each epoch, test the best
     weights; writes to ``out`` (see the module docstring). Joins the process group under
     torchrun / mpirun and leaves it at the end."""
@@ -322,28 +394,49 @@ def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any]
         man = read_manifest(manifest, so)
         splits = man["splits"]
         freqs = class_frequencies(man, "train") if cfg.seg.task == "lulc" else None
-        data = _stream(cfg, manifest, "train", so, info.rank, info.world_size, train=True,
-                       pin_memory=device.type == "cuda")  # fmt: skip
+        data = _stream(
+            cfg,
+            manifest,
+            "train",
+            so,
+            info.rank,
+            info.world_size,
+            train=True,
+            pin_memory=device.type == "cuda",
+        )
         val = None
         if cfg.seg.val_split and cfg.seg.val_split in splits:
             val = _stream(
                 cfg, manifest, cfg.seg.val_split, so, info.rank, info.world_size, train=False
             )
         elif cfg.seg.val_split:
-            log.warning("no %r split in %s: no validation, best.pt not written",
-                        cfg.seg.val_split, manifest)  # fmt: skip
+            log.warning(
+                "no %r split in %s: no validation, best.pt not written", cfg.seg.val_split, manifest
+            )
         model = build_segmentation_model(cfg, so)
         task = SegmentationTask(cfg, model, build_loss(cfg, freqs), val)
-        extra = {"manifest": str(manifest), "task": cfg.seg.task,
-                 "num_classes": len(TASK_CLASSES[cfg.seg.task]),
-                 "classes": list(TASK_CLASSES[cfg.seg.task]),
-                 "pretrained": cfg.seg.pretrained, "db_stats": [data.mean, data.std]}  # fmt: skip
+        extra = {
+            "manifest": str(manifest),
+            "task": cfg.seg.task,
+            "num_classes": len(TASK_CLASSES[cfg.seg.task]),
+            "classes": list(TASK_CLASSES[cfg.seg.task]),
+            "pretrained": cfg.seg.pretrained,
+            "db_stats": [data.mean, data.std],
+        }
         trainer = Trainer(cfg, model, task, data, out, so, info, device, extra_state=extra)
         if trainer.main:
-            log.info("finetune %s: %s encoder (%s), %d rank(s), %d steps/epoch, global batch %d, "
-                     "peak lr %.3g, layer decay %.2f", cfg.seg.task, cfg.model.size,
-                     cfg.seg.pretrained or "random init", info.world_size, trainer.steps_per_epoch,
-                     trainer.global_batch, trainer.lr, cfg.optim.layer_decay)  # fmt: skip
+            log.info(
+                "finetune %s: %s encoder (%s), %d rank(s), %d steps/epoch, global batch %d, "
+                "peak lr %.3g, layer decay %.2f",
+                cfg.seg.task,
+                cfg.model.size,
+                cfg.seg.pretrained or "random init",
+                info.world_size,
+                trainer.steps_per_epoch,
+                trainer.global_batch,
+                trainer.lr,
+                cfg.optim.layer_decay,
+            )
         res = trainer.fit(resume=resume, allow_changes=allow_changes)
 
         test = report = None
@@ -352,24 +445,46 @@ def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any]
             if res.best is not None:  # the best validated weights
                 model.load_state_dict(load_model_checkpoint(res.best, so)["model"])
             stream = _stream(cfg, manifest, test_split, so, info.rank, info.world_size, train=False)
-            test = evaluate_model(model, stream, cfg.seg.task, device, cfg.seg.threshold,
-                                  panels=cfg.seg.panels if trainer.main else 0,
-                                  amp_dtype=trainer.amp_dtype)  # fmt: skip
+            test = evaluate_model(
+                model,
+                stream,
+                cfg.seg.task,
+                device,
+                cfg.seg.threshold,
+                panels=cfg.seg.panels if trainer.main else 0,
+                amp_dtype=trainer.amp_dtype,
+            )
             if trainer.main:
                 weights = res.best or res.checkpoint
-                report = _write_report(test, cfg, join_url(out, test_split), so, test_split,
-                                       extra={"checkpoint": weights, "manifest": str(manifest),
-                                              "best_epoch": res.best_epoch,
-                                              "best_val": res.best_value})  # fmt: skip
+                report = _write_report(
+                    test,
+                    cfg,
+                    join_url(out, test_split),
+                    so,
+                    test_split,
+                    extra={
+                        "checkpoint": weights,
+                        "manifest": str(manifest),
+                        "best_epoch": res.best_epoch,
+                        "best_val": res.best_value,
+                    },
+                )
         return FinetuneResult(train=res, test=test, report=report)
     finally:
         if started:
             tdist.cleanup()
 
 
-def _write_report(res: EvalResult, cfg: Config, target: str, so: Mapping[str, Any] | None,
-                  split: str, extra: Mapping[str, Any], method: str | None = None,
-                  note: str | None = None) -> dict[str, Any]:  # fmt: skip
+def _write_report(
+    res: EvalResult,
+    cfg: Config,
+    target: str,
+    so: Mapping[str, Any] | None,
+    split: str,
+    extra: Mapping[str, Any],
+    method: str | None = None,
+    note: str | None = None,
+) -> dict[str, Any]:
     """The report of ``res`` at ``target`` (a local directory, or a URL: written to a temporary
     directory and uploaded)."""
     from .reports import write_evaluation_report
@@ -377,33 +492,55 @@ def _write_report(res: EvalResult, cfg: Config, target: str, so: Mapping[str, An
     remote = is_remote(target)
     local = Path(tempfile.mkdtemp(prefix="sarcube-report-")) if remote else Path(target)
     method = method or ("pretrained" if cfg.seg.pretrained else "no pretraining")
-    report = write_evaluation_report(local, res.cm, task=cfg.seg.task, split=split, method=method,
-                                     panels=res.panels, synthetic_note=note,
-                                     extra={**extra, "samples": res.samples})  # fmt: skip
+    report = write_evaluation_report(
+        local,
+        res.cm,
+        task=cfg.seg.task,
+        split=split,
+        method=method,
+        panels=res.panels,
+        synthetic_note=note,
+        extra={**extra, "samples": res.samples},
+    )
     if remote:
         _upload_dir(local, target, so)
     return report
 
 
-def load_model_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None
-                          ) -> dict[str, Any]:  # fmt: skip
+def load_model_checkpoint(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """``best.pt`` or ``checkpoint.pt`` of a fine-tuning run (``weights_only=True``), checked:
     a mapping with ``model`` weights and the run's ``config`` (method ``finetune``)."""
     ck = load_checkpoint(url, storage_options)
     if not isinstance(ck, Mapping) or "model" not in ck or "config" not in ck:
-        raise ValueError(f"{url}: not a sarcube fine-tuning checkpoint (expected the keys "
-                         f"'model' and 'config', got {sorted(ck)[:8] if isinstance(ck, Mapping) else type(ck).__name__})")  # fmt: skip
+        raise ValueError(
+            f"{url}: not a sarcube fine-tuning checkpoint (expected the keys "
+            f"'model' and 'config', got {sorted(ck)[:8] if isinstance(ck, Mapping) else type(ck).__name__})"
+        )
     method = (ck["config"] or {}).get("method")
     if method != "finetune":
-        raise ValueError(f"{url}: a {method!r} checkpoint, not a fine-tuned segmenter (evaluate "
-                         "the best.pt / checkpoint.pt of `sarcube finetune`)")  # fmt: skip
+        raise ValueError(
+            f"{url}: a {method!r} checkpoint, not a fine-tuned segmenter (evaluate "
+            "the best.pt / checkpoint.pt of `sarcube finetune`)"
+        )
     return dict(ck)
 
 
-def evaluate(checkpoint: str, manifest: str, split: str, out: str,
-             storage_options: Mapping[str, Any] | None = None, *, batch_size: int | None = None,
-             device: str = "auto", num_workers: int = 0, panels: int = 4,
-             method: str | None = None, note: str | None = None) -> tuple[EvalResult, dict[str, Any]]:  # fmt: skip
+def evaluate(
+    checkpoint: str,
+    manifest: str,
+    split: str,
+    out: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    batch_size: int | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+    panels: int = 4,
+    method: str | None = None,
+    note: str | None = None,
+) -> tuple[EvalResult, dict[str, Any]]:
     """Evaluate a fine-tuning checkpoint on one split of ``manifest`` and write the report to
     ``out`` (local directory or URL): ``report.json``, ``report.md`` (Table II layout),
     ``confusion_matrix.png``, ``per_class.png``, ``panels.png``. One process (or every rank of
@@ -433,20 +570,34 @@ def evaluate(checkpoint: str, manifest: str, split: str, out: str,
         ) from None
     model.to(dev)
     stream = _stream(cfg, manifest, split, so, info.rank, info.world_size, train=False)
-    res = evaluate_model(model, stream, cfg.seg.task, dev, cfg.seg.threshold,
-                         panels=panels if info.rank == 0 else 0)  # fmt: skip
+    res = evaluate_model(
+        model, stream, cfg.seg.task, dev, cfg.seg.threshold, panels=panels if info.rank == 0 else 0
+    )
     listed = int(man["splits"][split].get("samples", stream.total_samples))
     if res.samples != listed:  # the loader verifies every shard; this is the last guard
         from sarcube.shards import ShardError
 
-        raise ShardError(f"evaluated {res.samples} samples of split {split!r} but the manifest "
-                         f"lists {listed} ({manifest})")  # fmt: skip
+        raise ShardError(
+            f"evaluated {res.samples} samples of split {split!r} but the manifest "
+            f"lists {listed} ({manifest})"
+        )
     report: dict[str, Any] = {}
     if info.rank == 0:
-        report = _write_report(res, cfg, out, so, split,
-                               extra={"checkpoint": checkpoint, "manifest": str(manifest),
-                                      "epoch": ck.get("epoch"), "step": ck.get("step")},
-                               method=method, note=note)  # fmt: skip
+        report = _write_report(
+            res,
+            cfg,
+            out,
+            so,
+            split,
+            extra={
+                "checkpoint": checkpoint,
+                "manifest": str(manifest),
+                "epoch": ck.get("epoch"),
+                "step": ck.get("step"),
+            },
+            method=method,
+            note=note,
+        )
     return res, report
 
 
@@ -472,8 +623,7 @@ def check_args(args: argparse.Namespace) -> Config:
     return check_finetune_args(args)
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None,
-         verbose: bool = False) -> int:  # fmt: skip
+def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bool = False) -> int:
     """Command-line entry point; 0 ok, 2 bad input, 3 non-finite loss. ``prog`` names the
     command in error lines (``sarcube finetune``); ``verbose``: tracebacks too."""
     from sarcube.storage import storage_error_message
@@ -500,8 +650,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None,
             resume=args.resume,
             allow_changes=named_overrides(args.overrides),
         )
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, EncoderWeightsError,
-            SarcubeError) as e:  # fmt: skip
+    except (
+        ConfigError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+        EncoderWeightsError,
+        SarcubeError,
+    ) as e:
         report_error(prefix, e, verbose)
         return 2
     except NonFiniteLossError as e:
@@ -520,11 +676,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None,
             if t.best is None
             else f"; best val {BEST_METRIC[cfg.seg.task]} {t.best_value:.4f} (epoch {t.best_epoch}) in {t.best}"
         )
-        print(f"{prefix}: {cfg.seg.task}, {t.step} steps ({t.epoch} epochs){best}")  # fmt: skip
+        print(f"{prefix}: {cfg.seg.task}, {t.step} steps ({t.epoch} epochs){best}")
         if res.report is not None:  # the tables; the confusion matrix stays in the file
             md = Path(res.report["markdown"]).read_text().split("## Confusion matrix")[0]
-            where = (join_url(args.out, cfg.seg.test_split) if is_remote(args.out)
-                     else Path(res.report["markdown"]).parent)  # fmt: skip
+            where = (
+                join_url(args.out, cfg.seg.test_split)
+                if is_remote(args.out)
+                else Path(res.report["markdown"]).parent
+            )
             print(md.rstrip() + f"\n\n(full report: {where})")
     return 0
 
@@ -538,9 +697,18 @@ def run_evaluate_args(args: argparse.Namespace) -> int:
     )
     try:
         so = parse_storage_options(args.storage_option)
-        res, report = evaluate(args.checkpoint, args.manifest, args.split, args.out, so,
-                               batch_size=args.batch_size, device=args.device,
-                               num_workers=args.num_workers, panels=args.panels, method=args.method)  # fmt: skip
+        res, report = evaluate(
+            args.checkpoint,
+            args.manifest,
+            args.split,
+            args.out,
+            so,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.num_workers,
+            panels=args.panels,
+            method=args.method,
+        )
     except (ConfigError, FileNotFoundError, ValueError, SarcubeError) as e:
         if getattr(args, "verbose", False):
             import traceback

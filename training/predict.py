@@ -133,8 +133,10 @@ class Predictor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = self.model(x).float()
         if logits.shape[1] != self.channels:
-            raise PredictError(f"{self.checkpoint}: the model gives {logits.shape[1]} channels, "
-                               f"task {self.task!r} needs {self.channels}")  # fmt: skip
+            raise PredictError(
+                f"{self.checkpoint}: the model gives {logits.shape[1]} channels, "
+                f"task {self.task!r} needs {self.channels}"
+            )
         p = torch.softmax(logits, 1) if self.task == "lulc" else torch.sigmoid(logits)
         return p.cpu()
 
@@ -149,8 +151,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_predictor(checkpoint: str, storage_options: Mapping[str, Any] | None = None,
-                   task: str | None = None, device: str = "cpu") -> Predictor:  # fmt: skip
+def load_predictor(
+    checkpoint: str,
+    storage_options: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    device: str = "cpu",
+) -> Predictor:
     """The segmenter of a fine-tuning checkpoint (``best.pt`` / ``checkpoint.pt``), checked
     against ``task`` (its class count included); ``PredictError`` otherwise."""
     from .checkpoint import read_bytes
@@ -167,26 +173,42 @@ def load_predictor(checkpoint: str, storage_options: Mapping[str, Any] | None = 
     ck_task = cfg.seg.task
     n_ck = int(extra.get("num_classes", 9 if ck_task == "lulc" else 2))
     if task is not None and task != ck_task:
-        raise PredictError(f"{checkpoint}: a {ck_task!r} checkpoint ({n_ck} classes), but "
-                           f"--task {task} was asked for")  # fmt: skip
+        raise PredictError(
+            f"{checkpoint}: a {ck_task!r} checkpoint ({n_ck} classes), but "
+            f"--task {task} was asked for"
+        )
     want = len(TASK_CLASSES[ck_task])
     if n_ck != want:
-        raise PredictError(f"{checkpoint}: made for {n_ck} classes; task {ck_task!r} maps "
-                           f"{want} ({', '.join(TASK_CLASSES[ck_task])})")  # fmt: skip
+        raise PredictError(
+            f"{checkpoint}: made for {n_ck} classes; task {ck_task!r} maps "
+            f"{want} ({', '.join(TASK_CLASSES[ck_task])})"
+        )
     stats = extra.get("db_stats")
     if not stats or len(stats) != 2:
-        raise PredictError(f"{checkpoint}: no 'db_stats' (the training dB mean/std) in its extra "
-                           "state; re-export it with `sarcube finetune`")  # fmt: skip
+        raise PredictError(
+            f"{checkpoint}: no 'db_stats' (the training dB mean/std) in its extra "
+            "state; re-export it with `sarcube finetune`"
+        )
     model = build_segmentation_model(cfg)
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
-        raise PredictError(f"{checkpoint}: the weights do not fit the model of its config "
-                           f"({str(e).splitlines()[0]})") from None  # fmt: skip
+        raise PredictError(
+            f"{checkpoint}: the weights do not fit the model of its config "
+            f"({str(e).splitlines()[0]})"
+        ) from None
     model.eval().to(device)
     sha = _sha256(read_bytes(checkpoint, storage_options))
-    return Predictor(model, ck_task, float(stats[0]), float(stats[1]), cfg.seg.threshold,
-                     str(checkpoint), sha, str(device))  # fmt: skip
+    return Predictor(
+        model,
+        ck_task,
+        float(stats[0]),
+        float(stats[1]),
+        cfg.seg.threshold,
+        str(checkpoint),
+        sha,
+        str(device),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +240,15 @@ def _read_window(arr, t: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
     return out
 
 
-def predict_array(predictor: Predictor, db: np.ndarray, origin: tuple[int, int],
-                  block: tuple[int, int, int, int], stride: int, batch_size: int = 16,
-                  window: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def predict_array(
+    predictor: Predictor,
+    db: np.ndarray,
+    origin: tuple[int, int],
+    block: tuple[int, int, int, int],
+    stride: int,
+    batch_size: int = 16,
+    window: int = WINDOW,
+) -> tuple[np.ndarray, np.ndarray]:
     """Blend the lattice windows over ``block`` = (r0, r1, c0, c1).
 
     Args:
@@ -329,8 +357,13 @@ def run_block(spec: Predictor | tuple[str, Mapping[str, Any], str], job: _Job) -
             dst[job.prob_layer][job.t, :, r0:r1, c0:c1] = q
         else:
             dst[job.prob_layer][job.t, r0:r1, c0:c1] = q[0]
-    info: dict[str, Any] = {"block": list(job.block), "t": job.t, "sha256": pr.sha256,
-                            "slice": job.slice_id, "valid_pixels": int(valid.sum())}  # fmt: skip
+    info: dict[str, Any] = {
+        "block": list(job.block),
+        "t": job.t,
+        "sha256": pr.sha256,
+        "slice": job.slice_id,
+        "valid_pixels": int(valid.sum()),
+    }
     if job.labels:
         lut = nine_class_lut() if pr.task == "lulc" else water_lut()
         truth = lut[np.asarray(src["lulc"][r0:r1, c0:c1])]
@@ -403,8 +436,10 @@ def _select_dates(root, time: str | Sequence[str] | None) -> list[tuple[str, int
                 ) from None
             got = [x for x in done if x[0] == want.isoformat()]
         if not got:
-            raise PredictError(f"--time {s}: no data for that date in the cube (dates: "
-                               f"{', '.join(d for d, _ in done)})")  # fmt: skip
+            raise PredictError(
+                f"--time {s}: no data for that date in the cube (dates: "
+                f"{', '.join(d for d, _ in done)})"
+            )
         out += got
     return sorted(set(out))
 
@@ -422,11 +457,17 @@ def _region(grid: CubeGrid, bbox: Sequence[float] | None) -> tuple[int, int, int
     c1 = math.ceil((e + 180.0) * cpd - 1e-7) - grid.col0
     r0, r1, c0, c1 = max(r0, 0), min(r1, grid.height), max(c0, 0), min(c1, grid.width)
     if r0 >= r1 or c0 >= c1:
-        raise PredictError(f"--bbox {w} {s} {e} {n} does not overlap the cube "
-                           f"(cube bounds W S E N: {' '.join(f'{v:.4f}' for v in grid.bounds)})")  # fmt: skip
+        raise PredictError(
+            f"--bbox {w} {s} {e} {n} does not overlap the cube "
+            f"(cube bounds W S E N: {' '.join(f'{v:.4f}' for v in grid.bounds)})"
+        )
     ch = grid.chunk
-    return (r0 // ch * ch, min(-(-r1 // ch) * ch, grid.height),
-            c0 // ch * ch, min(-(-c1 // ch) * ch, grid.width))  # fmt: skip
+    return (
+        r0 // ch * ch,
+        min(-(-r1 // ch) * ch, grid.height),
+        c0 // ch * ch,
+        min(-(-c1 // ch) * ch, grid.width),
+    )
 
 
 def _layer_attrs(pr: Predictor, overlap: int, stride: int) -> dict[str, Any]:
@@ -446,12 +487,20 @@ def _layer_attrs(pr: Predictor, overlap: int, stride: int) -> dict[str, Any]:
         "sarcube_version": __version__,
         "coordinates": "spatial_ref",
         "grid_mapping": "spatial_ref",
-    }  # fmt: skip
+    }
 
 
-def _prepare_output(cube: str, out: str, so: Mapping[str, Any], grid: CubeGrid, pr: Predictor,
-                    dates: Sequence[tuple[str, int]], overlap: int, stride: int,
-                    probabilities: bool) -> tuple[str, str | None]:  # fmt: skip
+def _prepare_output(
+    cube: str,
+    out: str,
+    so: Mapping[str, Any],
+    grid: CubeGrid,
+    pr: Predictor,
+    dates: Sequence[tuple[str, int]],
+    overlap: int,
+    stride: int,
+    probabilities: bool,
+) -> tuple[str, str | None]:
     """Create (or check) the output layer(s); returns (layer, prob layer)."""
     import zarr
 
@@ -470,26 +519,46 @@ def _prepare_output(cube: str, out: str, so: Mapping[str, Any], grid: CubeGrid, 
         except Exception:
             fs, path = url_to_fs(out, so)
             if fs.exists(join_url(path, "zarr.json")):
-                raise PredictError(f"--out {out}: a Zarr store that is neither this cube nor a "
-                                   "sarcube predictions store; choose another path") from None  # fmt: skip
+                raise PredictError(
+                    f"--out {out}: a Zarr store that is neither this cube nor a "
+                    "sarcube predictions store; choose another path"
+                ) from None
             # "a", not "w-": the folder may already hold this run's lock object
             root = zarr.open_group(zarr_store(out, so), mode="a", zarr_format=3)
             for name in ("y", "x", "spatial_ref"):
                 a = src[name]
-                dst = root.create_array(name, shape=a.shape, chunks=a.chunks,
-                                        dtype=a.dtype, fill_value=a.fill_value,
-                                        dimension_names=a.metadata.dimension_names)  # fmt: skip
+                dst = root.create_array(
+                    name,
+                    shape=a.shape,
+                    chunks=a.chunks,
+                    dtype=a.dtype,
+                    fill_value=a.fill_value,
+                    dimension_names=a.metadata.dimension_names,
+                )
                 dst[...] = a[...]
                 dst.attrs.update(dict(a.attrs))
-            root.attrs.update({"format": PREDICTIONS_FORMAT, "sarcube_version": __version__,
-                               "grid": grid.to_attrs(), "crs": "EPSG:4326", "slices": {},
-                               "source_cube": cube if is_remote(cube) else os.path.abspath(cube)})  # fmt: skip
+            root.attrs.update(
+                {
+                    "format": PREDICTIONS_FORMAT,
+                    "sarcube_version": __version__,
+                    "grid": grid.to_attrs(),
+                    "crs": "EPSG:4326",
+                    "slices": {},
+                    "source_cube": cube if is_remote(cube) else os.path.abspath(cube),
+                }
+            )
         if root.attrs.get("grid") != grid.to_attrs():
             raise PredictError(f"--out {out}: a predictions store of another grid than {cube}")
         # time axis: the cube's raw axis (same indices), its predicted dates listed as slices
         if "time" not in root:
-            tarr = root.create_array("time", shape=(0,), chunks=(1024,), dtype="int64", fill_value=0,
-                                     dimension_names=("time",))  # fmt: skip
+            tarr = root.create_array(
+                "time",
+                shape=(0,),
+                chunks=(1024,),
+                dtype="int64",
+                fill_value=0,
+                dimension_names=("time",),
+            )
             tarr.attrs.update(dict(src["time"].attrs))
         if root["time"].shape[0] < t_len:
             root["time"].resize((t_len,))
@@ -504,8 +573,14 @@ def _prepare_output(cube: str, out: str, so: Mapping[str, Any], grid: CubeGrid, 
     specs = [(layer, (t_len, h, w), (1, grid.chunk, grid.chunk), ("time", "y", "x"))]
     if prob_layer:
         if pr.task == "lulc":
-            specs.append((prob_layer, (t_len, 9, h, w), (1, 1, grid.chunk, grid.chunk),
-                          ("time", "class", "y", "x")))  # fmt: skip
+            specs.append(
+                (
+                    prob_layer,
+                    (t_len, 9, h, w),
+                    (1, 1, grid.chunk, grid.chunk),
+                    ("time", "class", "y", "x"),
+                )
+            )
         else:
             specs.append(
                 (prob_layer, (t_len, h, w), (1, grid.chunk, grid.chunk), ("time", "y", "x"))
@@ -518,17 +593,30 @@ def _prepare_output(cube: str, out: str, so: Mapping[str, Any], grid: CubeGrid, 
             if a.attrs.get("checkpoint_sha256") != pr.sha256:
                 a.attrs.update(attrs)  # another model: its blocks are redone (markers differ)
             continue
-        a = root.create_array(name, shape=shape, chunks=chunks, dtype="uint8", fill_value=NODATA,
-                              dimension_names=dims, config={"write_empty_chunks": False})  # fmt: skip
-        a.attrs.update(attrs if name == layer else {**attrs, "long_name": f"probability × 254 ({pr.task})",
-                                                    "scale_factor": 1 / 254})  # fmt: skip
+        a = root.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype="uint8",
+            fill_value=NODATA,
+            dimension_names=dims,
+            config={"write_empty_chunks": False},
+        )
+        a.attrs.update(
+            attrs
+            if name == layer
+            else {**attrs, "long_name": f"probability × 254 ({pr.task})", "scale_factor": 1 / 254}
+        )
     return layer, prob_layer
 
 
 def _blocks(region: tuple[int, int, int, int], block: int) -> list[tuple[int, int, int, int]]:
     r0, r1, c0, c1 = region
-    return [(r, min(r + block, r1), c, min(c + block, c1))
-            for r in range(r0, r1, block) for c in range(c0, c1, block)]  # fmt: skip
+    return [
+        (r, min(r + block, r1), c, min(c + block, c1))
+        for r in range(r0, r1, block)
+        for c in range(c0, c1, block)
+    ]
 
 
 def _read_marker(url: str, so: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -622,8 +710,9 @@ def predict(
         jobs, done = [], {}
         for d, t in dates:
             for b in blocks:
-                marker = join_url(out.rstrip("/") + ".predict", layer,
-                                  f"t{t:04d}-r{b[0]:07d}-c{b[2]:07d}.json")  # fmt: skip
+                marker = join_url(
+                    out.rstrip("/") + ".predict", layer, f"t{t:04d}-r{b[0]:07d}-c{b[2]:07d}.json"
+                )
                 m = _read_marker(marker, so)
                 if (
                     m is not None
@@ -633,15 +722,39 @@ def predict(
                 ):
                     done[marker] = m
                     continue
-                jobs.append(_Job(cube, out, so, layer, prob_layer, t, b, stride, batch_size,
-                                 labels, marker, slice_ids[d]))  # fmt: skip
+                jobs.append(
+                    _Job(
+                        cube,
+                        out,
+                        so,
+                        layer,
+                        prob_layer,
+                        t,
+                        b,
+                        stride,
+                        batch_size,
+                        labels,
+                        marker,
+                        slice_ids[d],
+                    )
+                )
         t0 = _time.perf_counter()
         results = _run(pr, spec, jobs, device, workers, client, scheduler, progress)
         seconds = _time.perf_counter() - t0
     results.update(done)
     mpx = sum((j.block[1] - j.block[0]) * (j.block[3] - j.block[2]) for j in jobs) / 1e6
-    res = PredictResult(out, layer, pr.task, [d for d, _ in dates], region,
-                        grid.window_bounds(*region), len(blocks) * len(dates), len(done), seconds, mpx)  # fmt: skip
+    res = PredictResult(
+        out,
+        layer,
+        pr.task,
+        [d for d, _ in dates],
+        region,
+        grid.window_bounds(*region),
+        len(blocks) * len(dates),
+        len(done),
+        seconds,
+        mpx,
+    )
     if labels:
         res.scores = _scores(pr.task, dates, results)
     if panel:
@@ -652,8 +765,16 @@ def predict(
     return res
 
 
-def _run(pr: Predictor, spec, jobs: list[_Job], device: str, workers: int, client, scheduler,
-         progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+def _run(
+    pr: Predictor,
+    spec,
+    jobs: list[_Job],
+    device: str,
+    workers: int,
+    client,
+    scheduler,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
     """In this process with the loaded ``pr``; on Dask with ``spec`` (a checkpoint path each
     worker loads once, or the Predictor itself, pickled)."""
     if not jobs:
@@ -668,14 +789,18 @@ def _run(pr: Predictor, spec, jobs: list[_Job], device: str, workers: int, clien
     from sarcube.cluster import dask_client, run_tasks, task_key
 
     with dask_client(client, scheduler, workers or None) as c:
-        futs = {j.marker: c.submit(run_block, spec, j, key=task_key(f"predict-{i}"), pure=False)
-                for i, j in enumerate(jobs)}  # fmt: skip
+        futs = {
+            j.marker: c.submit(run_block, spec, j, key=task_key(f"predict-{i}"), pure=False)
+            for i, j in enumerate(jobs)
+        }
         res = run_tasks(c, futs, "predict", progress)
     failed = {k: v for k, v in res.items() if isinstance(v, BaseException)}
     if failed:
         k, e = next(iter(failed.items()))
-        raise RuntimeError(f"{len(failed)} of {len(jobs)} blocks failed (re-run to resume); "
-                           f"first: {k}: {type(e).__name__}: {e}")  # fmt: skip
+        raise RuntimeError(
+            f"{len(failed)} of {len(jobs)} blocks failed (re-run to resume); "
+            f"first: {k}: {type(e).__name__}: {e}"
+        )
     return res
 
 
@@ -747,8 +872,10 @@ def _panels(
             truth = lut[_decimated(src["lulc"], (), region, step)].astype(float)
             truth[truth == IGNORE_INDEX] = np.nan
             err = np.where(np.isnan(pred) | np.isnan(truth), np.nan, (pred != truth).astype(float))
-            panels += [("truth (HR-LULC)" if task == "lulc" else "truth", truth, cmap),
-                       ("errors (red)", err, ListedColormap([(0.85, 0.85, 0.85), (0.85, 0.1, 0.1)]))]  # fmt: skip
+            panels += [
+                ("truth (HR-LULC)" if task == "lulc" else "truth", truth, cmap),
+                ("errors (red)", err, ListedColormap([(0.85, 0.85, 0.85), (0.85, 0.1, 0.1)])),
+            ]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
         for ax, (title, a, cm) in zip(np.atleast_1d(axes), panels, strict=True):
             if title.startswith("SAR"):
@@ -780,9 +907,16 @@ def _panels(
     return paths
 
 
-def export_cog(out: str, path: str, *, layer: str = "pred_lulc", time_index: int = 0,
-               region: tuple[int, int, int, int] | None = None,
-               storage_options: Mapping[str, Any] | None = None, block: int = 1024) -> str:  # fmt: skip
+def export_cog(
+    out: str,
+    path: str,
+    *,
+    layer: str = "pred_lulc",
+    time_index: int = 0,
+    region: tuple[int, int, int, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    block: int = 1024,
+) -> str:
     """Write ``layer[time_index]`` over ``region`` as a Cloud-Optimized GeoTIFF at ``path``
     (local, or a URL: written locally then uploaded): EPSG:4326, 512² tiles, deflate, nodata 255,
     overviews by mode, a colour table of the class colours. Copied block by block into a tiled
@@ -806,15 +940,29 @@ def export_cog(out: str, path: str, *, layer: str = "pred_lulc", time_index: int
     colors[NODATA] = (0, 0, 0, 0)
     tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-cog-"))
     tmp = tmpdir / "map.tif"
-    profile = {"driver": "GTiff", "width": c1 - c0, "height": r1 - r0, "count": 1, "dtype": "uint8",
-               "crs": "EPSG:4326", "transform": grid.window_transform(r0, c0), "nodata": NODATA,
-               "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate"}  # fmt: skip
+    profile = {
+        "driver": "GTiff",
+        "width": c1 - c0,
+        "height": r1 - r0,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:4326",
+        "transform": grid.window_transform(r0, c0),
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+    }
     with rasterio.open(tmp, "w", **profile) as dst:
         for r in range(r0, r1, block):
             for c in range(c0, c1, block):
                 rr, cc = min(r + block, r1), min(c + block, c1)
-                dst.write(np.asarray(arr[time_index, r:rr, c:cc]), 1,
-                          window=Window(c - c0, r - r0, cc - c, rr - r))  # fmt: skip
+                dst.write(
+                    np.asarray(arr[time_index, r:rr, c:cc]),
+                    1,
+                    window=Window(c - c0, r - r0, cc - c, rr - r),
+                )
         dst.write_colormap(1, colors)
         dst.update_tags(
             1,
@@ -827,8 +975,15 @@ def export_cog(out: str, path: str, *, layer: str = "pred_lulc", time_index: int
     remote = is_remote(str(path))
     local = tmpdir / "cog.tif" if remote else Path(path)
     local.parent.mkdir(parents=True, exist_ok=True)
-    rio_copy(str(tmp), str(local), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
-             OVERVIEW_RESAMPLING="MODE", RESAMPLING="NEAREST")  # fmt: skip
+    rio_copy(
+        str(tmp),
+        str(local),
+        driver="COG",
+        COMPRESS="DEFLATE",
+        BLOCKSIZE=512,
+        OVERVIEW_RESAMPLING="MODE",
+        RESAMPLING="NEAREST",
+    )
     if remote:
         from sarcube.storage import write_bytes
 
@@ -855,19 +1010,36 @@ def run_args(args: argparse.Namespace) -> int:
     from sarcube.storage import parse_storage_options
 
     check_args(args)
-    res = predict(args.cube, args.checkpoint, args.out, bbox=args.bbox, time=args.time,
-                  task=args.task, overlap=args.overlap, batch_size=args.batch_size,
-                  device=args.device, probabilities=args.probabilities, cog=args.cog,
-                  workers=args.workers, scheduler=args.scheduler, block=args.block,
-                  storage_options=parse_storage_options(args.storage_option),
-                  wait=args.wait, break_stale_lock=args.break_stale_lock)  # fmt: skip
-    print(f"predict: {res.task} → {res.out} [{res.layer}], dates {', '.join(res.dates)}; "
-          f"{res.blocks} blocks ({res.skipped} done earlier), {res.megapixels:.1f} Mpx in "
-          f"{res.seconds:.1f} s")  # fmt: skip
+    res = predict(
+        args.cube,
+        args.checkpoint,
+        args.out,
+        bbox=args.bbox,
+        time=args.time,
+        task=args.task,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        device=args.device,
+        probabilities=args.probabilities,
+        cog=args.cog,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        block=args.block,
+        storage_options=parse_storage_options(args.storage_option),
+        wait=args.wait,
+        break_stale_lock=args.break_stale_lock,
+    )
+    print(
+        f"predict: {res.task} → {res.out} [{res.layer}], dates {', '.join(res.dates)}; "
+        f"{res.blocks} blocks ({res.skipped} done earlier), {res.megapixels:.1f} Mpx in "
+        f"{res.seconds:.1f} s"
+    )
     for d, s in res.scores.items():
         if res.task == "lulc":
-            print(f"  {d}: mIoU {s['miou']:.3f}, mAcc {s['macc']:.3f}, pixel accuracy {s['pixel_acc']:.3f} "
-                  "(vs the cube's HR-LULC labels)")  # fmt: skip
+            print(
+                f"  {d}: mIoU {s['miou']:.3f}, mAcc {s['macc']:.3f}, pixel accuracy {s['pixel_acc']:.3f} "
+                "(vs the cube's HR-LULC labels)"
+            )
         else:
             print(
                 f"  {d}: water IoU {s['iou']:.3f}, precision {s['precision']:.3f}, recall {s['recall']:.3f}"

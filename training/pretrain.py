@@ -80,20 +80,36 @@ def build_model(cfg: Config) -> nn.Module:
     (identical on every rank)."""
     m = cfg.model
     torch.manual_seed(cfg.seed)
-    common = {"img_size": m.img_size, "window_size": m.window_size,
-              "drop_path_rate": m.drop_path_rate}  # fmt: skip
+    common = {
+        "img_size": m.img_size,
+        "window_size": m.window_size,
+        "drop_path_rate": m.drop_path_rate,
+    }
     if cfg.method == "simmim":
         encoder = (swin_base if m.size == "base" else swin_tiny)(**common)
         model: nn.Module = SimMIM(encoder, loss=cfg.loss.kind, huber_delta=cfg.loss.huber_delta)
         if m.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
     elif cfg.method == "mixmae":
-        decoder = {k: v for k, v in (("decoder_dim", m.decoder_dim), ("decoder_depth", m.decoder_depth),
-                                     ("decoder_heads", m.decoder_heads)) if v is not None}  # fmt: skip
+        decoder = {
+            k: v
+            for k, v in (
+                ("decoder_dim", m.decoder_dim),
+                ("decoder_depth", m.decoder_depth),
+                ("decoder_heads", m.decoder_heads),
+            )
+            if v is not None
+        }
         builder = mixmae_base if m.size == "base" else mixmae_tiny
-        model = builder(**common, **decoder, mask_ratio=cfg.mask.ratio, mask_unit=cfg.mask.unit,
-                        weight_domain=cfg.loss.weight_domain, weight_k=cfg.loss.weight_k,
-                        norm_pix_loss=cfg.loss.norm_pix)  # fmt: skip
+        model = builder(
+            **common,
+            **decoder,
+            mask_ratio=cfg.mask.ratio,
+            mask_unit=cfg.mask.unit,
+            weight_domain=cfg.loss.weight_domain,
+            weight_k=cfg.loss.weight_k,
+            norm_pix_loss=cfg.loss.norm_pix,
+        )
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
     else:  # pragma: no cover - the config type admits only the two
@@ -140,8 +156,14 @@ class SimMIMTask:
 
     def mask(self, batch_size: int, step: int, rank: int, tag: int = 0) -> Tensor:
         g = step_generator(self.cfg.seed, step, rank, tag)
-        return simmim_mask(batch_size, self.cfg.model.img_size, self.cfg.mask.unit, self.token,
-                           self.cfg.mask.ratio, generator=g)  # fmt: skip
+        return simmim_mask(
+            batch_size,
+            self.cfg.model.img_size,
+            self.cfg.mask.unit,
+            self.token,
+            self.cfg.mask.ratio,
+            generator=g,
+        )
 
     def loss(self, model: nn.Module, batch: Mapping[str, Any], *, step: int, rank: int) -> Tensor:
         x = batch["image"]
@@ -158,14 +180,23 @@ class SimMIMTask:
         model.eval()
         x = batch["image"][:1].float()
         mask = self.mask(1, 0, 0, _FIGURE_TAG).to(x.device)
-        w = _weight(self.cfg, {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()},
-                    self.db_stats)  # fmt: skip
+        w = _weight(
+            self.cfg,
+            {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()},
+            self.db_stats,
+        )
         _, x_rec = model(x, mask, w)
         weight = w if w is not None else batch.get("weight")
         if weight is None:
             weight = sar_intensity_weight(x, k=self.cfg.loss.weight_k, domain="normalized")
-        plot_simmim_reconstruction(x[0], mask_to_pixels(mask, self.token)[0], x_rec[0].float(),
-                                   weight[0], path, weighted=w is not None)  # fmt: skip
+        plot_simmim_reconstruction(
+            x[0],
+            mask_to_pixels(mask, self.token)[0],
+            x_rec[0].float(),
+            weight[0],
+            path,
+            weighted=w is not None,
+        )
         model.train(was)
 
 
@@ -208,8 +239,14 @@ def make_task(cfg: Config, model: nn.Module, db_stats: tuple[float, float] | Non
     return (SimMIMTask if cfg.method == "simmim" else MixMAETask)(cfg, model, db_stats)
 
 
-def plot_simmim_reconstruction(x: Tensor, mask_px: Tensor, x_rec: Tensor, weight: Tensor,
-                               path: str | Path, weighted: bool = True) -> Path:  # fmt: skip
+def plot_simmim_reconstruction(
+    x: Tensor,
+    mask_px: Tensor,
+    x_rec: Tensor,
+    weight: Tensor,
+    path: str | Path,
+    weighted: bool = True,
+) -> Path:
     """PNG: input | masked input | reconstruction (masked units predicted, visible copied) |
     weight map; one ``(C, H, W)`` image (first channel drawn), z-scored units."""
     import matplotlib
@@ -224,10 +261,12 @@ def plot_simmim_reconstruction(x: Tensor, mask_px: Tensor, x_rec: Tensor, weight
     lo, hi = np.percentile(img, [2, 98])
     masked = np.where(m, np.nan, img)
     pasted = np.where(m, rec, img)
-    panels = [(img, "input (z-scored dB)", lo, hi, "gray"),
-              (masked, f"masked input ({m.mean():.0%} masked)", lo, hi, "gray"),
-              (pasted, "reconstruction", lo, hi, "gray"),
-              (w, "SAR weight" if weighted else "SAR weight (not used)", 1.0, float(w.max()), "magma")]  # fmt: skip
+    panels = [
+        (img, "input (z-scored dB)", lo, hi, "gray"),
+        (masked, f"masked input ({m.mean():.0%} masked)", lo, hi, "gray"),
+        (pasted, "reconstruction", lo, hi, "gray"),
+        (w, "SAR weight" if weighted else "SAR weight (not used)", 1.0, float(w.max()), "magma"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
     for ax, (a, title, vmin, vmax, cmap) in zip(axes, panels, strict=True):
         cm = plt.get_cmap(cmap).with_extremes(bad="#3b7dd8")
@@ -243,23 +282,50 @@ def plot_simmim_reconstruction(x: Tensor, mask_px: Tensor, x_rec: Tensor, weight
     return path
 
 
-def build_data(cfg: Config, manifest: str, storage_options: Mapping[str, Any] | None = None,
-               rank: int = 0, world_size: int = 1, pin_memory: bool = False):  # fmt: skip
+def build_data(
+    cfg: Config,
+    manifest: str,
+    storage_options: Mapping[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+):
     """This rank's :class:`training.data.ShardStream` of ``cfg.data.split``."""
     from .data import ShardStream
 
     d = cfg.data
-    return ShardStream(manifest, d.split, batch_size=d.batch_size, rank=rank, world_size=world_size,
-                       num_workers=d.num_workers, seed=cfg.seed, task="pretrain", augment=d.augment,
-                       weight_domain=cfg.loss.weight_domain, weight_k=cfg.loss.weight_k,
-                       shuffle_buffer=d.shuffle_buffer, storage_options=storage_options,
-                       skip_errors=d.skip_errors, retries=d.retries, timeout=d.timeout,
-                       pin_memory=pin_memory, prepare=d.prepare,
-                       max_bad_shards=d.max_bad_shards)  # fmt: skip
+    return ShardStream(
+        manifest,
+        d.split,
+        batch_size=d.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        seed=cfg.seed,
+        task="pretrain",
+        augment=d.augment,
+        weight_domain=cfg.loss.weight_domain,
+        weight_k=cfg.loss.weight_k,
+        shuffle_buffer=d.shuffle_buffer,
+        storage_options=storage_options,
+        skip_errors=d.skip_errors,
+        retries=d.retries,
+        timeout=d.timeout,
+        pin_memory=pin_memory,
+        prepare=d.prepare,
+        max_bad_shards=d.max_bad_shards,
+    )
 
 
-def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any] | None = None,
-        resume: bool = False, data: Any = None, allow_changes: Sequence[str] = ()) -> TrainResult:  # fmt: skip
+def run(
+    cfg: Config,
+    manifest: str,
+    out: str,
+    storage_options: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    data: Any = None,
+    allow_changes: Sequence[str] = (),
+) -> TrainResult:
     """Pretrain under ``cfg`` on the shards of ``manifest``, writing to ``out``.
 
     Joins the process group when launched with several ranks (torchrun / mpirun) and leaves it
@@ -272,17 +338,39 @@ def run(cfg: Config, manifest: str, out: str, storage_options: Mapping[str, Any]
     info, device = tdist.init_distributed(cfg.train.device)
     try:
         if data is None:
-            data = build_data(cfg, manifest, storage_options, info.rank, info.world_size,
-                              pin_memory=device.type == "cuda")  # fmt: skip
+            data = build_data(
+                cfg,
+                manifest,
+                storage_options,
+                info.rank,
+                info.world_size,
+                pin_memory=device.type == "cuda",
+            )
         model = build_model(cfg)
         stats = (data.mean, data.std) if hasattr(data, "mean") and hasattr(data, "std") else None
         task = make_task(cfg, model, stats)
-        trainer = Trainer(cfg, model, task, data, out, storage_options, info, device,
-                          extra_state={"manifest": str(manifest)})  # fmt: skip
+        trainer = Trainer(
+            cfg,
+            model,
+            task,
+            data,
+            out,
+            storage_options,
+            info,
+            device,
+            extra_state={"manifest": str(manifest)},
+        )
         if trainer.main:
-            log.info("%s: %s on %s, %d rank(s), %d steps/epoch, global batch %d, peak lr %.3g",
-                     cfg.method, type(model).__name__, device, info.world_size,
-                     trainer.steps_per_epoch, trainer.global_batch, trainer.lr)  # fmt: skip
+            log.info(
+                "%s: %s on %s, %d rank(s), %d steps/epoch, global batch %d, peak lr %.3g",
+                cfg.method,
+                type(model).__name__,
+                device,
+                info.world_size,
+                trainer.steps_per_epoch,
+                trainer.global_batch,
+                trainer.lr,
+            )
         return trainer.fit(resume=resume, allow_changes=allow_changes)
     finally:
         if started:
@@ -322,8 +410,9 @@ def peer_failure_message(e: BaseException) -> str | None:
     return None
 
 
-def report_error(prefix: str, e: BaseException, verbose: bool = False,
-                 message: str | None = None) -> None:  # fmt: skip
+def report_error(
+    prefix: str, e: BaseException, verbose: bool = False, message: str | None = None
+) -> None:
     """``{prefix}: error: {message or e}`` on stderr (after the traceback with ``verbose``)."""
     if verbose:
         import traceback
@@ -332,8 +421,7 @@ def report_error(prefix: str, e: BaseException, verbose: bool = False,
     print(f"{prefix}: error: {message or e}", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None,
-         verbose: bool = False) -> int:  # fmt: skip
+def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bool = False) -> int:
     """Command-line entry point; returns the exit status (2: bad input, 3: non-finite loss).
     ``prog`` names the command in error lines (``sarcube pretrain``); ``verbose``: tracebacks."""
     from sarcube.storage import storage_error_message
@@ -370,9 +458,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None,
         return 2
     if rank == 0:
         state = "finished" if res.finished else "stopped at train.max_steps"
-        print(f"{prefix}: {state} after step {res.step} (epoch {res.epoch}), last loss "
-              f"{res.last_loss if res.last_loss is None else f'{res.last_loss:.5f}'}; "
-              f"checkpoint {res.checkpoint}, encoder {res.encoder}")  # fmt: skip
+        print(
+            f"{prefix}: {state} after step {res.step} (epoch {res.epoch}), last loss "
+            f"{res.last_loss if res.last_loss is None else f'{res.last_loss:.5f}'}; "
+            f"checkpoint {res.checkpoint}, encoder {res.encoder}"
+        )
     return 0
 
 

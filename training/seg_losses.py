@@ -233,9 +233,13 @@ def cross_entropy_loss(
         weight = weight.to(device=x.device, dtype=x.dtype)
     # reduction="sum" + our own denominator: PyTorch's "mean" is 0/0 = NaN with no valid pixel.
     total = F.cross_entropy(
-        x, target.long(), weight=weight, ignore_index=ignore_index,
-        reduction="sum", label_smoothing=label_smoothing,
-    )  # fmt: skip
+        x,
+        target.long(),
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
     if weight is None:
         denom = valid.sum().to(x.dtype)
     else:
@@ -317,9 +321,17 @@ class FocalDiceLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return focal_dice_loss(
-            logits, target, self.alpha, self.lambda_focal, self.lambda_dice, self.gamma,
-            self.alpha_scale, self.ignore_index, self.focal_eps, self.dice_eps,
-        )  # fmt: skip
+            logits,
+            target,
+            self.alpha,
+            self.lambda_focal,
+            self.lambda_dice,
+            self.gamma,
+            self.alpha_scale,
+            self.ignore_index,
+            self.focal_eps,
+            self.dice_eps,
+        )
 
     def extra_repr(self) -> str:
         return (

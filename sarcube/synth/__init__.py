@@ -123,13 +123,27 @@ def _write_label_tiles(out: str, bbox, model: LabelModel, storage_options, bar) 
                 continue
             url = join_url(out, "lulc", format_lulc_name(lat_s, lon_w))
             profile = {
-                "driver": "GTiff", "dtype": "uint8", "count": 1, "width": tc1 - tc0,
-                "height": tr1 - tr0, "crs": "EPSG:4326", "nodata": 0, "tiled": True,
-                "blockxsize": 512, "blockysize": 512, "compress": "deflate",
+                "driver": "GTiff",
+                "dtype": "uint8",
+                "count": 1,
+                "width": tc1 - tc0,
+                "height": tr1 - tr0,
+                "crs": "EPSG:4326",
+                "nodata": 0,
+                "tiled": True,
+                "blockxsize": 512,
+                "blockysize": 512,
+                "compress": "deflate",
                 "photometric": "palette",
-                "transform": Affine(1 / FINE_PER_DEG, 0, tc0 / FINE_PER_DEG - 180.0,
-                                    0, -1 / FINE_PER_DEG, 90.0 - tr0 / FINE_PER_DEG),
-            }  # fmt: skip
+                "transform": Affine(
+                    1 / FINE_PER_DEG,
+                    0,
+                    tc0 / FINE_PER_DEG - 180.0,
+                    0,
+                    -1 / FINE_PER_DEG,
+                    90.0 - tr0 / FINE_PER_DEG,
+                ),
+            }
             with (
                 local_output(url, storage_options) as local,
                 rasterio.open(local, "w", **profile) as ds,

@@ -170,8 +170,9 @@ def procedural_template(
     zone = _quantile_assign(elev, elev[inside], [0, 1, 2], [s[1], low_share, up_share])
     out = np.ones((h, w), dtype=np.uint8)  # zone 0 -> water (code 1)
     low, up = zone == 1, zone == 2
-    out[low] = _quantile_assign(urban[low], urban[low & inside], low_codes_by_urban,
-                                [s[c] for c in low_codes_by_urban])  # fmt: skip
+    out[low] = _quantile_assign(
+        urban[low], urban[low & inside], low_codes_by_urban, [s[c] for c in low_codes_by_urban]
+    )
     out[up] = _quantile_assign(
         mix[up], mix[up & inside], upland_codes, [s[c] for c in upland_codes]
     )

@@ -35,9 +35,22 @@ ORBITS_PER_14_DAYS = 207  # ALOS-2 repeat cycle: 207 revolutions in 14 days
 
 # Typical L-band HH σ⁰ (dB) per JAXA code; 0 = open sea outside the land-cover map.
 CLASS_SIGMA0_DB: dict[int, float] = {
-    0: -24.0, 1: -22.0, 2: 0.0, 3: -12.5, 4: -13.0, 5: -16.0, 6: -8.0, 7: -8.5, 8: -7.5,
-    9: -8.0, 10: -17.0, 11: -8.0, 12: -19.0, 13: -18.0, 14: -3.0,
-}  # fmt: skip
+    0: -24.0,
+    1: -22.0,
+    2: 0.0,
+    3: -12.5,
+    4: -13.0,
+    5: -16.0,
+    6: -8.0,
+    7: -8.5,
+    8: -7.5,
+    9: -8.0,
+    10: -17.0,
+    11: -8.0,
+    12: -19.0,
+    13: -18.0,
+    14: -3.0,
+}
 # Seasonal change by month (dB): paddy fields are harvested in September and left bare and wet;
 # cropland is harvested later; deciduous canopies thin out in November.
 SEASONAL_DELTA_DB: dict[int, dict[int, float]] = {
@@ -164,8 +177,18 @@ def plan_scenes(
             w = int(np.ceil((max(xs) - x0) / PIXEL_M))
             hgt = int(np.ceil((y1 - min(ys)) / PIXEL_M))
             _lon, lat = to_ll.transform(*c)
-            name = SceneName("HH", orbit_number(date), frame_number(lat, direction), date, mode,
-                             "R", "2.1", "G", "U", direction)  # fmt: skip
+            name = SceneName(
+                "HH",
+                orbit_number(date),
+                frame_number(lat, direction),
+                date,
+                mode,
+                "R",
+                "2.1",
+                "G",
+                "U",
+                direction,
+            )
             flon, flat = to_ll.transform(xs, ys)
             specs.append(
                 SceneSpec(
@@ -295,10 +318,18 @@ def write_scene(path: str, renderer: SceneRenderer, threads: int = 2, on_strip=N
     """Write a scene GeoTIFF (tiled, uncompressed like JAXA's L2.1 products, nodata 0)."""
     spec = renderer.spec
     profile = {
-        "driver": "GTiff", "dtype": "uint16", "count": 1, "width": spec.width,
-        "height": spec.height, "crs": f"EPSG:{spec.epsg}", "transform": spec.transform,
-        "nodata": 0, "tiled": True, "blockxsize": 512, "blockysize": 512,
-    }  # fmt: skip
+        "driver": "GTiff",
+        "dtype": "uint16",
+        "count": 1,
+        "width": spec.width,
+        "height": spec.height,
+        "crs": f"EPSG:{spec.epsg}",
+        "transform": spec.transform,
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+    }
     with rasterio.open(path, "w", **profile) as ds:
         ds.update_tags(
             PRODUCT_ID=spec.name.product_id,

@@ -225,10 +225,24 @@ class SwinEncoder(nn.Module):
 
 
 # Encoder sizes, shared by SimMIM (SwinEncoder) and MixMAE (training/models/mixmae.py).
-SWIN_BASE: dict[str, Any] = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                 window_size=8, patch_size=4, img_size=256, in_chans=1)  # fmt: skip
-SWIN_TINY: dict[str, Any] = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                                 window_size=8, patch_size=4, img_size=256, in_chans=1)  # fmt: skip
+SWIN_BASE: dict[str, Any] = dict(
+    embed_dim=128,
+    depths=(2, 2, 18, 2),
+    num_heads=(4, 8, 16, 32),
+    window_size=8,
+    patch_size=4,
+    img_size=256,
+    in_chans=1,
+)
+SWIN_TINY: dict[str, Any] = dict(
+    embed_dim=32,
+    depths=(1, 1, 2, 1),
+    num_heads=(1, 2, 4, 8),
+    window_size=8,
+    patch_size=4,
+    img_size=256,
+    in_chans=1,
+)
 
 
 def swin_base(**kwargs: Any) -> SwinEncoder:
