@@ -159,7 +159,8 @@ def main() -> None:
             size = (ds.width, ds.height)
     grid = CubeGrid.from_bounds(bbox)
     print(
-        f"{len(scenes)} scenes, {mpx:.0f} Mpx in total (last {size[0]} × {size[1]} px at {PIXEL_M} m); "
+        f"{len(scenes)} scenes, {mpx:.0f} Mpx in total "
+        f"(last {size[0]} × {size[1]} px at {PIXEL_M} m); "
         f"cube grid {grid.width} × {grid.height}",
         flush=True,
     )
@@ -225,7 +226,8 @@ def main() -> None:
     )
     print(f"\nscaling 1 -> 2 workers: {scaling:.2f}x (target ≥ 1.7x)")
     print(
-        f"ratio vs GDAL warp at equal cores: 1 core {base[1] / ours[1]:.2f}, 2 cores {base[2] / ours[2]:.2f} "
+        f"ratio vs GDAL warp at equal cores: 1 core {base[1] / ours[1]:.2f}, "
+        f"2 cores {base[2] / ours[2]:.2f} "
         f"(target ≥ 1.0)"
     )
     print(

@@ -65,7 +65,8 @@ QUICK_BBOX = (140.30, 36.02, 140.30 + 1024 / 6000, 36.02 + 1024 / 6000)  # 4 × 
 TORCHGEO_HINT = (
     "TorchGeo is not installed (it is not a sarcube dependency). To add its row, install it "
     "into this environment without letting it change torch:\n"
-    "    uv pip install torchgeo==0.8.1 \"torch==$(python -c 'import torch; print(torch.__version__)')\"\n"
+    "    uv pip install torchgeo==0.8.1 "
+    "\"torch==$(python -c 'import torch; print(torch.__version__)')\"\n"
     "(or: python -m pip install torchgeo==0.8.1 --constraint <(pip freeze | grep '^torch=='))"
 )
 
@@ -497,9 +498,9 @@ def main() -> None:
             "rows": rows,
             "targets": targets,
             "torchgeo": "not installed: row skipped" if torchgeo_missing else "measured",
-            "notes": "2 shared CPU cores; S3 = moto ThreadedMotoServer in the benchmark process; local "
-            "reads from the page cache; seconds include DataLoader start-up and the shuffle "
-            "buffer fill; torch intra-op threads = 1",
+            "notes": "2 shared CPU cores; S3 = moto ThreadedMotoServer in the benchmark process; "
+            "local reads from the page cache; seconds include DataLoader start-up and the "
+            "shuffle buffer fill; torch intra-op threads = 1",
         },
     )
 

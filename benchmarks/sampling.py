@@ -147,7 +147,8 @@ def main() -> None:
         rows, ["method", "cells", "seconds", "Mcells/s", "peak_rss_growth_mb", "patches_kept"]
     )
     print(
-        f"\nholding the national-size raster would need {cells / 2**30:.1f} GiB; sampling grew RSS by "
+        f"\nholding the national-size raster would need {cells / 2**30:.1f} GiB; "
+        "sampling grew RSS by "
         f"{m2.growth_mb:.0f} MB; Dask/numpy time ratio at equal size: {t_same / t_base:.2f}"
     )
     write_results(

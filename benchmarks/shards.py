@@ -5,7 +5,8 @@
 1. Synthesises a region (default: sarcube's 10 × 10-patch demo area, 3 dates) and ingests it into
    a cube under ``--work`` (both kept between runs).
 2. Builds a patch index of every patch with valid SAR (Oct/Nov -> pretrain, Sep -> train/val/test
-   by 2 × 2-patch blocks, 1 × 1 on a tiny area) — not the category-aware sampler, whose benchmark is ``sampling_benchmark``.
+   by 2 × 2-patch blocks, 1 × 1 on a tiny area) — not the category-aware sampler, whose benchmark
+   is ``sampling_benchmark``.
 3. ``write_shards`` with 1 and with 2 Dask worker processes (cluster started beforehand, not
    timed) to a fresh local directory and to a fresh prefix on a moto S3 server started here on
    127.0.0.1 (an in-process Python server: it shares the CPU with the workers, so the S3 numbers

@@ -152,7 +152,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     res = sample_patches(args.cube, args.out, params, so)
     counts = res.index.groupby("split").size().to_dict()
     print(
-        f"wrote {args.out}: {len(res.index)} patches ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+        f"wrote {args.out}: {len(res.index)} patches "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
     )
     for k, v in res.files.items():
         if k != "index":
@@ -381,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--scheduler",
-        help="address of a running Dask scheduler (tcp://host:8786, or tls://host:8786 with SARCUBE_TLS_DIR)",
+        help=(
+            "address of a running Dask scheduler (tcp://host:8786, or tls://host:8786 with "
+            "SARCUBE_TLS_DIR)"
+        ),
     )
     g.add_argument(
         "--workers", type=int, help="start a LocalCluster with N worker processes (default 2)"

@@ -1,7 +1,8 @@
 """The datacube: one Zarr v3 group (local or object storage), opened as an xarray.Dataset.
 
 ```
-hh_db    float32 (time, y, x)  HH backscatter in dB (σ⁰ for L1.5/L2.1, γ⁰ for mosaics), NaN = no data
+hh_db    float32 (time, y, x)  HH backscatter in dB (σ⁰ for L1.5/L2.1, γ⁰ for mosaics),
+                               NaN = no data
 lulc     uint8   (y, x)        JAXA HR-LULC code, 0 = no data
 time     acquisition date; y, x cell centres (degrees); spatial_ref (CRS, GeoTransform)
 ```
@@ -120,7 +121,9 @@ def create_cube(
             "long_name": "HH backscatter (sigma0 for L1.5/L2.1 scenes, gamma0 for yearly mosaics)",
             "calibration_formula": CALIBRATION_FORMULA,
             "calibration_factor_db": CALIBRATION_FACTORS_DB,
-            "resampling": "area-weighted average of linear power (GDAL 'average'), one step; dB taken once",
+            "resampling": (
+                "area-weighted average of linear power (GDAL 'average'), one step; dB taken once"
+            ),
             "coordinates": "spatial_ref",
             **gm,
         }
@@ -144,7 +147,9 @@ def create_cube(
                 ["no_data", *(DEFAULT_TABLE.name(k).replace(" ", "_") for k in codes[1:])]
             ),
             "class_table": DEFAULT_TABLE.version,
-            "resampling": "mode of HR-LULC pixels when downsampling (GDAL 'mode'), nearest otherwise",
+            "resampling": (
+                "mode of HR-LULC pixels when downsampling (GDAL 'mode'), nearest otherwise"
+            ),
             "coordinates": "spatial_ref",
             **gm,
         }
@@ -202,7 +207,8 @@ def open_group(
         ) from None
     if root.attrs.get("format") not in formats:
         raise CubeError(
-            f"{url}: a Zarr group but not a sarcube cube (format attribute {root.attrs.get('format')!r})"
+            f"{url}: a Zarr group but not a sarcube cube "
+            f"(format attribute {root.attrs.get('format')!r})"
         )
     return root
 
@@ -229,7 +235,8 @@ def write_region(array: zarr.Array, selection: tuple[slice | int, ...], data: np
         if start % size or (stop % size and stop != n):
             raise MisalignedWriteError(
                 f"{array.path}: write region {start}:{stop} on axis {axis} is not aligned to its "
-                f"{size}-cell shards (array length {n}); refusing a write that could corrupt a shard"
+                f"{size}-cell shards (array length {n}); "
+                "refusing a write that could corrupt a shard"
             )
     array[selection] = data
 
@@ -244,7 +251,8 @@ def open_cube(
     """Open a cube as a lazy ``xarray.Dataset`` with a CRS (``.rio`` works).
 
     Only complete time slices are shown (sorted by date) unless ``include_incomplete``. Select by
-    place and date as usual: ``cube.sel(time="2022-09", y=slice(36.2, 36.0), x=slice(140.0, 140.3))``
+    place and date as usual:
+    ``cube.sel(time="2022-09", y=slice(36.2, 36.0), x=slice(140.0, 140.3))``
     (y decreases: north first). ``cube.sarcube`` gives patch access by (time, row, col) and bbox.
     A separate store of predictions (``sarcube predict --out``) opens the same way, on the same
     grid: its ``y``/``x`` equal the cube's, its slices are the predicted dates.

@@ -245,23 +245,28 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\ndemo outputs under {out}/:")
     print(
-        f"  synth/lulc/, synth/scenes/  {len(res_lulc)} HR-LULC tiles, {len(res_scenes)} ALOS-2 L2.1 HH scenes"
+        f"  synth/lulc/, synth/scenes/  {len(res_lulc)} HR-LULC tiles, "
+        f"{len(res_scenes)} ALOS-2 L2.1 HH scenes"
     )
     print("  synth_overview.png          labels and scenes at a glance")
     print(f"  cube.zarr                   the datacube: sarcube.open_cube('{cube_url}')")
     print("  cube_overview.png           the cube: SAR dB per date and the labels")
     print(
-        "  index.parquet               the patch index; index_report.{md,json,png}: class shares, anchors, α"
+        "  index.parquet               the patch index; index_report.{md,json,png}: "
+        "class shares, anchors, α"
     )
     print("  shards/                     WebDataset shards ({split}-NNNNNN.tar) and manifest.json")
     print(
-        "  pretrain/                   checkpoint.pt, encoder.pth, metrics.jsonl, tb/, reconstruction.png"
+        "  pretrain/                   checkpoint.pt, encoder.pth, metrics.jsonl, tb/, "
+        "reconstruction.png"
     )
     print(
-        "  finetune/                   best.pt (best val mIoU), checkpoint.pt, metrics.jsonl, test/ report:"
+        "  finetune/                   best.pt (best val mIoU), checkpoint.pt, metrics.jsonl, "
+        "test/ report:"
     )
     print(
-        "                              report.md (Table II layout), report.json, confusion_matrix.png,"
+        "                              report.md (Table II layout), report.json, "
+        "confusion_matrix.png,"
     )
     print("                              per_class.png, panels.png (SAR | prediction | truth)")
     print(
@@ -270,7 +275,8 @@ def run_demo(
         + "')"
     )
     print(
-        "  map_lulc.tif                the map as a Cloud-Optimized GeoTIFF (overviews, colour table)"
+        "  map_lulc.tif                the map as a Cloud-Optimized GeoTIFF "
+        "(overviews, colour table)"
     )
     print(f"  predictions_pred_lulc_{first}.png   SAR | prediction | truth | errors")
     print("  summary.json                what each stage wrote and how long it took")

@@ -17,7 +17,7 @@ One row per (date, patch):
 
 The table's Parquet metadata (key ``sarcube``) holds the cube URL and fingerprint, the sampling
 parameters and seed, so that shards are never cut from another cube by mistake.
-"""
+"""  # noqa: E501 (markdown table row cannot be wrapped)
 
 from __future__ import annotations
 

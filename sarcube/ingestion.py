@@ -82,7 +82,8 @@ class IngestReport:
     def summary(self) -> str:
         lines = [
             f"ingest summary for {self.cube}:",
-            f"  scenes ingested: {len(self.ingested)}, skipped (already in the cube): {len(self.skipped)}, "
+            f"  scenes ingested: {len(self.ingested)}, "
+            f"skipped (already in the cube): {len(self.skipped)}, "
             f"problems: {len(self.problems)}",
             f"  labels: {self.labels}",
             "  slices: "
@@ -247,7 +248,8 @@ def label_block(
     The tiles share the 1/12000° grid, so they are first merged into one array covering the block
     (plus a margin); GDAL then aligns it: ``mode`` when the cube is coarser (each cell the most
     frequent code of the HR-LULC pixels under it; no data ignored; on a tie, the code that reached
-    the top count first in row-major order), ``nearest`` otherwise (an exact copy when grids coincide).
+    the top count first in row-major order), ``nearest`` otherwise (an exact copy when grids
+    coincide).
     """
     import rasterio
     from rasterio.warp import Resampling, reproject
@@ -498,11 +500,13 @@ def ingest(
         for s in good_scenes:
             if not _intersects(s.bounds_4326, grid.bounds):
                 report.problems.append(
-                    f"{s.url}: outside the cube grid {tuple(round(b, 4) for b in grid.bounds)} (scene covers {tuple(round(b, 4) for b in s.bounds_4326)})"
+                    f"{s.url}: outside the cube grid {tuple(round(b, 4) for b in grid.bounds)} "
+                    f"(scene covers {tuple(round(b, 4) for b in s.bounds_4326)})"
                 )
             elif coverage and not any(_intersects(s.bounds_4326, c) for c in coverage):
                 report.problems.append(
-                    f"{s.url}: no HR-LULC coverage under the scene (labels cover {[tuple(round(b, 3) for b in c) for c in coverage]})"
+                    f"{s.url}: no HR-LULC coverage under the scene "
+                    f"(labels cover {[tuple(round(b, 3) for b in c) for c in coverage]})"
                 )
             else:
                 by_date[s.date].append(s)
@@ -775,7 +779,8 @@ def _ingest_slices(
                 report.problems.append(f"{e} (slice {key}: {kept})")
             else:
                 report.problems.append(
-                    f"date {key}: writing the slice failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {kept}; re-run to retry"
+                    f"date {key}: writing the slice failed "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); {kept}; re-run to retry"
                 )
             outcome[key] = None
             continue

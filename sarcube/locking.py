@@ -259,7 +259,10 @@ class StoreLock:
 
     def _lost_message(self, current: Mapping[str, Any] | None) -> str:
         now = "no lock" if not current else f"now held by {describe(current)}"
-        return f"{self.url}: this run's write lock was broken while it ran ({now}); nothing more is committed"
+        return (
+            f"{self.url}: this run's write lock was broken while it ran ({now}); "
+            "nothing more is committed"
+        )
 
     # -- protocol ------------------------------------------------------------------------------
 
@@ -297,7 +300,8 @@ class StoreLock:
             if time.monotonic() >= deadline:
                 hint = (
                     f"; it looks stale (no heartbeat for > {self.stale_after_s:.0f} s): if that "
-                    f"process is dead, re-run with --break-stale-lock or `sarcube unlock {self.url}`"
+                    "process is dead, re-run with --break-stale-lock or "
+                    f"`sarcube unlock {self.url}`"
                     if age > self.stale_after_s
                     else "; wait for it to finish (--wait SECONDS) or stop it"
                 )

@@ -105,7 +105,10 @@ class MosaicTileName:
     def product_id(self) -> str:
         ns = "N" if self.north >= 0 else "S"
         ew = "E" if self.west >= 0 else "W"
-        return f"{ns}{abs(self.north):02d}{ew}{abs(self.west):03d}_{self.year % 100:02d}_sl_{self.polarization}_{self.version}"
+        return (
+            f"{ns}{abs(self.north):02d}{ew}{abs(self.west):03d}_{self.year % 100:02d}_sl_"
+            f"{self.polarization}_{self.version}"
+        )
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ def parse_scene_name(name_or_url: str) -> SceneName:
     m = _SCENE_RE.match(base)
     if not m:
         raise ProductNameError(
-            f"{name_or_url}: file name does not follow the ALOS-2 scene naming rule {SCENE_NAME_RULE}"
+            f"{name_or_url}: file name does not follow the ALOS-2 scene naming rule "
+            f"{SCENE_NAME_RULE}"
         )
     if m["mode"] not in SCENE_MODES:
         raise ProductNameError(
@@ -143,7 +147,8 @@ def parse_scene_name(name_or_url: str) -> SceneName:
         date = dt.datetime.strptime(m["date"], "%y%m%d").date()
     except ValueError:
         raise ProductNameError(
-            f"{name_or_url}: acquisition date {m['date']!r} in the file name is not a valid yymmdd date"
+            f"{name_or_url}: acquisition date {m['date']!r} in the file name "
+            "is not a valid yymmdd date"
         ) from None
     return SceneName(
         polarization=m["pol"],
@@ -165,7 +170,8 @@ def parse_mosaic_name(name_or_url: str) -> MosaicTileName:
     m = _MOSAIC_RE.match(base)
     if not m:
         raise ProductNameError(
-            f"{name_or_url}: file name does not follow the PALSAR-2 mosaic naming rule {MOSAIC_NAME_RULE}"
+            f"{name_or_url}: file name does not follow the PALSAR-2 mosaic naming rule "
+            f"{MOSAIC_NAME_RULE}"
         )
     lat = int(m["lat"]) * (1 if m["ns"] == "N" else -1)
     lon = int(m["lon"]) * (1 if m["ew"] == "E" else -1)
@@ -178,7 +184,8 @@ def parse_lulc_name(name_or_url: str) -> LulcTileName:
     m = _LULC_RE.match(base)
     if not m:
         raise ProductNameError(
-            f"{name_or_url}: file name does not follow the HR-LULC tile naming rule {LULC_NAME_RULE}"
+            f"{name_or_url}: file name does not follow the HR-LULC tile naming rule "
+            f"{LULC_NAME_RULE}"
         )
     lat = int(m["lat"]) * (1 if m["ns"] == "N" else -1)
     lon = int(m["lon"]) * (1 if m["ew"] == "E" else -1)

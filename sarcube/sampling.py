@@ -85,7 +85,8 @@ class SamplingParams:
             or not math.isclose(sum(self.split), 1.0, abs_tol=1e-6)
         ):
             raise InputError(
-                f"--split TRAIN VAL TEST must be 3 non-negative fractions summing to 1, got {list(self.split)}"
+                "--split TRAIN VAL TEST must be 3 non-negative fractions summing to 1, "
+                f"got {list(self.split)}"
             )
         for name in ("pretrain_months", "finetune_months"):
             bad = [m for m in getattr(self, name) if not (1 <= int(m) <= 12)]
@@ -94,7 +95,8 @@ class SamplingParams:
         both = set(self.pretrain_months) & set(self.finetune_months)
         if both:
             raise InputError(
-                f"months {sorted(both)} are in both --pretrain-months and --finetune-months (temporal leakage)"
+                f"months {sorted(both)} are in both --pretrain-months and --finetune-months "
+                "(temporal leakage)"
             )
         if not (0.0 <= self.max_nodata <= 1.0):
             raise InputError(f"--max-nodata must be within 0..1, got {self.max_nodata}")
@@ -330,7 +332,8 @@ def sample_patches(
         missing = [m for m in wanted if m not in months]
         if missing and len(missing) == len(wanted):
             raise InputError(
-                f"--{name}-months {list(wanted)}: the cube has no slice in those months (it has {have})"
+                f"--{name}-months {list(wanted)}: "
+                f"the cube has no slice in those months (it has {have})"
             )
     patch = p.patch
     grid = cube.sarcube.grid
@@ -480,11 +483,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         "# Sampling report",
         "",
-        f"Cube: `{report['cube_url']}` — patch grid {report['patch_grid'][0]} × {report['patch_grid'][1]}; "
+        f"Cube: `{report['cube_url']}` — "
+        f"patch grid {report['patch_grid'][0]} × {report['patch_grid'][1]}; "
         f"{report['params']['n_anchors']:,} anchors, seed {report['params']['seed']}.",
         "",
-        f"Spatial patches with ≥ 1 anchor: {report['spatial_patches_with_anchor']}, dropped as only "
-        f"{report['params']['exclude_full']}: {report['spatial_patches_only_excluded_dropped']}, kept: "
+        f"Spatial patches with ≥ 1 anchor: {report['spatial_patches_with_anchor']}, "
+        f"dropped as only {report['params']['exclude_full']}: "
+        f"{report['spatial_patches_only_excluded_dropped']}, kept: "
         f"{report['spatial_patches_kept']}. Patches per split: "
         + ", ".join(f"{k} {v}" for k, v in report["patches_per_split"].items())
         + ".",

@@ -208,7 +208,8 @@ def dask_security(tls_dir: str | os.PathLike):
     missing = [str(d / f) for f in (CA_CERT, CERT, KEY) if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"TLS files missing: {', '.join(missing)} (make them with `sarcube tls-certs --out {d}`)"
+            f"TLS files missing: {', '.join(missing)} "
+            f"(make them with `sarcube tls-certs --out {d}`)"
         )
     ca, cert, key = (str(d / f) for f in (CA_CERT, CERT, KEY))
     return Security(
@@ -247,7 +248,7 @@ def security_for(scheduler_address: str | None, environ: dict[str, str] | None =
         raise InputError(f"{TLS_DIR_ENV}={tls_dir}: {e}") from None
 
 
-# -- `sarcube tls-certs` ----------------------------------------------------------------------------
+# -- `sarcube tls-certs` ---------------------------------------------------------------------------
 
 
 def _warn_if_git_would_see(out: Path) -> None:
@@ -291,15 +292,20 @@ def cmd_tls_certs(args: argparse.Namespace) -> int:
     )
     _warn_if_git_would_see(d)
     print(
-        f"""
-Copy {CA_CERT}, {CERT} and {KEY} (not {CA_KEY}) to every machine of the cluster, readable only by
-the user that runs Dask, then:
-  scheduler: dask scheduler --protocol tls --tls-ca-file {d}/{CA_CERT} --tls-cert {d}/{CERT} --tls-key {d}/{KEY}
-  workers:   dask worker tls://SCHEDULER:8786 --tls-ca-file {d}/{CA_CERT} --tls-cert {d}/{CERT} --tls-key {d}/{KEY}
-  sarcube:   export {TLS_DIR_ENV}={d}; sarcube ingest ... --scheduler tls://SCHEDULER:8786
-  other Dask clients: DASK_DISTRIBUTED__COMM__TLS__CA_FILE={d}/{CA_CERT}
-    DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT={d}/{CERT} DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY={d}/{KEY}
-    DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"""
+        "\n"
+        f"Copy {CA_CERT}, {CERT} and {KEY} (not {CA_KEY}) to every machine of the cluster, "
+        "readable only by\n"
+        "the user that runs Dask, then:\n"
+        f"  scheduler: dask scheduler --protocol tls --tls-ca-file {d}/{CA_CERT} "
+        f"--tls-cert {d}/{CERT} --tls-key {d}/{KEY}\n"
+        f"  workers:   dask worker tls://SCHEDULER:8786 --tls-ca-file {d}/{CA_CERT} "
+        f"--tls-cert {d}/{CERT} --tls-key {d}/{KEY}\n"
+        f"  sarcube:   export {TLS_DIR_ENV}={d}; "
+        "sarcube ingest ... --scheduler tls://SCHEDULER:8786\n"
+        f"  other Dask clients: DASK_DISTRIBUTED__COMM__TLS__CA_FILE={d}/{CA_CERT}\n"
+        f"    DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT={d}/{CERT} "
+        f"DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY={d}/{KEY}\n"
+        "    DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"
     )
     return 0
 

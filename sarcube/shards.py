@@ -1,4 +1,5 @@
-"""``sarcube shards``: the patch index -> WebDataset tar shards + ``manifest.json`` (docs/design.md).
+"""``sarcube shards``: the patch index -> WebDataset tar shards + ``manifest.json``
+(docs/design.md).
 
 One Dask task per shard. Each task opens the cube itself, reads every patch as whole Zarr chunks
 (``hh_db[t, r·256:(r+1)·256, c·256:(c+1)·256]`` and the same window of ``lulc``), builds the
@@ -62,10 +63,11 @@ the cube; otherwise it rewrites the shard from the cube, and the run logs each s
 reports how many it rewrote. The previous manifest's hashes survive a re-run that is itself
 killed (``.sarcube-previous-manifest.json``, removed when the new manifest is written). Without
 any previous manifest (a first run that crashed) a damaged payload outside the spot checks is
-only found with ``verify``. Kept shards are hashed and their
-statistics recomputed from their payload, so the manifest equals that of an uninterrupted run. Files named like shards of the written splits that are not in the plan (left
-by an earlier run with other parameters), and temporary files of killed local writes, are
-deleted before the manifest is written. Memory per task: about twice the shard size.
+only found with ``verify``. Kept shards are hashed and their statistics recomputed from their
+payload, so the manifest equals that of an uninterrupted run. Files named like shards of the
+written splits that are not in the plan (left by an earlier run with other parameters), and
+temporary files of killed local writes, are deleted before the manifest is written. Memory per
+task: about twice the shard size.
 
 The index: the patch index with its ``shard`` column filled (file names of the shards) is written
 next to the shards as ``index.parquet`` (metadata preserved, plus ``shards_url``), and — when the
@@ -438,8 +440,10 @@ def write_shard(
                 hist = _label_hist(lab)
                 if hist != spec.hist:
                     raise ShardError(
-                        f"patch {spec.key}: the cube's labels count {dict(zip(CODES, hist, strict=True))} "
-                        f"pixels per code but the index says {dict(zip(CODES, spec.hist, strict=True))}: "
+                        f"patch {spec.key}: the cube's labels count "
+                        f"{dict(zip(CODES, hist, strict=True))} "
+                        "pixels per code but the index says "
+                        f"{dict(zip(CODES, spec.hist, strict=True))}: "
                         "the index was not made from this cube's labels"
                     )
                 stats.add(sar)
@@ -527,7 +531,8 @@ def _check_index(
     if empty:
         raise ShardError(
             f"index {index_name}: no patches in split(s) {empty} (rows per split: "
-            f"{ {s: int(counts.get(s, 0)) for s in SPLITS} }); pass splits=... to shard only the others"
+            f"{ {s: int(counts.get(s, 0)) for s in SPLITS} }); "
+            "pass splits=... to shard only the others"
         )
     dup = df["patch_id"][df["patch_id"].duplicated()].unique()
     if len(dup):
@@ -539,14 +544,16 @@ def _check_index(
     wrong = [(a, b) for a, b in zip(used["patch_id"], ids, strict=True) if a != b]
     if wrong:
         raise InputError(
-            f"index {index_name}: patch_id disagrees with time/row/col, e.g. {wrong[0][0]!r} vs {wrong[0][1]!r}"
+            f"index {index_name}: patch_id disagrees with time/row/col, "
+            f"e.g. {wrong[0][0]!r} vs {wrong[0][1]!r}"
         )
     grid = cube_grid(root)
     nr, nc = grid.height // grid.chunk, grid.width // grid.chunk
     out = used[(used["row"] < 0) | (used["row"] >= nr) | (used["col"] < 0) | (used["col"] >= nc)]
     if len(out):
         raise InputError(
-            f"index {index_name}: patch {out['patch_id'].iloc[0]} is outside the cube's {nr} × {nc} patch grid"
+            f"index {index_name}: patch {out['patch_id'].iloc[0]} "
+            f"is outside the cube's {nr} × {nc} patch grid"
         )
     if {"lon_min", "lat_min", "lon_max", "lat_max"} <= set(used.columns):
         c = grid.chunk
@@ -814,7 +821,9 @@ def write_shards(
             "seed": int(seed),
             "shard_size_mb": shard_size_mb,
             "min_shards_per_split": int(min_shards_per_split),
-            "shard_count_rule": "min(max(ceil(split bytes / shard size), min_shards_per_split), samples)",
+            "shard_count_rule": (
+                "min(max(ceil(split bytes / shard size), min_shards_per_split), samples)"
+            ),
             "patch_size": patch,
             "crs": CRS,
             "storage_options": redact(so),

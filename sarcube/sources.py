@@ -86,9 +86,15 @@ def _describe_fs_error(url: str, e: Exception) -> str:
         or "403" in text
         or "InvalidAccessKeyId" in text
     ):
-        return f"{url}: access denied (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-option key=/secret=)"
+        return (
+            f"{url}: access denied (check the credentials: "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-option key=/secret=)"
+        )
     if "NoCredentialsError" in text or "Unable to locate credentials" in text:
-        return f"{url}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-option key=/secret=)"
+        return (
+            f"{url}: no S3 credentials found "
+            "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-option key=/secret=)"
+        )
     if isinstance(e, FileNotFoundError) or "NoSuchBucket" in text or "404" in text:
         return f"{url}: not found"
     if (
@@ -196,7 +202,8 @@ def _check_readable(ds, url: str) -> None:
         )
     except Exception as e:
         raise SourceError(
-            f"{url}: pixel data cannot be read (truncated or corrupt file): {str(e).splitlines()[0][:160]}"
+            f"{url}: pixel data cannot be read (truncated or corrupt file): "
+            f"{str(e).splitlines()[0][:160]}"
         ) from None
 
 
@@ -216,7 +223,8 @@ def _check_all_pixels(ds, url: str, nodata: int) -> None:
             valid += int(np.count_nonzero(ds.read(1, window=win) != nodata))
         except Exception as e:
             raise SourceError(
-                f"{url}: pixel data cannot be read at rows {win.row_off}–{win.row_off + win.height} "
+                f"{url}: pixel data cannot be read at rows "
+                f"{win.row_off}–{win.row_off + win.height} "
                 f"(truncated or corrupt file): {str(e).splitlines()[0][:160]}"
             ) from None
     if not valid:
@@ -269,7 +277,8 @@ def inspect_scene(
         name = parse_scene_name(url)
         if name.level == "1.1":
             raise SourceError(
-                f"{url}: level 1.1 (single-look complex) is not supported; expected a geocoded L1.5/L2.1 amplitude GeoTIFF"
+                f"{url}: level 1.1 (single-look complex) is not supported; "
+                "expected a geocoded L1.5/L2.1 amplitude GeoTIFF"
             )
         if name.polarization != "HH":
             raise SourceError(f"{url}: polarization {name.polarization}; the cube holds HH")
@@ -375,7 +384,8 @@ def inspect_lulc(url: str, storage_options: Mapping[str, Any] | None = None) -> 
                 and abs(c0 - round(c0)) < 1e-4
             ):
                 raise SourceError(
-                    f"{url}: expected the HR-LULC 1/12000° grid, found pixel {t.a:.9f}° at origin ({t.c}, {t.f})"
+                    f"{url}: expected the HR-LULC 1/12000° grid, "
+                    f"found pixel {t.a:.9f}° at origin ({t.c}, {t.f})"
                 )
             _check_readable(ds, url)
             check_label_codes(ds, url, DEFAULT_TABLE.codes)

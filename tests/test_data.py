@@ -576,7 +576,8 @@ class Outage:
 
 @pytest.fixture
 def outage(s3, tmp_path):
-    """(Outage, manifest URL, storage options, local reference dir): 'train' split, 4 shards of 6."""
+    """(Outage, manifest URL, storage options, local reference dir): 'train' split, 4 shards
+    of 6."""
     import s3fs
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

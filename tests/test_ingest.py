@@ -3,7 +3,8 @@
 - SAR: the cube's hh_db equals GDAL warping each WHOLE scene's linear power (average, one step)
   onto the cube grid, then 10·log10 — while sarcube warps shard by shard, strip by strip.
 - A hand-made EPSG:4326 scene on the 1/12000° grid: each cube cell is the numpy mean of its 2×2
-  source pixels in linear power, with the footprint-edge rule (< 50 % no data -> mean of the valid ones).
+  source pixels in linear power, with the footprint-edge rule (< 50 % no data -> mean of the
+  valid ones).
 - The real PALSAR-2 mosaic tile: on its own grid, hh_db == 20·log10(DN) − 83 exactly.
 - Labels: an exact copy on coinciding grids; the mode rule on a hand-made example.
 """

@@ -1,4 +1,5 @@
-"""SimMIM mask generator: exact masked-unit counts, block structure, determinism, pixel upsampling."""
+"""SimMIM mask generator: exact masked-unit counts, block structure, determinism, pixel
+upsampling."""
 
 from __future__ import annotations
 

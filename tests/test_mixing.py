@@ -57,7 +57,7 @@ def _np_loss(x, pred_dual, mask_l, weight=None, norm_pix=True):
     return float(np.mean(w * (u - t) ** 2))
 
 
-# -- masks -------------------------------------------------------------------------------------------
+# -- masks -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("ratio", "count"), [(0.5, 32), (0.25, 16), (0.0, 0), (1.0, 64)])
@@ -95,7 +95,7 @@ def test_mask_to_grid_blocks():
         mask_to_grid(m, 12)
 
 
-# -- mixing ------------------------------------------------------------------------------------------
+# -- mixing ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("batch", [2, 4, 6])
@@ -122,7 +122,7 @@ def test_mix_pairs_odd_batch_keeps_middle_image():
     assert torch.equal(mix_pairs(x, m)[1], x[1])
 
 
-# -- patchify ------------------------------------------------------------------------------------------
+# -- patchify --------------------------------------------------------------------------------------
 
 
 def test_patchify_layout_and_roundtrip():
@@ -143,7 +143,7 @@ def test_normalize_patches_matches_numpy():
     torch.testing.assert_close(n * std + mean, t)
 
 
-# -- unmixing ------------------------------------------------------------------------------------------
+# -- unmixing --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("batch", [2, 4])
@@ -180,7 +180,7 @@ def test_dual_mask_fill_branches_are_complementary():
         dual_mask_fill(tok, m[:10], token)
 
 
-# -- loss ------------------------------------------------------------------------------------------------
+# -- loss ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_weight", [False, True])
@@ -215,7 +215,7 @@ def test_loss_weight_of_ones_is_plain_and_weight_has_no_grad():
         mixmae_loss(pred, t, torch.ones(2, 64, 1))
 
 
-# -- figure ----------------------------------------------------------------------------------------------
+# -- figure ----------------------------------------------------------------------------------------
 
 
 def test_plot_mixmae_reconstruction_writes_png(tmp_path):

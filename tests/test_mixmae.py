@@ -1,5 +1,5 @@
-"""MixMAE / SAR-W-MixMAE model: shapes, shift-free Swin, image isolation at every stage, loss wiring,
-overfitting, export into SwinEncoder, the reconstruction figure."""
+"""MixMAE / SAR-W-MixMAE model: shapes, shift-free Swin, image isolation at every stage,
+loss wiring, overfitting, export into SwinEncoder, the reconstruction figure."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def _sar_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _np_loss(x, pred_dual, mask_l, weight=None):
-    """Independent numpy SAR-W-MixMAE loss (float64, per-patch normalised targets, 32-px patches)."""
+    """Independent numpy SAR-W-MixMAE loss (float64, per-patch normalised targets, 32-px
+    patches)."""
     p = 32
     b, c, h, _ = x.shape
     g = h // p
@@ -79,7 +80,7 @@ def tiny() -> MixMAE:
     return _model().eval()
 
 
-# -- structure -----------------------------------------------------------------------------------------
+# -- structure -------------------------------------------------------------------------------------
 
 
 def test_forward_shapes_and_structure(tiny):
@@ -153,7 +154,7 @@ def test_hand_written_block_matches_timm():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-# -- (a) isolation -------------------------------------------------------------------------------------
+# -- (a) isolation ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("window_size", [8, (16, 16, 16, 8)])
@@ -226,13 +227,13 @@ def test_predictions_never_see_the_pixels_they_predict():
         assert torch.count_nonzero(g[allowed]) > 0
 
 
-# -- (b) unmixing through the model's decoder ---------------------------------------------------------
+# -- (b) unmixing through the model's decoder ------------------------------------------------------
 
 
 def test_identity_decoder_unmixes_to_the_targets():
     """The model's decoder with identity layers (decoder width = 32^2 C, no blocks, zero positions,
-    NaN mask token) fed the patchified mixed batch: the visible-side unmix is the targets exactly and
-    every loss-side value is a mask token."""
+    NaN mask token) fed the patchified mixed batch: the visible-side unmix is the targets exactly
+    and every loss-side value is a mask token."""
     model = _model(decoder_dim=1024, decoder_depth=0, decoder_heads=1, norm_pix_loss=False).eval()
     model.decoder_embed = model.decoder_norm = model.decoder_pred = torch.nn.Identity()
     model.decoder_pos_embed.zero_()
@@ -248,7 +249,7 @@ def test_identity_decoder_unmixes_to_the_targets():
     assert int(mask.sum()) == 32  # ratio 0.5 of the 64 units, exactly
 
 
-# -- (c) loss wiring -----------------------------------------------------------------------------------
+# -- (c) loss wiring -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_weight", [False, True])
@@ -297,7 +298,7 @@ def test_grad_checkpointing_is_equivalent():
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
 
 
-# -- (d) overfit ---------------------------------------------------------------------------------------
+# -- (d) overfit -----------------------------------------------------------------------------------
 
 
 def test_overfits_one_batch_with_sar_weight():
@@ -318,7 +319,7 @@ def test_overfits_one_batch_with_sar_weight():
     assert losses[-1] < 0.95 * losses[0], losses
 
 
-# -- (e) export ----------------------------------------------------------------------------------------
+# -- (e) export ------------------------------------------------------------------------------------
 
 
 def test_encoder_loads_strictly_into_swin_tiny():
@@ -372,7 +373,7 @@ def test_mixmae_base_sizes_and_export():
     swin_base().load_state_dict(enc.state_dict(), strict=True)
 
 
-# -- figure --------------------------------------------------------------------------------------------
+# -- figure ----------------------------------------------------------------------------------------
 
 
 def test_reconstruction_figure_from_model(tmp_path, tiny):

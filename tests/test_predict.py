@@ -288,7 +288,8 @@ def test_peak_memory_does_not_grow_with_the_region(tmp_path):
         assert p.returncode == 0, err[-2000:]
         growth[name] = float(out.split("PEAK_GROWTH_MB")[1])
     print(
-        f"\npeak RSS growth: 1024² region {growth['small']:.0f} MB, 4096² region {growth['large']:.0f} MB"
+        f"\npeak RSS growth: 1024² region {growth['small']:.0f} MB, "
+        f"4096² region {growth['large']:.0f} MB"
     )
     assert growth["large"] - growth["small"] < 64, growth
     assert growth["large"] < 604

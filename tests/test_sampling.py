@@ -1,4 +1,5 @@
-"""Category-aware sampling, splits and the patch index, against hand-worked and independent checks."""
+"""Category-aware sampling, splits and the patch index, against hand-worked and independent
+checks."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def test_hand_built_label_cube():
     for c, v in inv.items():
         assert w[c] == pytest.approx(v / s)
     assert w[[0, 4, 5, 7, 8, 10, 11, 13, 14]].sum() == 0
-    # N = 100: exact shares 11.6…, 11.6…, 3.88…, 46.6…, 11.6…, 15.5… -> floors 11,11,3,46,11,15 (97);
-    # the 3 left go to the largest remainders: code 3 (.88), then codes 1 and 2 (.65, ties -> lower).
+    # N = 100: exact shares 11.6…, 11.6…, 3.88…, 46.6…, 11.6…, 15.5… -> floors
+    # 11,11,3,46,11,15 (97); the 3 left go to the largest remainders: code 3 (.88), then codes 1
+    # and 2 (.65, ties -> lower).
     alloc = allocate_anchors(100, w)
     assert {c: int(alloc[c]) for c in inv} == {1: 12, 2: 12, 3: 4, 6: 46, 9: 11, 12: 15}
     bal = balance_patches(hist, 100, seed=0, exclude_full=FOREST_CODES)
@@ -216,7 +218,8 @@ def test_real_national_map_rare_classes_gain_share(hrlulc_250m):
     """Japan's real 250 m HR-LULC map as a label cube (Dask blocks). Patches of 20 px (5 km, the
     paper's 256 px at ~20 m) and the paper's 1,000,000 anchors. The map labels the sea near the
     coast as water (70 % of its pixels); SAR scenes cover land, so open sea — water connected to
-    the map's no-data ocean — is set to no data first, as in sarcube.classes.JAPAN_LAND_SHARES_PCT."""
+    the map's no-data ocean — is set to no data first, as in
+    sarcube.classes.JAPAN_LAND_SHARES_PCT."""
     import dask.array as da
     from scipy import ndimage
 

@@ -1,4 +1,5 @@
-"""SimMIM / SAR-W-SimMIM model: shapes, mask-token replacement, no leakage, loss wiring, overfitting."""
+"""SimMIM / SAR-W-SimMIM model: shapes, mask-token replacement, no leakage, loss wiring,
+overfitting."""
 
 from __future__ import annotations
 

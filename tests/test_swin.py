@@ -1,4 +1,5 @@
-"""Swin encoder: shapes, absolute position embedding, agreement with timm's own Swin, Swin-B size."""
+"""Swin encoder: shapes, absolute position embedding, agreement with timm's own Swin, Swin-B
+size."""
 
 from __future__ import annotations
 

@@ -33,7 +33,10 @@ def main() -> int:
     patched = text
     for op in OPS:
         old = f'@torch.library.register_fake("{op}")'
-        new = f'@(torch.library.register_fake("{op}") if torchvision.extension._has_ops() else (lambda f: f))'
+        new = (
+            f'@(torch.library.register_fake("{op}") '
+            "if torchvision.extension._has_ops() else (lambda f: f))"
+        )
         patched = patched.replace(old, new)
     if patched != text:
         path.write_text(patched)

@@ -519,7 +519,8 @@ class RetryingReader(io.RawIOBase):
 
 
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> RetryingReader:
-    """WebDataset ``gopen`` handler: a ``RetryingReader`` with the settings registered for ``url``."""
+    """WebDataset ``gopen`` handler: a ``RetryingReader`` with the settings registered for
+    ``url``."""
     if mode != "rb":
         raise ValueError(f"{url}: the fsspec opener reads only (mode 'rb'), got {mode!r}")
     return RetryingReader(url)

@@ -516,7 +516,8 @@ def load_model_checkpoint(
     if not isinstance(ck, Mapping) or "model" not in ck or "config" not in ck:
         raise ValueError(
             f"{url}: not a sarcube fine-tuning checkpoint (expected the keys "
-            f"'model' and 'config', got {sorted(ck)[:8] if isinstance(ck, Mapping) else type(ck).__name__})"
+            "'model' and 'config', got "
+            f"{sorted(ck)[:8] if isinstance(ck, Mapping) else type(ck).__name__})"
         )
     method = (ck["config"] or {}).get("method")
     if method != "finetune":
@@ -674,7 +675,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bo
         best = (
             ""
             if t.best is None
-            else f"; best val {BEST_METRIC[cfg.seg.task]} {t.best_value:.4f} (epoch {t.best_epoch}) in {t.best}"
+            else f"; best val {BEST_METRIC[cfg.seg.task]} {t.best_value:.4f} "
+            f"(epoch {t.best_epoch}) in {t.best}"
         )
         print(f"{prefix}: {cfg.seg.task}, {t.step} steps ({t.epoch} epochs){best}")
         if res.report is not None:  # the tables; the confusion matrix stays in the file

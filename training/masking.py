@@ -55,12 +55,12 @@ def simmim_mask(
         device: device of the returned mask (default: the generator's device, else CPU).
 
     Returns:
-        Bool tensor ``(B, img_size / token_size, img_size / token_size)``, ``True`` = masked; constant
-        within each ``(mask_unit / token_size)^2`` block of tokens.
+        Bool tensor ``(B, img_size / token_size, img_size / token_size)``, ``True`` = masked;
+        constant within each ``(mask_unit / token_size)^2`` block of tokens.
 
     Raises:
-        ValueError: non-positive sizes, ``img_size`` not divisible by ``mask_unit``, ``mask_unit`` not
-            divisible by ``token_size``, or ``ratio`` outside ``[0, 1]``.
+        ValueError: non-positive sizes, ``img_size`` not divisible by ``mask_unit``, ``mask_unit``
+            not divisible by ``token_size``, or ``ratio`` outside ``[0, 1]``.
     """
     if batch < 0:
         raise ValueError(f"batch must be >= 0, got {batch}")

@@ -30,11 +30,11 @@ pixels; memory is that of one block per worker (input, accumulators, a batch of 
 independent of the region's size. Blocks run in this process (``workers=0``, or on one GPU with
 ``device="cuda"``), or as tasks on a Dask cluster (``workers`` local processes or a scheduler).
 
-**Resume.** After a block's pixels are written a marker ``<out>.predict/<layer>/t<T>-r<R>-c<C>.json``
-(with the block's confusion matrix and the checkpoint's sha256) is written beside the store (not
-inside it: Zarr would warn about a foreign directory whenever the group is listed); a
-re-run skips blocks whose marker names the same checkpoint, so an interrupted run finishes where it
-stopped and produces the same output.
+**Resume.** After a block's pixels are written a marker
+``<out>.predict/<layer>/t<T>-r<R>-c<C>.json`` (with the block's confusion matrix and the
+checkpoint's sha256) is written beside the store (not inside it: Zarr would warn about a foreign
+directory whenever the group is listed); a re-run skips blocks whose marker names the same
+checkpoint, so an interrupted run finishes where it stopped and produces the same output.
 
 **Outputs.** ``pred_lulc`` (uint8, 9 classes in Table II order, 255 no data) or ``pred_water``
 (uint8 0/1, 255), shaped ``(time, y, x)`` like ``hh_db`` and chunked 256², either in the cube
@@ -473,7 +473,10 @@ def _region(grid: CubeGrid, bbox: Sequence[float] | None) -> tuple[int, int, int
 def _layer_attrs(pr: Predictor, overlap: int, stride: int) -> dict[str, Any]:
     names = list(NINE_CLASS_NAMES) if pr.task == "lulc" else ["not water", "water"]
     return {
-        "long_name": f"predicted {'9-class land cover' if pr.task == 'lulc' else 'water (1) / not water (0)'}",
+        "long_name": (
+            "predicted "
+            f"{'9-class land cover' if pr.task == 'lulc' else 'water (1) / not water (0)'}"
+        ),
         "flag_values": list(range(len(names))),
         "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
         "nodata": NODATA,
@@ -1037,12 +1040,14 @@ def run_args(args: argparse.Namespace) -> int:
     for d, s in res.scores.items():
         if res.task == "lulc":
             print(
-                f"  {d}: mIoU {s['miou']:.3f}, mAcc {s['macc']:.3f}, pixel accuracy {s['pixel_acc']:.3f} "
+                f"  {d}: mIoU {s['miou']:.3f}, mAcc {s['macc']:.3f}, "
+                f"pixel accuracy {s['pixel_acc']:.3f} "
                 "(vs the cube's HR-LULC labels)"
             )
         else:
             print(
-                f"  {d}: water IoU {s['iou']:.3f}, precision {s['precision']:.3f}, recall {s['recall']:.3f}"
+                f"  {d}: water IoU {s['iou']:.3f}, precision {s['precision']:.3f}, "
+                f"recall {s['recall']:.3f}"
             )
     for p in res.panels:
         print(f"  panel: {p}")

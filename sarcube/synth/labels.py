@@ -50,7 +50,8 @@ def fine_index(lon: float, lat: float) -> tuple[float, float]:
 
 @dataclass
 class CoarseTemplate:
-    """Coarse class map on the global 1/480° lattice: cell (i, j) = global coarse (row0+i, col0+j)."""
+    """Coarse class map on the global 1/480° lattice: cell (i, j) = global coarse
+    (row0+i, col0+j)."""
 
     codes: np.ndarray  # (H, W) uint8 JAXA codes, 0 = no data (open sea)
     row0: int

@@ -66,7 +66,8 @@ def value_noise(row0: int, col0: int, h: int, w: int, cell: int, seed: int) -> n
 def fractal_noise(
     row0: int, col0: int, h: int, w: int, cells: tuple[int, ...], seed: int
 ) -> np.ndarray:
-    """Sum of value-noise octaves (amplitude halves with each cell size), scaled to about [-1, 1]."""
+    """Sum of value-noise octaves (amplitude halves with each cell size), scaled to about
+    [-1, 1]."""
     out = np.zeros((h, w), dtype=np.float32)
     amp, total = 1.0, 0.0
     for i, cell in enumerate(cells):

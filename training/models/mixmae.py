@@ -262,7 +262,8 @@ class MixMAE(nn.Module):
         self._init_decoder()
 
     def _init_decoder(self) -> None:
-        # As MixMAE/Swin: trunc-normal(.02) linears with zero bias, LayerNorm (1, 0), mask token .02.
+        # As MixMAE/Swin: trunc-normal(.02) linears with zero bias, LayerNorm (1, 0), mask token
+        # .02.
         trunc_normal_(self.mask_token, std=0.02)
         for mod in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
             for m in mod.modules():

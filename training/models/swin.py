@@ -17,7 +17,8 @@ Parameter names (the encoder ``state_dict`` is what pretraining exports for fine
                                        official Swin/SimMIM checkpoints
     layers.{i}.downsample.*            PatchMerging at the *start* of stages 1..3 (timm layout;
                                        the Microsoft layout has it at the end of stages 0..2)
-    layers.{i}.blocks.{j}.*            Swin blocks (norm1, attn.{qkv,proj,relative_position_bias_table},
+    layers.{i}.blocks.{j}.*            Swin blocks (norm1,
+                                       attn.{qkv,proj,relative_position_bias_table},
                                        norm2, mlp.{fc1,fc2})
     norm.{weight,bias}                 LayerNorm(C3) after the last stage
 
@@ -84,9 +85,9 @@ class SwinEncoder(nn.Module):
             raise ValueError(
                 f"img_size ({img_size}) must be divisible by patch_size ({patch_size})"
             )
-        # timm builds and initialises everything (trunc-normal .02 linears, zero biases); we keep its
-        # modules under the same attribute names but not the classifier head, and do not subclass:
-        # timm's `num_features` is an int used by its head code, ours is a per-stage list.
+        # timm builds and initialises everything (trunc-normal .02 linears, zero biases); we keep
+        # its modules under the same attribute names but not the classifier head, and do not
+        # subclass: timm's `num_features` is an int used by its head code, ours is a per-stage list.
         swin = SwinTransformer(
             img_size=img_size,
             patch_size=patch_size,

@@ -4,7 +4,7 @@
 
     x (B, Cin, H, W)
     --SwinEncoder.forward_intermediates(norm=True)-->
-        embed (B, C0, H/4)   s0 (B, C0, H/4)   s1 (B, 2C0, H/8)   s2 (B, 4C0, H/16)   s3 (B, 8C0, H/32)
+        embed (B, C0, H/4)  s0 (B, C0, H/4)  s1 (B, 2C0, H/8)  s2 (B, 4C0, H/16)  s3 (B, 8C0, H/32)
     --UPerHead--> (B, C, H/4)
         PPM(1, 2, 3, 6) on s3; FPN top-down over s0..s3; every level resized to H/4;
         [(i) + projected embed]; concat -> 3x3 ConvGNAct (the fusion)
