@@ -36,7 +36,6 @@ __all__ = [
     "DistInfo",
     "all_gather_object",
     "all_reduce_mean",
-    "all_reduce_sum",
     "barrier",
     "cleanup",
     "detect",
@@ -230,13 +229,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if _active():
         dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; returns ``t`` (unchanged in a single process)."""
-    if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -43,11 +43,6 @@ class TemplateError(InputError):
     """The LULC template cannot serve the requested area."""
 
 
-def fine_index(lon: float, lat: float) -> tuple[float, float]:
-    """Global fine-grid (row, col) coordinate of a point (fractional)."""
-    return (90.0 - lat) * FINE_PER_DEG, (lon + 180.0) * FINE_PER_DEG
-
-
 @dataclass
 class CoarseTemplate:
     """Coarse class map on the global 1/480° lattice: cell (i, j) = global coarse
