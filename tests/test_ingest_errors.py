@@ -85,12 +85,6 @@ def _corrupt_middle(src: str, dst: Path) -> str:
     return str(dst)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Each case: (id, new date yymmdd or None, builder(src, dir) -> path, expected message parts).
 # The expected parts are written here from the issue, independently of the code's messages.
 def _cases():
@@ -305,9 +299,18 @@ def test_nothing_ingested_fails_naming_each_file(with_bbox, good, bad_files, tmp
 # Object storage
 
 
-def test_unreachable_endpoint(good, tmp_path, dask_client):
+@pytest.fixture
+def refused_port():
+    """A local port that refuses connections for the whole test: bound, never listening (a port
+    merely found free could be taken meanwhile by another test's server, e.g. under xdist)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def test_unreachable_endpoint(good, tmp_path, dask_client, refused_port):
     scenes, lulc, dates = good[0][:1], good[1], good[2][:1]
-    port = _free_port()  # nothing listens there
+    port = refused_port
     so = {
         "key": "k",
         "secret": "s",
