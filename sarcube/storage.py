@@ -150,11 +150,18 @@ def gdal_env(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]
 
     A custom endpoint (``http://127.0.0.1:PORT``) needs AWS_S3_ENDPOINT without the scheme,
     AWS_HTTPS=NO for plain http, and path-style addressing (AWS_VIRTUAL_HOSTING=FALSE).
+
+    CPL_VSIL_CURL_NON_CACHED=/vsis3/: GDAL's process-wide /vsicurl/ cache otherwise outlives the
+    dataset, so a later open in the same process (a Dask worker, a notebook) is served what an
+    earlier one saw: an object replaced on S3 keeps its old bytes (defeating the hashes sarcube
+    checks), and a read that failed during an S3 outage makes the object "not a supported file
+    format" until the process ends. Blocks are still cached while a dataset is open.
     """
     so = dict(storage_options or {})
     env: dict[str, Any] = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
         "CPL_VSIL_GZIP_WRITE_PROPERTIES": "NO",
+        "CPL_VSIL_CURL_NON_CACHED": "/vsis3/",
     }
     ep = endpoint_url(so)
     if ep:

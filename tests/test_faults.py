@@ -103,6 +103,42 @@ def outage_s3():
         o.stop()
 
 
+def test_gdal_reopens_what_s3_holds_now(outage_s3, tmp_path):
+    """In one process (a Dask worker, a notebook), GDAL's /vsicurl/ cache must not outlive a
+    dataset: an open that failed while S3 was away, and an object replaced since the last open,
+    are read afresh. (Without CPL_VSIL_CURL_NON_CACHED the first reopen reports "not recognized
+    as being in a supported file format" and the second returns the old pixels; found when the
+    outage re-run below failed on one CI run in three.)"""
+    import rasterio
+    import s3fs
+    from affine import Affine
+
+    from sarcube.storage import gdal_path, rasterio_env
+
+    o, so = outage_s3
+    fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
+    fs.mkdir("gdalcache")
+    profile = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:4326")
+    profile["transform"] = Affine(1 / 12000, 0, 140, 0, -1 / 12000, 36)
+    for value in (1, 2):
+        with rasterio.open(tmp_path / f"{value}.tif", "w", **profile) as ds:
+            ds.write(np.full((1, 64, 64), value, np.uint8))
+    url = "s3://gdalcache/a.tif"
+
+    def read() -> int:
+        with rasterio_env(so), rasterio.open(gdal_path(url)) as ds:
+            return int(ds.read(1)[0, 0])
+
+    fs.put(str(tmp_path / "1.tif"), url)
+    o.stop()
+    with pytest.raises(rasterio.errors.RasterioIOError, match="connect"):
+        read()
+    o.start()
+    assert read() == 1
+    fs.put(str(tmp_path / "2.tif"), url)
+    assert read() == 2
+
+
 @pytest.mark.slow
 def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, dask_client):
     """The S3 server goes away for 3 s while an ingest writes an S3 cube. The run either rides
