@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo-output
 
-.PHONY: env demo test test-fast lint format bench clean
+.PHONY: env demo test test-fast lint format bench bench-full clean
 
 env:
 	@bash tools/bootstrap.sh
@@ -38,8 +38,15 @@ format: env
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Every benchmark in its --quick mode (a smoke run: results go to benchmarks/results/*-quick.json);
+# `make bench-full` for the figures the README quotes.
+BENCHMARKS := ingest sampling shards loader train_step predict
+
 bench: env
-	for b in ingest sampling shards loader train_step predict; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
+
+bench-full: env
+	for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
