@@ -7,7 +7,9 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Hashable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+Key = TypeVar("Key", bound=Hashable)
 
 log = logging.getLogger("sarcube.cluster")
 
@@ -97,13 +99,13 @@ def task_key(name: str) -> str:
 
 
 def run_tasks(
-    client, futures: Mapping[Hashable, Any], desc: str, progress: bool = True
-) -> dict[Hashable, Any]:
+    client, futures: Mapping[Key, Any], desc: str, progress: bool = True
+) -> dict[Key, Any]:
     """Wait for futures with a progress bar; returns {key: result, or the exception it raised}."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    results: dict[Hashable, Any] = {}
+    results: dict[Key, Any] = {}
     if not futures:
         return results
     by_future_key = {f.key: k for k, f in futures.items()}

@@ -97,17 +97,17 @@ def run_demo(
 
     t0 = time.perf_counter()
     print(f"[3/{n}] sample: category-aware patch sampling, month and block splits", flush=True)
-    res = sample_patches(
+    sampled = sample_patches(
         cube_url,
         str(out / "index.parquet"),
         SamplingParams(n_anchors=DEMO_ANCHORS, block=DEMO_SPLIT_BLOCK),
     )
-    counts = res.index.groupby("split").size().to_dict()
+    counts = sampled.index.groupby("split").size().to_dict()
     print("  patches per split: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     summary["stages"]["sample"] = {
         "seconds": round(time.perf_counter() - t0, 1),
         "patches": counts,
-        **res.files,
+        **sampled.files,
     }
 
     t0 = time.perf_counter()

@@ -300,13 +300,13 @@ def inspect_scene(
             raise SourceError(
                 f"{url}: polarization {tile.polarization}; the cube holds HH"
             ) from None
-        date = _mosaic_date(url, storage_options) or mosaic_date
-        if date is None:
+        mosaic_day = _mosaic_date(url, storage_options) or mosaic_date
+        if mosaic_day is None:
             raise SourceError(
                 f"{url}: no acquisition date: expected the JAXA XML beside it "
                 "(FirstAcquisitionDate) or --mosaic-date YYYY-MM-DD"
             ) from None
-        kind, product_id, nodata = "mosaic", tile.product_id, 1  # mosaics mark no data with DN 1
+        kind, product_id, date, nodata = "mosaic", tile.product_id, mosaic_day, 1  # no data: DN 1
         name_fields = {"year": tile.year, "version": tile.version}
     try:
         cf = calibration_factor(kind)
@@ -344,7 +344,12 @@ def inspect_scene(
                 transform=tuple(ds.transform)[:6],
                 width=ds.width,
                 height=ds.height,
-                bounds_4326=tuple(float(b) for b in bounds),
+                bounds_4326=(
+                    float(bounds[0]),
+                    float(bounds[1]),
+                    float(bounds[2]),
+                    float(bounds[3]),
+                ),
                 sha256="",
                 name_fields=name_fields,
             )

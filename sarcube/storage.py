@@ -66,9 +66,9 @@ def local_output(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     else:
         dest = Path(url.removeprefix("file://")).absolute()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.partial")
-        yield tmp
-        os.replace(tmp, dest)
+        partial = dest.with_name(f".{dest.name}.partial")
+        yield partial
+        os.replace(partial, dest)
 
 
 def is_local_fs(fs) -> bool:

@@ -318,11 +318,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise bad  # pragma: no cover - schema types are covered above
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _section_classes() -> dict[str, type]:
+def _section_classes() -> dict[str, Any]:
     return {k: v for k, v in _hints(Config).items() if dataclasses.is_dataclass(v)}
 
 

@@ -81,7 +81,10 @@ def class_colors(task: str, num_classes: int) -> list[tuple[float, float, float]
         from matplotlib import colormaps
 
         tab20 = colormaps["tab20"]
-        return [tuple(float(c) for c in tab20(i % 20)[:3]) for i in range(num_classes)]
+        return [
+            (float(r), float(g), float(b))
+            for r, g, b in (tab20(i % 20)[:3] for i in range(num_classes))
+        ]
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -255,8 +258,10 @@ def write_evaluation_report(
     else:
         # A panels.png left by an earlier report in this folder would not match this one.
         paths["panels_png"].unlink(missing_ok=True)
-        paths["panels_png"] = None
-    return {**paths, "scores": scores}
+    written: dict[str, Any] = {**paths, "scores": scores}
+    if not checked_panels:
+        written["panels_png"] = None
+    return written
 
 
 # --------------------------------------------------------------------------- validation

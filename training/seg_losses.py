@@ -298,6 +298,8 @@ class FocalDiceLoss(nn.Module):
     into α by :func:`alpha_from_frequencies`).
     """
 
+    alpha: Tensor  # a buffer (declared for the type checker: nn.Module.__getattr__ is untyped)
+
     def __init__(
         self,
         alpha: Sequence[float] | Tensor | None = None,
@@ -313,7 +315,7 @@ class FocalDiceLoss(nn.Module):
         super().__init__()
         if (alpha is None) == (class_freqs is None):
             raise ValueError("FocalDiceLoss needs exactly one of `alpha` or `class_freqs`")
-        a = alpha_from_frequencies(class_freqs) if alpha is None else torch.as_tensor(alpha)
+        a = torch.as_tensor(alpha) if class_freqs is None else alpha_from_frequencies(class_freqs)
         self.register_buffer("alpha", a.detach().clone().to(torch.float32))
         self.lambda_focal, self.lambda_dice = lambda_focal, lambda_dice
         self.gamma, self.alpha_scale = gamma, alpha_scale
@@ -342,6 +344,8 @@ class FocalDiceLoss(nn.Module):
 
 class CELoss(nn.Module):
     """Module form of :func:`cross_entropy_loss` (optional ``weight`` kept as a buffer)."""
+
+    weight: Tensor | None  # a buffer (declared for the type checker)
 
     def __init__(
         self,

@@ -93,14 +93,14 @@ def read_template(
     with ds:
         if ds.crs is None or ds.crs.to_epsg() != 4326:
             raise TemplateError(f"{path}: LULC template must be in EPSG:4326, found {ds.crs}")
-        a, _, x0, _, e, y0 = ds.transform[:6]
+        a, _, x0, _, e_y, y0 = ds.transform[:6]
         if not (
             np.isclose(a * COARSE_PER_DEG, 1, atol=1e-6)
-            and np.isclose(-e * COARSE_PER_DEG, 1, atol=1e-6)
+            and np.isclose(-e_y * COARSE_PER_DEG, 1, atol=1e-6)
         ):
             raise TemplateError(
                 f"{path}: LULC template pixel must be 1/{COARSE_PER_DEG}° (the 250 m HR-LULC map), "
-                f"found {a:.8f}° × {-e:.8f}°"
+                f"found {a:.8f}° × {-e_y:.8f}°"
             )
         trow0 = round((90.0 - y0) * COARSE_PER_DEG)
         tcol0 = round((x0 + 180.0) * COARSE_PER_DEG)

@@ -18,7 +18,7 @@ _P1 = np.uint64(0xD6E8FEB86659FD93)
 _P2 = np.uint64(0xCA5A826395121157)
 
 
-def hash_uniform(iy: np.ndarray, ix: np.ndarray, seed: int) -> np.ndarray:
+def hash_uniform(iy: np.ndarray | int, ix: np.ndarray | int, seed: int) -> np.ndarray:
     """Uniform [0, 1) float64 from integer lattice coordinates (broadcast) and a seed."""
     iy = np.asarray(iy, dtype=np.int64).astype(np.uint64)
     ix = np.asarray(ix, dtype=np.int64).astype(np.uint64)
@@ -78,6 +78,6 @@ def fractal_noise(
     return out
 
 
-def cell_hash(iy: np.ndarray, ix: np.ndarray, seed: int) -> np.ndarray:
+def cell_hash(iy: np.ndarray | int, ix: np.ndarray | int, seed: int) -> np.ndarray:
     """Uniform [0, 1) per integer cell (parcels, point scatterers), float32."""
     return hash_uniform(iy, ix, seed).astype(np.float32)

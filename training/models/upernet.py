@@ -181,7 +181,7 @@ class UPerHead(nn.Module):
                 raise ValueError("hires_injection needs embed_channels (the encoder's C0)")
             hires_channels = hires_channels or channels
             # (B, C0, H/4) -> (B, Ch, H/4): the embed map has no LayerNorm after the APE add.
-            self.hires_proj = nn.Sequential(
+            self.hires_proj: nn.Sequential | None = nn.Sequential(
                 LayerNorm2d(embed_channels),
                 ConvGNAct(embed_channels, hires_channels, 1, gn_groups),
             )
@@ -304,7 +304,7 @@ class UPerNetSegmenter(nn.Module):
                     f"refine_channels needs {n_up} widths (x2 steps from stride {stride0}), "
                     f"got {list(refine_channels)}"
                 )
-            self.refine = RefineUp(channels, refine_channels, gn_groups)
+            self.refine: RefineUp | None = RefineUp(channels, refine_channels, gn_groups)
             cls_in = self.refine.out_channels
         else:
             self.refine = None
@@ -324,7 +324,7 @@ class UPerNetSegmenter(nn.Module):
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
         nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        nn.init.zeros_(self.classifier.bias)  # type: ignore[arg-type]  # Conv2d(bias=True)
 
     def forward_decoder(self, feats: Sequence[Tensor]) -> Tensor:
         """Encoder maps ``[embed, s0..s3]`` -> logits at H (refine-up) or H/4 (baseline)."""
