@@ -1,11 +1,15 @@
-"""The JAXA HR-LULC class tables: codes, names, colours and the 9-class map of the papers.
+"""The JAXA HR-LULC class tables, the 9-class map of the papers, and the segmentation tasks.
 
 The class table is data, versioned by product release, so that a newer release (v25.04 adds
-code 15, rock reef / tidal flat) is a new table, not a hunt for scattered constants.
+code 15, rock reef / tidal flat) is a new table, not a hunt for scattered constants. The same
+holds for the two fine-tuning tasks: everything that differs between "lulc" and "water" (class
+names, logit channels, label lookup, the score that selects ``best.pt``, colours) is one row of
+``SEGMENTATION_TASKS``, read by fine-tuning, prediction and the reports.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,11 +36,14 @@ class ClassTable:
     def codes(self) -> tuple[int, ...]:
         return tuple(c.code for c in self.classes)
 
-    def name(self, code: int) -> str:
+    def lookup(self, code: int) -> LulcClass:
         for c in self.classes:
             if c.code == code:
-                return c.name
+                return c
         raise KeyError(f"code {code} is not in HR-LULC {self.version} (codes {self.codes})")
+
+    def name(self, code: int) -> str:
+        return self.lookup(code).name
 
     def colormap(self) -> dict[int, tuple[int, int, int, int]]:
         """GDAL colour table: code -> RGBA, with code 0 (no data) transparent."""
@@ -105,6 +112,40 @@ def water_lut() -> np.ndarray:
     return lut
 
 
+def focal_alpha(freqs, atol: float = 1e-4) -> np.ndarray:
+    """Class weights α of eq. 1 of arXiv 2601.15705: α_k = (1 − f_k) / Σ_j (1 − f_j).
+
+    The one definition: the sampling report (α of the sampled train split) and the focal loss
+    (``training.seg_losses.alpha_from_frequencies``) both call it.
+
+    Args:
+        freqs: ``(K,)`` pixel frequency of each class (non-negative, sum 1, K ≥ 2). Pass
+            frequencies, not counts: normalise counts with ``counts / counts.sum()``.
+        atol: tolerance on ``|Σ f − 1|``.
+
+    Returns:
+        ``(K,)`` float64 summing to 1 (e.g. f = (0.5, 0.3, 0.2) → α = (0.25, 0.35, 0.4)).
+
+    Raises:
+        ValueError: not a vector of K ≥ 2, a negative or non-finite value, or a sum ≠ 1.
+    """
+    f = np.asarray(freqs, dtype=np.float64)
+    if f.ndim != 1 or f.size < 2:
+        raise ValueError(
+            f"freqs must be a 1-D vector of K >= 2 class frequencies, got {tuple(f.shape)}"
+        )
+    if not np.isfinite(f).all() or (f < 0).any():
+        raise ValueError(f"class frequencies must be finite and >= 0, got {f.tolist()}")
+    total = float(f.sum())
+    if abs(total - 1.0) > atol:
+        raise ValueError(
+            f"class frequencies must sum to 1 (got {total:.6g}); pass pixel counts divided by "
+            "their total"
+        )
+    w = 1.0 - f
+    return w / w.sum()
+
+
 # Share (%) of each code on Japan's land, measured once from the real national map
 # ../shared/realdata/hrlulc_japan_v23.12_250m/JAXA_HRLULC_Japan_v23.12_250m.tif (8,933,126 px):
 # open sea is removed as every code-1 pixel connected (8-neighbour) to code 0 (open ocean), so
@@ -127,3 +168,75 @@ JAPAN_LAND_SHARES_PCT: dict[int, float] = {
     13: 2.616,
     14: 0.320,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The segmentation tasks
+
+WATER_CLASS_NAMES = ("not water", "water")
+NOT_WATER_RGB = (217, 217, 217)  # light grey: the water task's background class
+
+
+@dataclass(frozen=True)
+class SegmentationTask:
+    """The facts of one fine-tuning task, in one place.
+
+    Attributes:
+        name: the task's name in configs, shards and stores ("lulc", "water").
+        class_names: class id -> name; ``num_classes`` of them in the confusion matrix.
+        num_outputs: logit channels of the segmentation head: K for a softmax over K classes,
+            1 for a binary task scored with a sigmoid.
+        best_metric: the validation score (a key of the task's scores) that selects ``best.pt``.
+        label_lut: JAXA code -> class id, IGNORE_INDEX for no data ((256,) uint8).
+        rgb: class id -> 0-255 RGB, for figures, legends and COG colour tables.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    num_outputs: int
+    best_metric: str
+    label_lut: Callable[[], np.ndarray]
+    rgb: tuple[tuple[int, int, int], ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def binary(self) -> bool:
+        """True when the head has one logit (sigmoid) for two classes."""
+        return self.num_outputs == 1
+
+
+def _nine_class_rgb() -> tuple[tuple[int, int, int], ...]:
+    """Each of the 9 classes takes the JAXA colour of its first code (forest: code 6)."""
+    return tuple(DEFAULT_TABLE.lookup(codes[0]).rgb for _, codes in NINE_CLASSES)
+
+
+SEGMENTATION_TASKS: dict[str, SegmentationTask] = {
+    "lulc": SegmentationTask(
+        "lulc", NINE_CLASS_NAMES, len(NINE_CLASS_NAMES), "miou", nine_class_lut, _nine_class_rgb()
+    ),
+    "water": SegmentationTask(
+        "water",
+        WATER_CLASS_NAMES,
+        1,
+        "iou",
+        water_lut,
+        (NOT_WATER_RGB, DEFAULT_TABLE.lookup(1).rgb),
+    ),
+}
+
+
+def segmentation_task(name: str) -> SegmentationTask:
+    """The row of ``SEGMENTATION_TASKS`` for a task name.
+
+    Raises:
+        ValueError: an unknown task, naming the known ones.
+    """
+    try:
+        return SEGMENTATION_TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown task {name!r}; expected one of {tuple(SEGMENTATION_TASKS)}"
+        ) from None

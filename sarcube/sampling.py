@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .classes import DEFAULT_TABLE, FOREST_CODES, NINE_CLASS_NAMES, nine_class_lut
+from .classes import DEFAULT_TABLE, FOREST_CODES, NINE_CLASS_NAMES, focal_alpha, nine_class_lut
 from .errors import InputError
 from .index import (
     CODES,
@@ -258,13 +258,12 @@ def class_shares(counts: np.ndarray) -> dict[int, float]:
 
 
 def alpha_from_counts(counts: np.ndarray) -> list[float]:
-    """α_k = (1 − f_k)/Σ(1 − f_j) on the 9-class map from code pixel counts (index 0..15)."""
+    """``focal_alpha`` (eq. 1) of the 9-class map, from code pixel counts (index 0..15)."""
     lut = nine_class_lut()
     nine = np.zeros(len(NINE_CLASS_NAMES), dtype=np.float64)
     for code in CODES:
         nine[lut[code]] += counts[code]
-    f = nine / nine.sum()
-    return list((1 - f) / (1 - f).sum())
+    return list(focal_alpha(nine / nine.sum()))
 
 
 def assign_blocks(

@@ -36,6 +36,7 @@ __all__ = [
     "DistInfo",
     "all_gather_object",
     "all_reduce_mean",
+    "all_reduce_sum",
     "barrier",
     "cleanup",
     "detect",
@@ -231,12 +232,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (every rank must call it); a no-op in a single process.
+
+    The one all-reduce of the package. NCCL only reduces GPU tensors, so under NCCL a CPU tensor
+    (a confusion matrix, a sample count) goes through a GPU copy. Use the return value: it is
+    ``t`` itself, summed in place, except after such a copy (a new tensor on ``t``'s device).
+    """
+    if not _active():
+        return t
+    work = t
+    if dist.get_backend() == dist.Backend.NCCL and t.device.type != "cuda":
+        work = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work if work is t else work.to(t.device)
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, in place (sum / world size); returns ``t``."""
-    if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(dist.get_world_size())
-    return t
+    """Mean over ranks (sum / world size): :func:`all_reduce_sum`, then a division."""
+    if not _active():
+        return t
+    return all_reduce_sum(t).div_(dist.get_world_size())
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-IGNORE_INDEX = 255  # same value as sarcube.classes.IGNORE_INDEX
+from sarcube.classes import IGNORE_INDEX
+
+from .distributed import all_reduce_sum
 
 ABSENT_CLASS_NOTE = (
     "Per-class IoU is NaN for a class absent from both truth and prediction (TP+FP+FN = 0); "
@@ -109,12 +110,7 @@ class ConfusionMatrix:
         multiply the counts by the world size."""
         if self.reduced:
             raise RuntimeError("all_reduce() called twice: the counts would be summed again")
-        if dist.is_available() and dist.is_initialized():
-            t = self.matrix
-            if dist.get_backend() == dist.Backend.NCCL and t.device.type != "cuda":
-                t = t.to(torch.device("cuda", torch.cuda.current_device()))  # NCCL: GPU tensors
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            self.matrix = t.to(self.matrix.device)
+        self.matrix = all_reduce_sum(self.matrix)
         self.reduced = True
 
     def compute(self) -> Tensor:

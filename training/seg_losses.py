@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = 255  # same value as sarcube.classes.IGNORE_INDEX (kept local: no data-side import)
+from sarcube.classes import IGNORE_INDEX, focal_alpha
 
 # Paper defaults (arXiv 2601.15705 §II-C).
 ALPHA_SCALE = 2.25
@@ -74,7 +74,7 @@ def _valid_and_labels(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor
 def alpha_from_frequencies(
     freqs: Sequence[float] | np.ndarray | Tensor, atol: float = 1e-4
 ) -> Tensor:
-    """Class weights α of eq. 1: α_k = (1 − f_k) / Σ_j (1 − f_j).
+    """Class weights α of eq. 1 as a tensor: :func:`sarcube.classes.focal_alpha` (the formula).
 
     Args:
         freqs: ``(K,)`` pixel frequency of each class in the train split (non-negative, sum 1,
@@ -85,23 +85,8 @@ def alpha_from_frequencies(
         ``(K,)`` float32 tensor summing to 1 (e.g. f = (0.5, 0.3, 0.2) → α = (0.25, 0.35, 0.4)).
     """
     if torch.is_tensor(freqs):
-        f = freqs.detach().to(device="cpu", dtype=torch.float64)
-    else:
-        f = torch.as_tensor(np.asarray(freqs, dtype=np.float64))
-    if f.ndim != 1 or f.numel() < 2:
-        raise ValueError(
-            f"freqs must be a 1-D vector of K >= 2 class frequencies, got {tuple(f.shape)}"
-        )
-    if not torch.isfinite(f).all() or (f < 0).any():
-        raise ValueError(f"class frequencies must be finite and >= 0, got {f.tolist()}")
-    total = float(f.sum())
-    if abs(total - 1.0) > atol:
-        raise ValueError(
-            f"class frequencies must sum to 1 (got {total:.6g}); pass pixel counts divided by "
-            "their total"
-        )
-    w = 1.0 - f
-    return (w / w.sum()).to(torch.float32)
+        freqs = freqs.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return torch.from_numpy(focal_alpha(freqs, atol)).to(torch.float32)
 
 
 def focal_loss(
