@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import InputError, SarcubeError
+from .errors import InputError, run_command
+from .storage import add_storage_option_argument
 from .training_arguments import (
     add_evaluate_arguments,
     add_finetune_arguments,
@@ -54,13 +54,7 @@ def _add_synth_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--looks", type=float, default=3.0, help="speckle looks (default 3)")
     p.add_argument("--direction", choices=("A", "D"), default="D", help="pass direction")
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec/s3fs option for s3:// outputs, e.g. endpoint_url=http://host:9000",
-    )
+    add_storage_option_argument(p)
 
 
 def _synth_kwargs(args: argparse.Namespace) -> dict:
@@ -411,13 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=50.0,
         help="a cell is no data when at least this %% of its source pixels are (default 50)",
     )
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec/s3fs option, e.g. endpoint_url=http://host:9000 (repeatable)",
-    )
+    add_storage_option_argument(p)
     add_lock_arguments(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -454,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-nodata", type=float, default=0.0, help="max no-data share of a patch (default 0)"
     )
     p.add_argument("--block", type=int, default=4, help="split block size in patches (default 4)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_storage_option_argument(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -482,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--scheduler", help="address of a running Dask scheduler")
     g.add_argument("--workers", type=int, help="LocalCluster worker processes (default 2)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_storage_option_argument(p)
     p.add_argument(
         "--verify",
         action="store_true",
@@ -539,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", required=True, help="encoder.pth for the pretrained variants")
     p.add_argument("--out", required=True, help="output directory or URL")
     p.add_argument("--config", default="finetune_tiny", help="profile (default %(default)s)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_storage_option_argument(p)
     p.add_argument(
         "overrides",
         nargs="*",
@@ -569,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="break even a live lock (its writer may corrupt)"
     )
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_storage_option_argument(p)
     p.set_defaults(func=cmd_unlock)
 
     p = sub.add_parser(
@@ -617,33 +605,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             "distributed.worker",
         ):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        return args.func(args)
-    except SarcubeError as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"sarcube {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # storage failures (missing bucket, denied, no credentials): one line
-        from .storage import storage_error_message
+    return run_command(
+        lambda: args.func(args),
+        f"sarcube {args.command}",
+        args.verbose,
+        describe=[lambda e: _storage_failure(e, args)],
+    )
 
-        msg = storage_error_message(e)
-        if msg is None:
-            raise
-        if args.verbose:
-            traceback.print_exc()
-        if "://" not in msg:  # s3fs does not say which object: name the command's URLs
-            urls = [
-                f"--{k.replace('_', '-')} {v}"
-                for k, v in sorted(vars(args).items())
-                if k in _URL_ARGUMENTS and isinstance(v, str) and "://" in v
-            ]
-            msg += f" (on {', '.join(urls)})" if urls else ""
-        print(f"sarcube {args.command}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sarcube {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+def _storage_failure(e: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for a storage failure (missing bucket, denied, no credentials), or ``None``."""
+    from .storage import storage_error_message
+
+    msg = storage_error_message(e)
+    if msg is not None and "://" not in msg:  # s3fs does not say which object: name the URLs
+        urls = [
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in sorted(vars(args).items())
+            if k in _URL_ARGUMENTS and isinstance(v, str) and "://" in v
+        ]
+        msg += f" (on {', '.join(urls)})" if urls else ""
+    return msg
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import fsspec
-
 SECRET_KEYS = (
     "key",
     "secret",
@@ -35,6 +33,8 @@ def is_remote(url: str) -> bool:
 
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None):
     """(filesystem, path) for a URL; local paths are made absolute."""
+    import fsspec  # on first use: the command-line parser imports this module (fast --help)
+
     url = str(url)
     if not is_remote(url):
         url = os.path.abspath(url.removeprefix("file://"))
@@ -102,6 +102,20 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
     """Write ``data`` at a URL (local path or ``s3://…``) atomically; see ``put_bytes``."""
     fs, path = url_to_fs(url, storage_options)
     put_bytes(fs, path, data)
+
+
+STORAGE_OPTION_HELP = (
+    "fsspec/s3fs option for s3:// URLs, e.g. endpoint_url=http://host:9000, anon=true "
+    "(repeatable; credentials also from the usual AWS_* variables)"
+)
+
+
+def add_storage_option_argument(parser, help: str = STORAGE_OPTION_HELP) -> None:
+    """Declare ``--storage-option KEY=VALUE`` (repeatable) on an argparse parser: the one
+    declaration of every command's storage options, read back by :func:`parse_storage_options`."""
+    parser.add_argument(
+        "--storage-option", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .storage import add_storage_option_argument
+
 __all__ = [
     "add_evaluate_arguments",
     "add_finetune_arguments",
@@ -26,14 +28,7 @@ def add_run_arguments(p: argparse.ArgumentParser, overrides_example: str) -> Non
         "--out", required=True, help="output directory or URL (local, s3://bucket/prefix)"
     )
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec/s3fs option for the manifest, shards, weights and output, e.g. "
-        "endpoint_url=http://host:9000 (repeatable)",
-    )
+    add_storage_option_argument(p)
     p.add_argument(
         "overrides",
         nargs="*",
@@ -92,7 +87,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes (default 0)")
     p.add_argument("--panels", type=int, default=4, help="SAR | prediction | truth panels")
     p.add_argument("--method", default=None, help="first cell of the table row")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_storage_option_argument(p)
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,7 +139,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cog", default=None, help="also export a Cloud-Optimized GeoTIFF of the first date"
     )
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_storage_option_argument(p)
     add_lock_arguments(p)
 
 
