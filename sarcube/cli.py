@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, defaults
 from .errors import InputError, run_command
 from .storage import add_storage_option_argument
 from .training_arguments import (
@@ -409,8 +409,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_lock_arguments(p)
     p.set_defaults(func=cmd_ingest)
 
-    from .classes import FOREST_CODES
-
     p = sub.add_parser(
         "sample",
         help="category-aware patch sampling -> patch index (Parquet) + report",
@@ -423,25 +421,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="patch index URL (.parquet); the report goes beside it"
     )
     p.add_argument(
-        "--n-anchors", type=int, default=1_000_000, help="anchors to draw (paper: 1,000,000)"
+        "--n-anchors",
+        type=int,
+        default=defaults.N_ANCHORS,
+        help="anchors to draw (default %(default)s, as in the papers)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=defaults.SAMPLING_SEED)
     p.add_argument(
         "--exclude-full",
         type=int,
         nargs="*",
-        default=list(FOREST_CODES),
+        default=list(defaults.EXCLUDE_FULL),
         help="drop patches made only of these codes (default: forest %(default)s)",
     )
-    p.add_argument("--pretrain-months", type=int, nargs="+", default=[10, 11])
-    p.add_argument("--finetune-months", type=int, nargs="+", default=[9])
+    p.add_argument("--pretrain-months", type=int, nargs="+", default=list(defaults.PRETRAIN_MONTHS))
+    p.add_argument("--finetune-months", type=int, nargs="+", default=list(defaults.FINETUNE_MONTHS))
     p.add_argument(
-        "--split", type=float, nargs=3, default=[0.65, 0.18, 0.17], metavar=("TRAIN", "VAL", "TEST")
+        "--split",
+        type=float,
+        nargs=3,
+        default=list(defaults.SPLIT_FRACTIONS),
+        metavar=("TRAIN", "VAL", "TEST"),
     )
     p.add_argument(
-        "--max-nodata", type=float, default=0.0, help="max no-data share of a patch (default 0)"
+        "--max-nodata",
+        type=float,
+        default=defaults.MAX_NODATA,
+        help="max no-data share of a patch (default %(default)s)",
     )
-    p.add_argument("--block", type=int, default=4, help="split block size in patches (default 4)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=defaults.SPLIT_BLOCK,
+        help="split block size in patches (default %(default)s)",
+    )
     add_storage_option_argument(p)
     p.set_defaults(func=cmd_sample)
 

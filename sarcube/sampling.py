@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from . import __version__, defaults
 from .classes import DEFAULT_TABLE, FOREST_CODES, NINE_CLASS_NAMES, focal_alpha, nine_class_lut
 from .errors import InputError
 from .index import (
@@ -66,15 +66,15 @@ NCODES = 16  # histogram bins 0..15 (0 = no data; 15 reserved for newer releases
 
 @dataclass
 class SamplingParams:
-    n_anchors: int = 1_000_000
-    seed: int = 0
-    exclude_full: tuple[int, ...] = FOREST_CODES
-    pretrain_months: tuple[int, ...] = (10, 11)
-    finetune_months: tuple[int, ...] = (9,)
-    split: tuple[float, float, float] = (0.65, 0.18, 0.17)
-    max_nodata: float = 0.0
-    block: int = 4  # patches per side of a split block
-    patch: int = 256
+    n_anchors: int = defaults.N_ANCHORS
+    seed: int = defaults.SAMPLING_SEED
+    exclude_full: tuple[int, ...] = defaults.EXCLUDE_FULL
+    pretrain_months: tuple[int, ...] = defaults.PRETRAIN_MONTHS
+    finetune_months: tuple[int, ...] = defaults.FINETUNE_MONTHS
+    split: tuple[float, float, float] = defaults.SPLIT_FRACTIONS
+    max_nodata: float = defaults.MAX_NODATA
+    block: int = defaults.SPLIT_BLOCK  # patches per side of a split block
+    patch: int = defaults.PATCH
 
     def validate(self) -> None:
         if int(self.n_anchors) <= 0:
