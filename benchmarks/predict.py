@@ -246,7 +246,7 @@ def run_inprocess(
 def _warm_worker(ckpt: str) -> tuple[int, int]:
     """Load the checkpoint into the worker's predictor cache (the key ``predict`` uses) and run
     it once; returns (pid, torch threads)."""
-    from training.predict import _predictor
+    from training.predict.predictor import cached_predictor as _predictor
 
     pr = _predictor((ckpt, {}, "cpu"))
     with torch.no_grad():

@@ -402,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--edge-nodata-pct",
         type=float,
-        default=50.0,
-        help="a cell is no data when at least this %% of its source pixels are (default 50)",
+        default=defaults.EDGE_NODATA_PCT,
+        help="a cell is no data when at least this %% of its source pixels are "
+        "(default %(default)s)",
     )
     add_storage_option_argument(p)
     add_lock_arguments(p)
@@ -471,15 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output directory/prefix (local or s3://bucket/prefix)"
     )
     p.add_argument(
-        "--shard-size-mb", type=float, default=256, help="target shard size (default 256 MiB)"
+        "--shard-size-mb",
+        type=float,
+        default=defaults.SHARD_SIZE_MB,
+        help="target shard size in MiB (default %(default)s)",
     )
     p.add_argument(
         "--min-shards",
         type=int,
-        default=8,
-        help="at least this many shards per split; use ≥ 4 × ranks × loader workers (default 8)",
+        default=defaults.MIN_SHARDS_PER_SPLIT,
+        help="at least this many shards per split; use ≥ 4 × ranks × loader workers "
+        "(default %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="shuffle of samples across shards")
+    p.add_argument(
+        "--seed", type=int, default=defaults.SHARD_SEED, help="shuffle of samples across shards"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--scheduler", help="address of a running Dask scheduler")
     g.add_argument("--workers", type=int, help="LocalCluster worker processes (default 2)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import defaults
 from .storage import add_storage_option_argument
 
 __all__ = [
@@ -120,10 +121,16 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         help="checked against the checkpoint's task and class count",
     )
     p.add_argument(
-        "--overlap", type=int, default=128, help="window overlap in px (default 128 = 50%%)"
+        "--overlap",
+        type=int,
+        default=defaults.PREDICT_OVERLAP,
+        help="window overlap in px (default %(default)s = 50%% of a 256 px window)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=16, help="windows per forward pass (default 16)"
+        "--batch-size",
+        type=int,
+        default=defaults.PREDICT_BATCH,
+        help="windows per forward pass (default %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
@@ -131,7 +138,10 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
     p.add_argument(
-        "--block", type=int, default=1024, help="block edge in px, a multiple of 256 (default 1024)"
+        "--block",
+        type=int,
+        default=defaults.PREDICT_BLOCK,
+        help="block edge in px, a multiple of 256 (default %(default)s)",
     )
     p.add_argument(
         "--probabilities", action="store_true", help="also write uint8 class probabilities"

@@ -223,7 +223,7 @@ def small_shards(small_cube, tmp_path_factory, dask_cluster) -> Path:
     """``small_cube``'s patches in shards (every patch with valid SAR; Oct/Nov -> pretrain, Sep ->
     train 8 / val 4 / test 4 patches by 2 × 2-patch block; 2 shards a split); the directory."""
     from distributed import Client
-    from test_shards import build_index  # the hand-made index (no sampling module)
+    from helpers.shard_index import build_index  # made by hand (no sampling module)
 
     from sarcube.index import write_index
     from sarcube.shards import write_shards

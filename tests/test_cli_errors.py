@@ -660,11 +660,11 @@ def damaged_inputs(small_synth, small_shards, tmp_path_factory) -> dict[str, str
     """A scene damaged in the middle, a label tile with codes 15 and 200, shards with a flipped
     byte inside one shard."""
     import rasterio
-    from test_ingest_errors import _corrupt_middle, _with_date
+    from helpers.bad_scenes import corrupt_middle_tile, with_date
 
     d = tmp_path_factory.mktemp("damaged")
     scene = small_synth.scene_urls[0]
-    corrupt = _corrupt_middle(scene, d / _with_date(scene, "220916"))
+    corrupt = corrupt_middle_tile(scene, d / with_date(scene, "220916"))
     lab = small_synth.lulc_urls[0]
     with rasterio.open(lab) as ds:
         profile, codes = ds.profile, ds.read()

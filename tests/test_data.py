@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import socket
 import tarfile
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.moto_outage import Outage
 
 from sarcube.classes import nine_class_lut, water_lut
 from sarcube.shards import FORMAT, iter_samples, npy_bytes
@@ -543,35 +543,6 @@ def test_transient_classification():
             "GetObject",
         )
     )
-
-
-class Outage:
-    """Our own moto server on a fixed port, to stop and start again (moto's state is in-process,
-    so the objects survive a restart)."""
-
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
-        self._cls = ThreadedMotoServer
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.server = None
-        self.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self):
-        if self.server is None:
-            self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-            self.server.start()
-
-    def stop(self):
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
 
 
 @pytest.fixture

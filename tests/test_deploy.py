@@ -11,8 +11,9 @@ manifests, the HPC job scripts and every command line written in them.
   scripts run for real with stand-ins for ``mpirun`` / ``srun`` / ``torchrun``;
 - YAML: ``yamllint`` with ``deploy/.yamllint``;
 - Dockerfile: variant build argument, non-root user, no credentials, the README's install command;
-- every ``sarcube …``, ``torchrun …`` and ``python -m training.…`` line: the real argument parsers,
-  and config overrides against the training config.
+- every ``sarcube …``, ``torchrun …`` and ``python -m training.…`` line (found by
+  ``helpers.shell_commands``): the real argument parsers, and config overrides against the
+  training config.
 
 Each validator is also shown a broken input, so a check that silently passes everything fails.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import io
 import json
 import os
@@ -35,13 +35,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.shell_commands import (
+    PLACEHOLDER,
+    TRAINING_MODULES,
+    all_commands,
+    commands_in_shell,
+    expand,
+    sarcube_subcommands,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 BIN = Path(sys.executable).parent
 CRD_KINDS = ("DaskCluster", "DaskJob", "TrainJob")
-TRAINING_MODULES = ("training.pretrain", "training.finetune")
 INSTALL_COMMAND = "bash tools/bootstrap.sh"  # what `make demo` / `make test` run (Makefile `env`)
 
 
@@ -243,7 +250,7 @@ def test_dockerignore_keeps_sources_and_drops_secrets_and_environments():
         "training/configs/simmim_paper.yaml",
         "deploy/requirements.lock",
         "deploy/create_bucket.py",
-        "training/data.py",
+        "training/data/__init__.py",
     ):
         assert (REPO / rel).exists(), rel
         assert not _dockerignore_excludes(rel, patterns), f"{rel} is needed by the image"
@@ -364,8 +371,8 @@ def _env_example() -> dict[str, str]:
 def _published_ip(port, known: dict[str, str]) -> str | None:
     """The host address a compose port entry publishes on (None: every interface)."""
     if isinstance(port, dict):  # long syntax
-        return _expand(str(port.get("host_ip", "")), known) or None
-    spec = _expand(str(port), known).split("/")[0]
+        return expand(str(port.get("host_ip", "")), known) or None
+    spec = expand(str(port), known).split("/")[0]
     if spec.startswith("["):  # [::1]:8786:8786
         return spec[1 : spec.index("]")]
     parts = spec.split(":")
@@ -419,7 +426,7 @@ def _dask_cli(argv: list[str], tls_dir: Path, where: str) -> dict:
     assert argv[0] == "dask" and argv[1] in ("scheduler", "worker"), where
     cmd = {"scheduler": dask_scheduler.main, "worker": dask_worker.main}[argv[1]]
     args = [
-        re.sub(r"^(/etc/sarcube/tls|/run/sarcube-tls)/", f"{tls_dir}/", _expand(str(a), {}))
+        re.sub(r"^(/etc/sarcube/tls|/run/sarcube-tls)/", f"{tls_dir}/", expand(str(a), {}))
         for a in argv[2:]
     ]
     try:
@@ -777,7 +784,7 @@ def _torchrun_args(argv: list[str]) -> argparse.Namespace:
     from torch.distributed.run import get_args_parser
 
     assert argv[0] == "torchrun"
-    ns = get_args_parser().parse_args([_expand(a, {}) for a in argv[1:]])
+    ns = get_args_parser().parse_args([expand(a, {}) for a in argv[1:]])
     raw = dict(a.split("=", 1) for a in argv if a.startswith("--node_rank="))
     if raw:  # keep the un-expanded reference for the check above
         ns.node_rank = raw["--node_rank"]
@@ -786,177 +793,8 @@ def _torchrun_args(argv: list[str]) -> argparse.Namespace:
 
 # -- command lines -------------------------------------------------------------------------------
 
-_VAR_ARRAY = re.compile(r'"?\$\{[A-Za-z_][A-Za-z0-9_]*\[[@*]\]\}"?')
-_VAR_BRACED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*|[0-9])(?:(:?[-=?+])([^{}]*))?\}")
-_CMD_SUBST = re.compile(r"\$\(\([^()]*\)\)|\$\([^()]*\)")
-_VAR_PLAIN = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-_ASSIGN = re.compile(r"^\s*(?:export\s+|local\s+)?([A-Za-z_][A-Za-z0-9_]*)=(\S.*)?$")
-PLACEHOLDER = "1"  # an unknown value: parses as a path, a string or a number
 
-
-def _expand(text: str, known: dict[str, str]) -> str:
-    """Shell / Kubernetes / compose variable references -> their defaults, a known value, or "1"."""
-    text = _VAR_ARRAY.sub("", text).replace('"$@"', "").replace("$@", "")
-    text = re.sub(r"\$[?#!*0-9]", PLACEHOLDER, text)
-
-    def braced(m: re.Match) -> str:
-        name, op, word = m.group(1), m.group(2), m.group(3)
-        if op in (":-", "-", ":=", "=") and word is not None:
-            return known.get(name) or word
-        return known.get(name, PLACEHOLDER)
-
-    for _ in range(5):  # nested ${A:-${B:-c}}
-        new = _CMD_SUBST.sub(PLACEHOLDER, _VAR_BRACED.sub(braced, text))
-        if new == text:
-            break
-        text = new
-    return _VAR_PLAIN.sub(lambda m: known.get(m.group(1), PLACEHOLDER), text)
-
-
-def _logical_lines(lines: list[str]) -> list[str]:
-    out, buf = [], ""
-    for line in lines:
-        if line.rstrip().endswith("\\"):
-            buf += line.rstrip()[:-1] + " "
-            continue
-        out.append(buf + line)
-        buf = ""
-    if buf:
-        out.append(buf)
-    return out
-
-
-def _assign(line: str, known: dict[str, str]) -> None:
-    """Record ``NAME=value`` (the value expanded as far as known) for the lines after it."""
-    m = _ASSIGN.match(line)
-    if m and m.group(2) and not m.group(2).startswith("("):
-        # NAME=${NAME:-default}: the default (branches are not followed, so an earlier
-        # assignment to NAME in another branch must not leak into this one)
-        others = {k: v for k, v in known.items() if k != m.group(1)}
-        with contextlib.suppress(ValueError):
-            known[m.group(1)] = " ".join(shlex.split(_expand(m.group(2), others)))
-
-
-# Settings the HPC scripts take only from the job's environment (qsub -v): example values.
-JOB_SETTINGS = {"TASK": "lulc", "PRETRAINED": "none"}
-
-
-_TRIGGER = re.compile(
-    r"(^|[\s\"'/])(sarcube\s+[a-z]|torchrun\s|-m\s+training\.|torchrun-node\.sh\s)"
-)
-_OPERATORS = {"&&", "||", ";", "|", "&", "(", ")", ">", "<", ">>", ";;", "|&"}
-
-
-def _commands_in_shell(text: str, source: str, comments: bool = False) -> list[tuple]:
-    """Command lines in shell text; with ``comments``, example commands in comment lines."""
-    raw = text.splitlines()
-    if comments:  # indented examples: `#   sarcube ingest ... \`
-        raw = [re.sub(r"^\s*#", "", ln) if ln.lstrip().startswith("#") else "" for ln in raw]
-        lines = [
-            ln
-            for ln in _logical_lines(raw)
-            if re.match(r"\s{2,}(sarcube|torchrun|mpirun|srun|python3? -m training)\s", ln)
-        ]
-    else:
-        lines = [ln for ln in _logical_lines(raw) if not ln.lstrip().startswith("#")]
-    known = dict(JOB_SETTINGS)
-    found = []
-    for ln in lines:
-        _assign(ln, known)
-        try:
-            lex = shlex.shlex(_expand(ln, known), posix=True, punctuation_chars=True)
-            lex.whitespace_split = True
-            lex.commenters = "#"
-            tokens = list(lex)
-        except ValueError:
-            assert not _TRIGGER.search(ln), f"{source}: cannot split {ln!r}"
-            continue
-        simple: list[str] = []
-        for tok in [*tokens, ";"]:
-            if tok in _OPERATORS:
-                found += _match_command(simple, source)
-                simple = []
-            else:
-                simple.append(tok)
-    return found
-
-
-def _match_command(tokens: list[str], source: str) -> list[tuple]:
-    """The first sarcube / torchrun / training-module invocation among the tokens."""
-    subcommands = _sarcube_subcommands()
-    for i, tok in enumerate(tokens):
-        rest = tokens[i + 1 :]
-        if (tok == "sarcube" or tok.endswith("/sarcube")) and rest and rest[0] in subcommands:
-            return [(source, "sarcube", rest)]
-        if tok == "torchrun" or (tok == "-m" and rest[:1] == ["torch.distributed.run"]):
-            return [(source, "torchrun", rest if tok == "torchrun" else rest[1:])]
-        if (
-            tok in ("python", "python3")
-            and rest[:1] == ["-m"]
-            and rest[1:2]
-            and rest[1] in TRAINING_MODULES
-        ):
-            return [(source, rest[1], rest[2:])]
-        if tok.endswith("torchrun-node.sh") and rest[:1] and rest[0] in TRAINING_MODULES:
-            return [(source, rest[0], rest[1:])]
-    return []
-
-
-def _commands_in_yaml(path: Path) -> list[tuple]:
-    source = str(path.relative_to(REPO))
-    found = _commands_in_shell(path.read_text(), source, comments=True)
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            cmd, args = node.get("command"), node.get("args")
-            if isinstance(cmd, list) or isinstance(args, list):
-                argv = [
-                    _expand(str(a), {})
-                    for a in [*(cmd or []), *(args or [])]
-                    if isinstance(a, str | int)
-                ]
-                found.extend(_match_command(argv, source))
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-        elif isinstance(node, str) and re.search(r"\s", node.strip()):
-            found.extend(_commands_in_shell(node, source))
-
-    for doc in _yaml_docs(path):
-        walk(doc)
-    return found
-
-
-def _commands_in_markdown(path: Path) -> list[tuple]:
-    blocks = re.findall(r"```(?:bash|sh|shell|console)\n(.*?)```", path.read_text(), re.DOTALL)
-    return [c for b in blocks for c in _commands_in_shell(b, str(path.relative_to(REPO)))]
-
-
-@functools.cache
-def _sarcube_subcommands() -> dict[str, argparse.ArgumentParser]:
-    from sarcube.cli import build_parser
-
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return sub.choices
-
-
-def _all_commands() -> list[tuple]:
-    found = []
-    for p in sorted(DEPLOY.rglob("*")):
-        if p.suffix in (".yaml", ".yml"):
-            found += _commands_in_yaml(p)
-        elif p.suffix == ".sh":
-            src = str(p.relative_to(REPO))
-            found += _commands_in_shell(p.read_text(), src)
-            found += _commands_in_shell(p.read_text(), src, comments=True)
-        elif p.name == "Dockerfile":
-            found += _commands_in_shell(p.read_text(), str(p.relative_to(REPO)), comments=True)
-        elif p.suffix == ".md":
-            found += _commands_in_markdown(p)
-    unique = {(s, k, tuple(a)): (s, k, a) for s, k, a in found}
-    return list(unique.values())
+# (found in the files by helpers.shell_commands; parsed here with the real parsers)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str], where: str, intermixed: bool = False):
@@ -1000,7 +838,7 @@ def test_every_command_line_in_deploy_parses_with_the_real_parsers():
     from sarcube.cli import build_parser
     from sarcube.storage import parse_storage_options
 
-    commands = _all_commands()
+    commands = all_commands(DEPLOY, REPO)
     seen = set()
     for source, kind, argv in commands:
         where = f"{source} ({kind})"
@@ -1039,7 +877,7 @@ def test_every_command_line_in_deploy_parses_with_the_real_parsers():
         ("deploy/hpc/torchrun-node.sh", "torchrun"),
         *(("deploy/README.md", c) for c in ("synth", "ingest", "sample", "shards", "pretrain")),
     }
-    if "tls-certs" in _sarcube_subcommands():  # sarcube.security.add_tls_certs_parser
+    if "tls-certs" in sarcube_subcommands():  # sarcube.security.add_tls_certs_parser
         expected |= {
             ("deploy/README.md", "tls-certs"),
             ("deploy/k8s/daskcluster.yaml", "tls-certs"),
@@ -1049,7 +887,7 @@ def test_every_command_line_in_deploy_parses_with_the_real_parsers():
 
 
 def test_command_checks_catch_a_broken_line():
-    cmds = _commands_in_shell(
+    cmds = commands_in_shell(
         "sarcube ingest --scenes s3://b/x/ --cube s3://b/c.zarr --workers two\n"
         "torchrun --nnodes 2 -m training.pretrain --config simmim_paper --out o\n"
         "python -m training.pretrain --config simmim_paper --manifest m --out o schedule.epoch=3\n",
@@ -1067,7 +905,7 @@ def test_command_checks_catch_a_broken_line():
         _check_module(ns.training_script, ns.training_script_args, "inline")  # no --manifest
     with pytest.raises(pytest.fail.Exception):
         _check_module("training.pretrain", cmds[2][2], "inline")  # unknown config key
-    assert _expand("${A:-x} $B ${C:?no} $(D) ${E[@]}", {"B": "b"}).split() == ["x", "b", "1", "1"]
+    assert expand("${A:-x} $B ${C:?no} $(D) ${E[@]}", {"B": "b"}).split() == ["x", "b", "1", "1"]
 
 
 # -- HPC scripts, run with stand-ins for the launchers ---------------------------------------------

@@ -1,9 +1,10 @@
-"""The training engine: configs and overrides, the lr schedule and weight-decay groups, launcher
-detection, exact resume, the non-finite loss guard, and checkpoints on S3 (read back with
-``weights_only=True``).
+"""The training engine: the lr schedule and weight-decay groups, launcher detection, exact
+resume, the non-finite loss guard, and checkpoints on S3 (read back with ``weights_only=True``).
+Configs and overrides are tested in test_config.py.
 
 These tests drive :class:`training.engine.Trainer` in-process with the tiny SimMIM at 256 px on a
-small deterministic in-memory data source (the shard stream is exercised in test_pretrain.py).
+small deterministic in-memory data source (``helpers.engine_runs``; the shard stream is exercised
+in test_pretrain.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.engine_runs import SynthData, make_trainer, tiny_cfg
 
 from training import distributed as tdist
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.config import Config, ConfigError, config_diff, load_config, profile_names
+from training.config import load_config
 from training.engine import (
     NonFiniteLossError,
     Trainer,
@@ -34,154 +36,13 @@ from training.models import load_encoder_weights, swin_tiny
 from training.models.mixmae import mixmae_tiny
 from training.models.simmim import SimMIM
 from training.pretrain import build_model, make_task
-from training.sar_weight import sar_intensity_weight
 
 torch.set_num_threads(1)
-
-
-class SynthData:
-    """Deterministic batches from (seed, epoch, step): speckled two-level scenes, z-scored."""
-
-    def __init__(self, steps_per_epoch: int = 3, batch_size: int = 2, seed: int = 0) -> None:
-        self.steps_per_epoch, self.batch_size, self.seed = steps_per_epoch, batch_size, seed
-        self.mean, self.std = -12.0, 5.0
-
-    def batches(self, epoch: int, start_step: int = 0):
-        yy = torch.arange(256).view(1, 1, 256, 1).expand(self.batch_size, 1, 256, 256)
-        for i in range(start_step, self.steps_per_epoch):
-            g = torch.Generator().manual_seed(1000 * self.seed + 100 * epoch + i)
-            level = torch.where(yy < 64 + 32 * i, -20.0, -6.0)
-            db = level + 10 * torch.log10(torch.empty(level.shape).exponential_(generator=g) + 1e-3)
-            image = (db - self.mean) / self.std
-            yield {
-                "image": image.float(),
-                "weight": sar_intensity_weight(db),
-                "key": [f"e{epoch}-s{i}-{b}" for b in range(self.batch_size)],
-            }
-
-
-def tiny_cfg(*overrides: str) -> Config:
-    base = [
-        "data.batch_size=2",
-        "schedule.epochs=2",
-        "schedule.warmup_epochs=1",
-        "optim.base_lr=0.256",
-        "train.progress=false",
-        "train.tensorboard=false",
-        "train.figure=false",
-    ]
-    return load_config("simmim_tiny", [*base, *overrides])
-
-
-def make_trainer(cfg: Config, out, data=None, **kw) -> Trainer:
-    model = build_model(cfg)
-    data = data or SynthData(batch_size=cfg.data.batch_size)
-    return Trainer(cfg, model, make_task(cfg, model, (data.mean, data.std)), data, str(out), **kw)
 
 
 def step_losses(metrics: Path) -> dict[int, float]:
     lines = [json.loads(ln) for ln in metrics.read_text().splitlines()]
     return {d["step"]: d["loss"] for d in lines if d["kind"] == "step"}
-
-
-# -- config -----------------------------------------------------------------------------------
-
-
-def test_profiles_hold_the_papers_recipes():
-    assert set(profile_names()) >= {"simmim_paper", "simmim_tiny", "mixmae_paper", "mixmae_tiny"}
-    s = load_config("simmim_paper")
-    assert (s.method, s.model.size, s.model.img_size, s.model.window_size) == (
-        "simmim",
-        "base",
-        256,
-        8,
-    )
-    assert (s.mask.ratio, s.mask.unit, s.loss.kind, s.loss.sar_weight) == (0.6, 16, "l1", True)
-    assert (s.data.batch_size, s.optim.base_lr, s.optim.weight_decay) == (256, 1.5e-4, 0.05)
-    assert (s.schedule.epochs, s.schedule.warmup_epochs, s.schedule.min_lr) == (800, 40, 0.0)
-    assert s.train.amp == "auto" and s.optim.lr_batch_base == 256
-    m = load_config("mixmae_paper")
-    assert (m.method, m.mask.ratio, m.mask.unit, m.optim.betas) == ("mixmae", 0.5, 32, [0.9, 0.95])
-    assert (m.optim.base_lr, m.optim.weight_decay, m.schedule.warmup_epochs) == (1.5e-4, 0.05, 40)
-    for name in ("simmim_tiny", "mixmae_tiny"):
-        t = load_config(name)
-        assert t.model.size == "tiny" and t.data.batch_size <= 8 and t.schedule.epochs <= 5
-    # short names completed by the method; --method overrides the profile's
-    assert load_config("tiny", method="mixmae").method == "mixmae"
-    assert load_config("paper").model.size == "base" and load_config("paper").method == "simmim"
-
-
-def test_overrides_are_typed(tmp_path):
-    cfg = load_config(
-        "simmim_tiny",
-        [
-            "optim.base_lr=1e-3",
-            "optim.betas=[0.9, 0.95]",
-            "train.max_steps=7",
-            "optim.grad_clip=null",
-            "seed=3",
-            "loss.sar_weight=false",
-            "schedule.warmup_epochs=2",
-            "train.log_dir=/tmp/x",
-        ],
-    )
-    assert cfg.optim.base_lr == 1e-3 and isinstance(cfg.optim.base_lr, float)  # "1e-3": a YAML str
-    assert cfg.optim.betas == [0.9, 0.95] and cfg.train.max_steps == 7 and cfg.seed == 3
-    assert cfg.optim.grad_clip is None and cfg.loss.sar_weight is False
-    assert cfg.schedule.warmup_epochs == 2.0 and cfg.train.log_dir == "/tmp/x"
-    # a YAML file of one's own, over the defaults
-    f = tmp_path / "mine.yaml"
-    f.write_text("method: mixmae\nmask: {ratio: 0.5, unit: 32}\noptim: {base_lr: 2.0e-4}\n")
-    mine = load_config(str(f), ["data.batch_size=4"])
-    assert (mine.method, mine.mask.unit, mine.optim.base_lr, mine.data.batch_size) == (
-        "mixmae",
-        32,
-        2e-4,
-        4,
-    )
-    assert mine.model.size == Config().model.size  # untouched keys keep the defaults
-    assert (
-        config_diff(
-            mine,
-            load_config(str(f), ["data.batch_size=4", "train.progress=false"]),
-            ignore=("train",),
-        )
-        == {}
-    )
-    assert config_diff(mine, load_config(str(f))) == {"data.batch_size": (4, 256)}
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("optim.bse_lr=1", "unknown configuration key 'optim.bse_lr' (did you mean optim.base_lr"),
-        ("optimiser.base_lr=1", "unknown configuration key 'optimiser'"),
-        ("optim.base_lr=fast", "optim.base_lr: expected float, got 'fast'"),
-        ("train.max_steps=1.5", "train.max_steps: expected int or null, got 1.5"),
-        ("data.batch_size=null", "data.batch_size: expected int, got None"),
-        ("loss.kind=l3", "loss.kind: expected 'l1' | 'mse' | 'huber', got 'l3'"),
-        ("train.compile=yes-please", "train.compile: expected bool"),
-        ("optim.betas=0.9", "optim.betas: expected a list of float"),
-        ("model=tiny", "'model' is a section"),
-        ("optim.base_lr", "expected key=value"),
-        ("schedule.warmup_epochs=9", "schedule.warmup_epochs must be in [0, epochs=4]"),
-    ],
-)
-def test_config_errors_name_the_key(override, message):
-    with pytest.raises(ConfigError) as e:
-        load_config("simmim_tiny", [override])
-    assert message in str(e.value)
-
-
-def test_bad_files_and_profiles(tmp_path):
-    f = tmp_path / "bad.yaml"
-    f.write_text("optim:\n  learning_rate: 1.0e-3\n")
-    with pytest.raises(
-        ConfigError, match=r"bad\.yaml: unknown configuration key 'optim\.learning_rate'"
-    ):
-        load_config(str(f))
-    with pytest.raises(ConfigError, match=r"not a file and not a profile .*simmim_tiny"):
-        load_config("simmim_huge")
 
 
 # -- learning rate, weight decay ----------------------------------------------------------------

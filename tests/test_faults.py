@@ -93,7 +93,7 @@ def test_killed_shards_rerun_to_identical_shards(seed, small_shards, small_cube,
 @pytest.fixture
 def outage_s3():
     """A moto S3 server of our own that the test stops and restarts (objects survive)."""
-    from test_data import Outage
+    from helpers.moto_outage import Outage
 
     o = Outage()
     so = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": o.endpoint}}
@@ -237,7 +237,7 @@ def _same_parameters(full: Path, split: Path) -> None:
 def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
     """`sarcube pretrain` SIGKILLed after a seeded random number of checkpoints; `--resume`
     ends with the parameters and per-step losses of an uninterrupted run."""
-    from test_pretrain import records
+    from helpers.engine_runs import jsonl_records
 
     args = [
         "pretrain",
@@ -256,7 +256,7 @@ def test_killed_pretraining_resumes_to_the_same_weights(small_shards, tmp_path):
     full, split = _run_killed_then_resumed(args, tmp_path, kill_after=(2, 6))
 
     def losses(run):
-        d = records((run / "metrics.jsonl").read_text())
+        d = jsonl_records((run / "metrics.jsonl").read_text())
         return [(x["kind"], x["step"], x["loss"]) for x in d]
 
     assert losses(split) == losses(full)  # every step and epoch loss, bit for bit
@@ -269,7 +269,7 @@ def test_killed_finetuning_resumes_to_the_same_weights_and_scores(small_shards, 
     after a seeded random number of steps; `--resume` ends with the per-step losses, the
     validation scores, the parameters and the best.pt of an uninterrupted run."""
     import torch
-    from test_pretrain import records
+    from helpers.engine_runs import jsonl_records
 
     args = [
         "finetune",
@@ -292,7 +292,7 @@ def test_killed_finetuning_resumes_to_the_same_weights_and_scores(small_shards, 
     full, split = _run_killed_then_resumed(args, tmp_path, kill_after=(2, 3))
 
     def history(run):
-        d = records((run / "metrics.jsonl").read_text())
+        d = jsonl_records((run / "metrics.jsonl").read_text())
         return [(x["kind"], x.get("step"), x.get("epoch"), x.get("loss"), x.get("miou")) for x in d]
 
     assert sum(k == "val" for k, *_ in history(full)) == 2

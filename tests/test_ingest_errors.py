@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from helpers.bad_scenes import corrupt_middle_tile, rewrite_geotiff, with_date
 from rasterio.warp import transform_bounds
 
 from sarcube.cube import open_cube
@@ -35,29 +35,8 @@ SARCUBE = [sys.executable, "-m", "sarcube.cli"]
 # Building bad files from the good synthetic scenes
 
 
-def _with_date(scene: str, yymmdd: str) -> str:
-    """The file name of ``scene`` with another acquisition date (a valid JAXA name)."""
-    name = Path(scene).name
-    new = re.sub(r"-(\d{6})-", f"-{yymmdd}-", name, count=1)
-    assert new != name
-    return new
-
-
 def _date_of(yymmdd: str) -> np.datetime64:
     return np.datetime64(dt.datetime.strptime(yymmdd, "%y%m%d").date(), "ns")
-
-
-def _rewrite(src: str, dst: Path, *, data=None, transform=None, **profile_changes) -> str:
-    """Copy a GeoTIFF with rasterio, optionally replacing its pixels, transform or profile."""
-    with rasterio.open(src) as ds:
-        profile = ds.profile
-        pixels = ds.read() if data is None else data
-        profile.update(transform=transform or ds.transform, **profile_changes)
-    profile["count"] = pixels.shape[0]
-    profile["dtype"] = pixels.dtype.name
-    with rasterio.open(dst, "w", **profile) as out:
-        out.write(pixels)
-    return str(dst)
 
 
 def _truncated(src: str, dst: Path, keep: int) -> str:
@@ -65,69 +44,49 @@ def _truncated(src: str, dst: Path, keep: int) -> str:
     return str(dst)
 
 
-def _corrupt_middle(src: str, dst: Path) -> str:
-    """A deflate-compressed copy whose first and last tiles are fine but one in between is garbage.
-
-    Opening it and reading its corner tiles works; the damage shows only when the pixels under
-    the cube are read (during the SAR tasks, not the inspection).
-    """
-    tmp = dst.with_name("tmp-" + dst.name)
-    _rewrite(src, tmp, compress="deflate")
-    with rasterio.open(tmp) as ds:
-        assert ds.height > 2 * 512 and ds.width > 2 * 512
-        r, c = 1, 0  # tile row 1, column 0: away from the first and the last tile
-        off = int(ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=1))
-        size = int(ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=1))
-    raw = bytearray(tmp.read_bytes())
-    raw[off : off + size] = np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes()
-    dst.write_bytes(bytes(raw))
-    tmp.unlink()
-    return str(dst)
-
-
 # Each case: (id, new date yymmdd or None, builder(src, dir) -> path, expected message parts).
 # The expected parts are written here from the issue, independently of the code's messages.
 def _cases():
     def truncated_tail(src, d):
-        return _truncated(src, d / _with_date(src, "220913"), os.path.getsize(src) // 2)
+        return _truncated(src, d / with_date(src, "220913"), os.path.getsize(src) // 2)
 
     def truncated_header(src, d):
-        return _truncated(src, d / _with_date(src, "220914"), 120)
+        return _truncated(src, d / with_date(src, "220914"), 120)
 
     def not_a_tiff(src, d):
-        p = d / _with_date(src, "220915")
+        p = d / with_date(src, "220915")
         p.write_bytes(b"<html>403 Forbidden</html>\n" * 40)
         return str(p)
 
     def corrupt_middle(src, d):
-        return _corrupt_middle(src, d / _with_date(src, "220916"))
+        return corrupt_middle_tile(src, d / with_date(src, "220916"))
 
     def no_crs(src, d):
-        return _rewrite(src, d / _with_date(src, "220917"), crs=None)
+        return rewrite_geotiff(src, d / with_date(src, "220917"), crs=None)
 
     def float32(src, d):
         with rasterio.open(src) as ds:
             dn = ds.read().astype(np.float32)
-        return _rewrite(src, d / _with_date(src, "220918"), data=dn)
+        return rewrite_geotiff(src, d / with_date(src, "220918"), data=dn)
 
     def two_bands(src, d):
         with rasterio.open(src) as ds:
             dn = ds.read(1)
-        return _rewrite(src, d / _with_date(src, "220919"), data=np.stack([dn, dn]))
+        return rewrite_geotiff(src, d / with_date(src, "220919"), data=np.stack([dn, dn]))
 
     def bad_name(src, d):
-        return _rewrite(src, d / "ALOS2_HH_scene_2022-09-20.tif")
+        return rewrite_geotiff(src, d / "ALOS2_HH_scene_2022-09-20.tif")
 
     def outside_grid(src, d):
         with rasterio.open(src) as ds:
             t = ds.transform
         far = Affine(t.a, t.b, t.c + 200_000.0, t.d, t.e, t.f)  # 200 km east: ~142.5°E
-        return _rewrite(src, d / _with_date(src, "220921"), transform=far)
+        return rewrite_geotiff(src, d / with_date(src, "220921"), transform=far)
 
     def all_nodata(src, d):
         with rasterio.open(src) as ds:
             zeros = np.zeros((1, ds.height, ds.width), np.uint16)
-        return _rewrite(src, d / _with_date(src, "220922"), data=zeros)
+        return rewrite_geotiff(src, d / with_date(src, "220922"), data=zeros)
 
     return [
         ("truncated-tail", "220913", truncated_tail, ["cannot be read", "truncated or corrupt"]),
@@ -245,7 +204,7 @@ def test_scene_without_lulc_coverage(good, tmp_path, dask_client):
         t, height_m = ds.transform, ds.height * -ds.transform.e
     # one scene height + 1 km south: entirely below the original scene, hence below the labels
     south = Affine(t.a, t.b, t.c, t.d, t.e, t.f - height_m - 1000.0)
-    bad = _rewrite(src, tmp_path / _with_date(src, "220923"), transform=south)
+    bad = rewrite_geotiff(src, tmp_path / with_date(src, "220923"), transform=south)
     with rasterio.open(bad) as ds:
         _, bad_south, _, bad_north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
     with rasterio.open(lulc[0]) as ds:
@@ -331,7 +290,7 @@ def test_unreachable_endpoint(good, tmp_path, dask_client, refused_port):
 def test_missing_bucket_and_key(good, s3, tmp_path, dask_client):
     scenes, lulc, dates = good[0][:1], good[1], good[2][:1]
     missing_bucket = "s3://no-such-bucket-sarcube/scenes/"
-    missing_key = s3.url("scenes", _with_date(scenes[0], "220924"))
+    missing_key = s3.url("scenes", with_date(scenes[0], "220924"))
     cube = str(tmp_path / "cube.zarr")
     report = ingest(
         [*scenes, missing_bucket, missing_key],
@@ -391,7 +350,7 @@ def test_wrong_credentials(good, s3, s3_auth, tmp_path, dask_client):
     """A scene on S3 read with a wrong secret: 'access denied'; with the right one it ingests."""
     scenes, lulc, dates = good[0][:1], good[1], good[2][:1]
     key_id, secret = s3_auth
-    name = _with_date(scenes[0], "220925")
+    name = with_date(scenes[0], "220925")
     right = {"key": key_id, "secret": secret, "client_kwargs": {"endpoint_url": s3.endpoint}}
     wrong = {**right, "secret": "not-the-secret"}
     import s3fs

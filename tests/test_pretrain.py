@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.engine_runs import jsonl_records
 
 from sarcube.index import read_index
 from sarcube.sampling import SamplingParams, sample_patches
@@ -55,10 +56,6 @@ def shards(small_cube, dask_cluster, tmp_path_factory) -> Path:
         )
     assert read_manifest(str(out))["splits"]["pretrain"]["samples"] == N_SAMPLES
     return out
-
-
-def records(text: str) -> list[dict]:
-    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
 # -- 2 ranks, gloo, shards on S3 -----------------------------------------------------------------
@@ -111,7 +108,7 @@ def test_two_ranks_stream_from_s3_and_learn(method, shards, s3, tmp_path):
         assert s["samples"] == 16
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]  # DDP kept them identical
 
-    lines = records(fs.cat_file(f"{base}/metrics.jsonl").decode())
+    lines = jsonl_records(fs.cat_file(f"{base}/metrics.jsonl").decode())
     steps = [d for d in lines if d["kind"] == "step"]
     epochs = [d for d in lines if d["kind"] == "epoch"]
     assert [d["step"] for d in steps] == list(range(1, 9))
@@ -155,7 +152,7 @@ def test_resume_through_the_stream_is_exact(method, shards, tmp_path):
     assert main([*args, "--out", str(tmp_path / "split"), "--resume"]) == 0
 
     def losses(run):
-        d = records((tmp_path / run / "metrics.jsonl").read_text())
+        d = jsonl_records((tmp_path / run / "metrics.jsonl").read_text())
         return [(x["kind"], x["step"], x["loss"]) for x in d]
 
     full, split = losses("full"), losses("split")

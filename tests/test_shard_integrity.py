@@ -366,7 +366,7 @@ def test_a_killed_rerun_does_not_lose_the_recorded_hashes(
 ):
     """A re-run removes the manifest first; killed right after that, the next run still has the
     hashes the manifest recorded, and finds a damaged payload that no spot check reads."""
-    from sarcube.shards import _prepare_destination
+    from sarcube.shards.destination import prepare_destination as _prepare_destination
 
     name = "pretrain-000001.tar"
     plan = plan_of(shards / name)
@@ -396,7 +396,7 @@ def test_shards_command_has_verify():
 
 
 def test_training_reports_skipped_shards(shards, tmp_path):
-    from test_engine import make_trainer, tiny_cfg
+    from helpers.engine_runs import make_trainer, tiny_cfg
 
     corrupt_header(shards / "pretrain-000000.tar")
     cfg = tiny_cfg(

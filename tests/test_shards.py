@@ -2,9 +2,9 @@
 resume after a crash, the manifest's statistics, and the errors for foreign indexes and bad
 destinations.
 
-The index is built here by hand from the cube (every patch with some valid SAR; Oct/Nov ->
-pretrain, Sep -> train/val/test by patch position) so that these tests do not depend on the
-sampling module.
+The index is built by hand from the cube (``helpers.shard_index``: every patch with some valid
+SAR; Oct/Nov -> pretrain, Sep -> train/val/test by patch position) so that these tests do not
+depend on the sampling module.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.shard_index import build_index
 
 from sarcube.cube import open_cube, open_group
 from sarcube.index import (
     CODES,
-    COLUMNS,
     HIST_COLUMNS,
     cube_fingerprint,
     patch_id,
@@ -41,8 +41,6 @@ from sarcube.shards import (
     write_shards,
 )
 
-# September patches: split by 2 × 2-patch blocks (the cube is 4 × 4 patches)
-FINETUNE_RULE = {(0, 0): "train", (0, 1): "val", (1, 0): "test", (1, 1): "train"}
 KW = {"shard_size_mb": 64, "min_shards_per_split": 3, "progress": False}  # 3 shards a split
 
 
@@ -61,55 +59,6 @@ def small_cube(small_synth, tmp_path_factory, dask_cluster):
         )
     assert report.ok, report.problems
     return url
-
-
-def build_index(cube_url: str) -> tuple[pd.DataFrame, dict]:
-    """Every patch with some valid SAR, its histogram and no-data share, split by month/position."""
-    cube = open_cube(cube_url)
-    grid = cube.sarcube.grid
-    nr, nc = cube.sarcube.patch_shape
-    hh, lulc = cube.hh_db.values, cube.lulc.values
-    rows = []
-    for ti, t in enumerate(pd.DatetimeIndex(cube.time.values)):
-        for r in range(nr):
-            for c in range(nc):
-                sar = hh[ti, r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
-                lab = lulc[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
-                nodata = float((np.isnan(sar) | (lab == 0)).mean())
-                if np.isnan(sar).all():
-                    continue
-                w, s, e, n = grid.window_bounds(r * 256, (r + 1) * 256, c * 256, (c + 1) * 256)
-                counts = np.bincount(lab.ravel(), minlength=256)
-                rows.append(
-                    {
-                        "patch_id": patch_id(t, r, c),
-                        "time": t,
-                        "row": np.int32(r),
-                        "col": np.int32(c),
-                        "lon_min": w,
-                        "lat_min": s,
-                        "lon_max": e,
-                        "lat_max": n,
-                        "split": "pretrain"
-                        if t.month in (10, 11)
-                        else FINETUNE_RULE[(min(r // 2, 1), min(c // 2, 1))],
-                        **{
-                            h: np.int32(counts[code])
-                            for h, code in zip(HIST_COLUMNS, CODES, strict=True)
-                        },
-                        "nodata_frac": np.float32(nodata),
-                        "anchors": np.int32(1),
-                        "shard": "",
-                    }
-                )
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
-    meta = {
-        "cube_url": cube_url,
-        "cube_fingerprint": cube_fingerprint(open_group(cube_url).attrs),
-        "seed": 0,
-        "params": {"rule": "test: all patches"},
-    }
-    return df, meta
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from helpers.bad_scenes import corrupt_middle_tile, rewrite_geotiff, with_date
 
 from sarcube.cube import open_cube
 from sarcube.ingestion import ingest
@@ -64,12 +65,6 @@ def _renamed(scene: str, dst_dir: Path, frame: str) -> Path:
     return dst_dir / new
 
 
-def _corrupt_middle_copy(src: str, dst: Path) -> str:
-    from test_ingest_errors import _corrupt_middle
-
-    return _corrupt_middle(src, dst)
-
-
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*SARCUBE, *args], capture_output=True, text=True, timeout=300, **kw)
 
@@ -105,7 +100,7 @@ def test_corrupt_scene_keeps_the_complete_slice(one_date_cube, dask_cluster, tmp
     before_slices = _attrs(cube)["slices"]
     (date,) = before_slices
 
-    bad = _corrupt_middle_copy(scene, _renamed(scene, tmp_path, "9999"))
+    bad = corrupt_middle_tile(scene, _renamed(scene, tmp_path, "9999"))
     out = _run(["ingest", "--scenes", scene, bad, "--cube", cube, *sched])
     assert out.returncode == 1, out.stdout + out.stderr
     problem = [ln for ln in out.stdout.splitlines() if bad in ln]
@@ -388,7 +383,7 @@ def test_failed_first_ingest_leaves_no_cube(small_synth, dask_client, tmp_path):
     """A scene that fails while its slice is written, into a new cube without labels: the run
     ingested nothing, so the cube it created is removed."""
     scene = small_synth.scene_urls[0]
-    bad = _corrupt_middle_copy(scene, _renamed(scene, tmp_path, "9998"))
+    bad = corrupt_middle_tile(scene, _renamed(scene, tmp_path, "9998"))
     cube = tmp_path / "cube.zarr"
     with rasterio.open(scene) as ds:
         from rasterio.warp import transform_bounds
@@ -404,12 +399,10 @@ def test_failed_first_ingest_leaves_no_cube(small_synth, dask_client, tmp_path):
 def test_strict_is_all_or_nothing_for_an_all_nodata_scene(small_synth, tmp_path, capsys):
     """--strict with one good scene and one holding only no data: exit 2 naming the bad file,
     and no cube (no slice registered for the empty scene, no good scene written either)."""
-    from test_ingest_errors import _rewrite, _with_date
-
     scene = small_synth.scene_urls[0]
     with rasterio.open(scene) as ds:
         zeros = np.zeros((1, ds.height, ds.width), np.uint16)
-    empty = _rewrite(scene, tmp_path / _with_date(scene, "220922"), data=zeros)
+    empty = rewrite_geotiff(scene, tmp_path / with_date(scene, "220922"), data=zeros)
     cube = tmp_path / "cube.zarr"
     argv = [
         "ingest",

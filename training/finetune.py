@@ -55,15 +55,16 @@ from sarcube.errors import SarcubeError
 from sarcube.storage import is_remote, join_url
 from sarcube.training_arguments import add_finetune_arguments
 
-from .checkpoint import CheckpointError, load_checkpoint, read_bytes, torch_load_safe, write_bytes
+from .checkpoint import write_bytes
 from .config import Config, ConfigError, config_from_dict
 from .distributed import env_rank
 from .engine import NonFiniteLossError, Trainer, TrainResult
 from .layer_decay import param_groups_layer_decay
 from .metrics import ConfusionMatrix, binary_scores, segmentation_scores
-from .models.pretrained import EncoderWeightsError, load_encoder_weights
-from .models.upernet import UPerNetSegmenter, build_segmenter
+from .models.pretrained import EncoderWeightsError
+from .models.upernet import UPerNetSegmenter
 from .seg_losses import CELoss, FocalDiceLoss, WaterLoss
+from .segmenter import TASK_CLASSES, build_segmentation_model, load_model_checkpoint
 
 __all__ = [
     "TASK_CLASSES",
@@ -82,51 +83,11 @@ __all__ = [
 
 log = logging.getLogger("training.finetune")
 
-TASK_CLASSES: dict[str, tuple[str, ...]] = {
-    "lulc": NINE_CLASS_NAMES,
-    "water": ("not water", "water"),
-}
 BEST_METRIC = {"lulc": "miou", "water": "iou"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Model and loss
-
-
-def build_segmentation_model(
-    cfg: Config, storage_options: Mapping[str, Any] | None = None
-) -> UPerNetSegmenter:
-    """The segmenter of ``cfg`` (``model`` + ``seg``), initialised from ``cfg.seed`` (the same
-    on every rank), with the encoder weights of ``cfg.seg.pretrained`` when set (a local path or
-    fsspec URL of ``encoder.pth`` or a pretraining checkpoint; every encoder tensor is loaded or
-    :class:`~training.models.pretrained.EncoderWeightsError` lists what does not fit)."""
-    s, m = cfg.seg, cfg.model
-    torch.manual_seed(cfg.seed)
-    model = build_segmenter(
-        m.size,
-        num_classes=9 if s.task == "lulc" else 1,
-        hires_injection=s.hires_injection,
-        refine_up=s.refine_up,
-        drop_path_rate=m.drop_path_rate,
-        channels=s.channels,
-        dropout=s.dropout,
-        img_size=m.img_size,
-        window_size=m.window_size,
-    )
-    if s.pretrained:
-        url = s.pretrained
-        try:
-            data = read_bytes(url, storage_options)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"seg.pretrained: no encoder weights at {url}") from None
-        try:
-            obj = torch_load_safe(data, url)
-        except CheckpointError as e:
-            raise EncoderWeightsError(url, [], [], {}, reason=str(e)) from None
-        load_encoder_weights(model.encoder, obj, source=url)
-    if m.grad_checkpointing:
-        model.encoder.set_grad_checkpointing(True)
-    return model
 
 
 def class_frequencies(manifest: Mapping[str, Any], split: str = "train") -> list[float]:
@@ -341,25 +302,19 @@ def _stream(
 
     d = cfg.data
     bs = d.batch_size if train else (cfg.seg.eval_batch_size or d.batch_size)
-    return ShardStream(
+    return ShardStream.from_config(
         manifest,
         split,
-        batch_size=bs,
+        d,
         rank=rank,
         world_size=world,
-        num_workers=d.num_workers,
         seed=cfg.seed,
         task=cfg.seg.task,
-        augment=d.augment and train,
-        shuffle_buffer=d.shuffle_buffer,
         storage_options=so,
-        skip_errors=d.skip_errors,
-        max_bad_shards=d.max_bad_shards,
-        retries=d.retries,
-        timeout=d.timeout,
         pin_memory=pin_memory,
+        batch_size=bs,
+        augment=d.augment and train,
         stats_split="train",
-        prepare=d.prepare,
         evaluation=not train,
     )
 
@@ -505,27 +460,6 @@ def _write_report(
     if remote:
         _upload_dir(local, target, so)
     return report
-
-
-def load_model_checkpoint(
-    url: str, storage_options: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """``best.pt`` or ``checkpoint.pt`` of a fine-tuning run (``weights_only=True``), checked:
-    a mapping with ``model`` weights and the run's ``config`` (method ``finetune``)."""
-    ck = load_checkpoint(url, storage_options)
-    if not isinstance(ck, Mapping) or "model" not in ck or "config" not in ck:
-        raise ValueError(
-            f"{url}: not a sarcube fine-tuning checkpoint (expected the keys "
-            "'model' and 'config', got "
-            f"{sorted(ck)[:8] if isinstance(ck, Mapping) else type(ck).__name__})"
-        )
-    method = (ck["config"] or {}).get("method")
-    if method != "finetune":
-        raise ValueError(
-            f"{url}: a {method!r} checkpoint, not a fine-tuned segmenter (evaluate "
-            "the best.pt / checkpoint.pt of `sarcube finetune`)"
-        )
-    return dict(ck)
 
 
 def evaluate(

@@ -293,27 +293,18 @@ def build_data(
     """This rank's :class:`training.data.ShardStream` of ``cfg.data.split``."""
     from .data import ShardStream
 
-    d = cfg.data
-    return ShardStream(
+    return ShardStream.from_config(
         manifest,
-        d.split,
-        batch_size=d.batch_size,
+        cfg.data.split,
+        cfg.data,
         rank=rank,
         world_size=world_size,
-        num_workers=d.num_workers,
         seed=cfg.seed,
         task="pretrain",
-        augment=d.augment,
+        storage_options=storage_options,
+        pin_memory=pin_memory,
         weight_domain=cfg.loss.weight_domain,
         weight_k=cfg.loss.weight_k,
-        shuffle_buffer=d.shuffle_buffer,
-        storage_options=storage_options,
-        skip_errors=d.skip_errors,
-        retries=d.retries,
-        timeout=d.timeout,
-        pin_memory=pin_memory,
-        prepare=d.prepare,
-        max_bad_shards=d.max_bad_shards,
     )
 
 

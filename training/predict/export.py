@@ -1,0 +1,221 @@
+"""A prediction layer as pictures: PNG panels for a look, a Cloud-Optimized GeoTIFF for GIS.
+
+With every run, a PNG panel per date, SAR | prediction | truth | errors (truth and errors when
+the cube has labels), at most ~1024 px wide, beside the output store. ``--cog`` writes a
+Cloud-Optimized GeoTIFF (EPSG:4326, overviews by mode, the JAXA-like colour table).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sarcube.classes import IGNORE_INDEX, nine_class_lut, water_lut
+from sarcube.cube import PREDICTIONS_FORMAT, cube_grid, open_group
+from sarcube.storage import is_remote, join_url, write_bytes
+
+from ..reports import class_colors
+from .store import NODATA
+
+__all__ = ["export_cog", "write_panels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG panels
+
+
+def _decimated(arr, index: tuple, region: tuple[int, int, int, int], step: int, stripe: int = 1024):
+    """``arr[index + (rows, cols)]`` every ``step`` pixels over ``region``, read in stripes."""
+    r0, r1, c0, c1 = region
+    parts = []
+    for r in range(r0, r1, stripe):
+        parts.append(
+            np.asarray(arr[(*index, slice(r, min(r + stripe, r1), step), slice(c0, c1, step))])
+        )
+    return np.concatenate(parts, axis=0)
+
+
+def _panel_images(src, dst, layer: str, t: int, region, step: int, task: str, labels: bool, cmap):
+    """(title, image, colour map) of each panel of time index ``t``."""
+    from matplotlib.colors import ListedColormap
+
+    sar = _decimated(src["hh_db"], (t,), region, step)
+    pred = _decimated(dst[layer], (t,), region, step).astype(float)
+    pred[pred == NODATA] = np.nan
+    panels = [("SAR HH (dB)", sar, "gray"), ("prediction", pred, cmap)]
+    if labels:
+        lut = nine_class_lut() if task == "lulc" else water_lut()
+        truth = lut[_decimated(src["lulc"], (), region, step)].astype(float)
+        truth[truth == IGNORE_INDEX] = np.nan
+        err = np.where(np.isnan(pred) | np.isnan(truth), np.nan, (pred != truth).astype(float))
+        panels += [
+            ("truth (HR-LULC)" if task == "lulc" else "truth", truth, cmap),
+            ("errors (red)", err, ListedColormap([(0.85, 0.85, 0.85), (0.85, 0.1, 0.1)])),
+        ]
+    return panels
+
+
+def _save_figure(panels, k: int, title: str, path: Path) -> None:
+    """The panels side by side, as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
+    for ax, (name, a, cm) in zip(np.atleast_1d(axes), panels, strict=True):
+        if name.startswith("SAR"):
+            fin = a[np.isfinite(a)]
+            lo, hi = np.percentile(fin, [2, 98]) if fin.size else (-25, 0)
+            ax.imshow(a, cmap=cm, vmin=lo, vmax=hi, interpolation="nearest")
+        elif name.startswith("errors"):
+            ax.imshow(a, cmap=cm, vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(a, cmap=cm, vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_panels(
+    cube: str,
+    out: str,
+    so: Mapping[str, Any],
+    layer: str,
+    dates: Sequence[tuple[str, int]],
+    region: tuple[int, int, int, int],
+    task: str,
+    labels: bool,
+) -> list[Path | str]:
+    """SAR | prediction | truth | errors PNG per date (at most ~1024 px wide), next to the layer
+    (a local path, or for a remote ``out`` a URL beside the store: nothing in the cwd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.colors import ListedColormap
+
+    src = open_group(cube, so)
+    dst = open_group(out, so, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
+    r0, r1, c0, c1 = region
+    step = max(1, math.ceil(max(r1 - r0, c1 - c0) / 1024))
+    k = 9 if task == "lulc" else 2
+    cmap = ListedColormap(class_colors(task, k)).with_extremes(bad=(1, 1, 1), over=(1, 1, 1))
+    remote = is_remote(out)
+    tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-panels-")) if remote else None
+    base = tmpdir if tmpdir is not None else Path(out).parent
+    base.mkdir(parents=True, exist_ok=True)
+    paths: list = []
+    for d, t in dates:
+        panels = _panel_images(src, dst, layer, t, region, step, task, labels, cmap)
+        path = base / f"{Path(out.rstrip('/')).stem}_{layer}_{d}.png"
+        _save_figure(panels, k, f"{task} map, {d} (1 px = {step} cube px)", path)
+        if tmpdir is not None:  # beside the store, like a local one (nothing in the cwd)
+            url = join_url(out.rstrip("/").rsplit("/", 1)[0], path.name)
+            write_bytes(url, path.read_bytes(), so)
+            path.unlink()
+            paths.append(url)
+        else:
+            paths.append(path)
+    if tmpdir is not None:
+        tmpdir.rmdir()
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The COG
+
+
+def _write_tiled_geotiff(
+    tmp: Path, arr, grid, region: tuple[int, int, int, int], time_index: int, block: int
+) -> None:
+    """``arr[time_index]`` over ``region`` into a tiled GeoTIFF at ``tmp``, block by block,
+    with the class colour table and the layer's provenance as tags."""
+    import rasterio
+    from rasterio.windows import Window
+
+    r0, r1, c0, c1 = region
+    task = arr.attrs.get("task", "lulc")
+    k = 9 if task == "lulc" else 2
+    colors = {
+        i: (*(round(255 * v) for v in c[:3]), 255) for i, c in enumerate(class_colors(task, k))
+    }
+    colors[NODATA] = (0, 0, 0, 0)
+    profile = {
+        "driver": "GTiff",
+        "width": c1 - c0,
+        "height": r1 - r0,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:4326",
+        "transform": grid.window_transform(r0, c0),
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+    }
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for r in range(r0, r1, block):
+            for c in range(c0, c1, block):
+                rr, cc = min(r + block, r1), min(c + block, c1)
+                dst.write(
+                    np.asarray(arr[time_index, r:rr, c:cc]),
+                    1,
+                    window=Window(c - c0, r - r0, cc - c, rr - r),
+                )
+        dst.write_colormap(1, colors)
+        dst.update_tags(
+            1,
+            **{
+                k2: str(v)
+                for k2, v in arr.attrs.items()
+                if k2 in ("task", "checkpoint", "checkpoint_sha256", "flag_meanings")
+            },
+        )
+
+
+def export_cog(
+    out: str,
+    path: str,
+    *,
+    layer: str = "pred_lulc",
+    time_index: int = 0,
+    region: tuple[int, int, int, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    block: int = 1024,
+) -> str:
+    """Write ``layer[time_index]`` over ``region`` as a Cloud-Optimized GeoTIFF at ``path``
+    (local, or a URL: written locally then uploaded): EPSG:4326, 512² tiles, deflate, nodata 255,
+    overviews by mode, a colour table of the class colours. Copied block by block into a tiled
+    GeoTIFF, then through GDAL's COG driver (memory: one block)."""
+    from rasterio.shutil import copy as rio_copy
+
+    so = dict(storage_options or {})
+    root = open_group(out, so, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
+    grid = cube_grid(root)
+    region = region or (0, grid.height, 0, grid.width)
+    tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-cog-"))
+    tmp = tmpdir / "map.tif"
+    _write_tiled_geotiff(tmp, root[layer], grid, region, time_index, block)
+    remote = is_remote(str(path))
+    local = tmpdir / "cog.tif" if remote else Path(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    rio_copy(
+        str(tmp),
+        str(local),
+        driver="COG",
+        COMPRESS="DEFLATE",
+        BLOCKSIZE=512,
+        OVERVIEW_RESAMPLING="MODE",
+        RESAMPLING="NEAREST",
+    )
+    if remote:
+        write_bytes(str(path), local.read_bytes(), so)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    return str(path)
