@@ -28,7 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sarcube.classes import DEFAULT_TABLE, IGNORE_INDEX, NINE_CLASS_NAMES, NINE_CLASSES
+from sarcube.classes import (
+    IGNORE_INDEX,
+    SEGMENTATION_TASKS,
+    WATER_CLASS_NAMES,
+    segmentation_task,
+)
 from training.metrics import ABSENT_CLASS_NOTE, binary_scores, format_table, segmentation_scores
 
 __all__ = [
@@ -42,8 +47,7 @@ __all__ = [
     "write_evaluation_report",
 ]
 
-TASKS = ("lulc", "water")
-WATER_CLASS_NAMES = ("not water", "water")
+TASKS = tuple(SEGMENTATION_TASKS)
 REPORT_FILES = {
     "json": "report.json",
     "markdown": "report.md",
@@ -59,7 +63,6 @@ _RESERVED_KEYS = frozenset(
 )
 _IGNORE_RGB = (1.0, 1.0, 1.0)  # white: distinct from JAXA water (dark navy) and the SAR NaN colour
 _SAR_NODATA_RGB = (1.0, 0.0, 1.0)  # NaN backscatter: magenta, unlike any class or grey level
-_NOT_WATER_RGB = (0.85, 0.85, 0.85)  # the water task's background class
 _EMPTY_ROW_RGB = (0.8, 0.8, 0.8)  # confusion rows without truth pixels
 _DPI = 100
 
@@ -67,16 +70,15 @@ _DPI = 100
 def class_colors(task: str, num_classes: int) -> list[tuple[float, float, float]]:
     """RGB colours (floats in [0, 1]) of the classes of a task, in class-id order.
 
-    ``lulc`` with 9 classes: the JAXA palette colour of each class's first JAXA code (water 1,
-    built-up 2, cropland 3, grassland 5, forest 6, bare 10, solar panel 12, wetland 13,
-    greenhouse 14). ``lulc`` with another class count: matplotlib's ``tab20`` cycle (the JAXA
-    mapping is only defined for the 9 classes). ``water``: light grey (not water) and JAXA's
-    water colour.
+    The task's own colours (``SegmentationTask.rgb``) when ``num_classes`` is its class count:
+    ``lulc``, the JAXA palette colour of each class's first JAXA code (water 1, built-up 2,
+    cropland 3, grassland 5, forest 6, bare 10, solar panel 12, wetland 13, greenhouse 14);
+    ``water``, light grey (not water) and JAXA's water colour. ``lulc`` with another class
+    count: matplotlib's ``tab20`` cycle (the JAXA mapping is only defined for the 9 classes).
     """
-    if task == "water":
-        return [_NOT_WATER_RGB, _jaxa_rgb(NINE_CLASSES[0][1][0])]
-    if task == "lulc" and num_classes == len(NINE_CLASSES):
-        return [_jaxa_rgb(codes[0]) for _, codes in NINE_CLASSES]
+    spec = segmentation_task(task)
+    if num_classes == spec.num_classes:
+        return [(r / 255.0, g / 255.0, b / 255.0) for r, g, b in spec.rgb]
     if task == "lulc":
         from matplotlib import colormaps
 
@@ -85,12 +87,7 @@ def class_colors(task: str, num_classes: int) -> list[tuple[float, float, float]
             (float(r), float(g), float(b))
             for r, g, b in (tab20(i % 20)[:3] for i in range(num_classes))
         ]
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-
-
-def _jaxa_rgb(code: int) -> tuple[float, float, float]:
-    r, g, b, _ = DEFAULT_TABLE.colormap()[code]
-    return (r / 255.0, g / 255.0, b / 255.0)
+    raise ValueError(f"{task}: {num_classes} classes, expected {spec.num_classes}")
 
 
 def row_normalized(cm: Tensor | np.ndarray) -> np.ndarray:
@@ -211,7 +208,7 @@ def write_evaluation_report(
     counts = _check_cm(cm)
     k = counts.shape[0]
     if class_names is None:
-        class_names = NINE_CLASS_NAMES if task == "lulc" else WATER_CLASS_NAMES
+        class_names = SEGMENTATION_TASKS[task].class_names
     names = [str(n) for n in class_names]
     if len(names) != k:
         raise ValueError(f"{len(names)} class names {names} for a {k}x{k} confusion matrix")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sarcube.classes import NINE_CLASS_NAMES
+from sarcube.classes import SEGMENTATION_TASKS, segmentation_task
 
 from .checkpoint import CheckpointError, load_checkpoint, read_bytes, torch_load_safe
 from .config import Config
@@ -23,9 +23,9 @@ from .models.upernet import UPerNetSegmenter, build_segmenter
 
 __all__ = ["TASK_CLASSES", "build_segmentation_model", "load_model_checkpoint"]
 
+# Class names per task (a view of sarcube.classes.SEGMENTATION_TASKS, kept for its importers).
 TASK_CLASSES: dict[str, tuple[str, ...]] = {
-    "lulc": NINE_CLASS_NAMES,
-    "water": ("not water", "water"),
+    name: t.class_names for name, t in SEGMENTATION_TASKS.items()
 }
 
 
@@ -40,7 +40,7 @@ def build_segmentation_model(
     torch.manual_seed(cfg.seed)
     model = build_segmenter(
         m.size,
-        num_classes=9 if s.task == "lulc" else 1,
+        num_classes=segmentation_task(s.task).num_outputs,
         hires_injection=s.hires_injection,
         refine_up=s.refine_up,
         drop_path_rate=m.drop_path_rate,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sarcube.classes import IGNORE_INDEX, nine_class_lut, water_lut
+from sarcube.classes import IGNORE_INDEX, segmentation_task
 from sarcube.cube import PREDICTIONS_FORMAT, open_group
 
 from .predictor import Predictor, cached_predictor
@@ -115,10 +115,10 @@ def _write_pixels(job: BlockJob, task: str, cls: np.ndarray, prob: np.ndarray, v
     if job.prob_layer:
         q = np.where(np.isfinite(prob), np.rint(np.clip(prob, 0, 1) * 254), NODATA).astype(np.uint8)
         q[:, ~valid] = NODATA
-        if task == "lulc":
-            dst[job.prob_layer][job.t, :, r0:r1, c0:c1] = q
-        else:
+        if segmentation_task(task).binary:
             dst[job.prob_layer][job.t, r0:r1, c0:c1] = q[0]
+        else:
+            dst[job.prob_layer][job.t, :, r0:r1, c0:c1] = q
 
 
 def run_block(
@@ -149,10 +149,9 @@ def run_block(
         "valid_pixels": int(valid.sum()),
     }
     if job.labels:
-        lut = nine_class_lut() if pr.task == "lulc" else water_lut()
-        truth = lut[np.asarray(src["lulc"][r0:r1, c0:c1])]
+        task = segmentation_task(pr.task)
+        truth = task.label_lut()[np.asarray(src["lulc"][r0:r1, c0:c1])]
         truth = np.where(valid, truth, IGNORE_INDEX)
-        k = 9 if pr.task == "lulc" else 2
-        info["cm"] = confusion_matrix(cls, truth, k).tolist()
+        info["cm"] = confusion_matrix(cls, truth, task.num_classes).tolist()
     write_marker(job.marker, job.so, info)
     return info

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sarcube.classes import IGNORE_INDEX, nine_class_lut, water_lut
+from sarcube.classes import IGNORE_INDEX, segmentation_task
 from sarcube.cube import PREDICTIONS_FORMAT, cube_grid, open_group
 from sarcube.storage import is_remote, join_url, write_bytes
 
@@ -50,7 +50,7 @@ def _panel_images(src, dst, layer: str, t: int, region, step: int, task: str, la
     pred[pred == NODATA] = np.nan
     panels = [("SAR HH (dB)", sar, "gray"), ("prediction", pred, cmap)]
     if labels:
-        lut = nine_class_lut() if task == "lulc" else water_lut()
+        lut = segmentation_task(task).label_lut()
         truth = lut[_decimated(src["lulc"], (), region, step)].astype(float)
         truth[truth == IGNORE_INDEX] = np.nan
         err = np.where(np.isnan(pred) | np.isnan(truth), np.nan, (pred != truth).astype(float))
@@ -104,7 +104,7 @@ def write_panels(
     dst = open_group(out, so, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
     r0, r1, c0, c1 = region
     step = max(1, math.ceil(max(r1 - r0, c1 - c0) / 1024))
-    k = 9 if task == "lulc" else 2
+    k = segmentation_task(task).num_classes
     cmap = ListedColormap(class_colors(task, k)).with_extremes(bad=(1, 1, 1), over=(1, 1, 1))
     remote = is_remote(out)
     tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-panels-")) if remote else None
@@ -141,7 +141,7 @@ def _write_tiled_geotiff(
 
     r0, r1, c0, c1 = region
     task = arr.attrs.get("task", "lulc")
-    k = 9 if task == "lulc" else 2
+    k = segmentation_task(task).num_classes
     colors = {
         i: (*(round(255 * v) for v in c[:3]), 255) for i, c in enumerate(class_colors(task, k))
     }

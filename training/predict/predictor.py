@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sarcube.classes import segmentation_task
 from sarcube.errors import InputError
 
 from ..checkpoint import read_bytes
@@ -49,7 +50,7 @@ class Predictor:
 
     @property
     def channels(self) -> int:
-        return 9 if self.task == "lulc" else 1
+        return segmentation_task(self.task).num_outputs
 
     @torch.no_grad()
     def probabilities(self, db: torch.Tensor) -> torch.Tensor:
@@ -64,14 +65,15 @@ class Predictor:
                 f"{self.checkpoint}: the model gives {logits.shape[1]} channels, "
                 f"task {self.task!r} needs {self.channels}"
             )
-        p = torch.softmax(logits, 1) if self.task == "lulc" else torch.sigmoid(logits)
+        binary = segmentation_task(self.task).binary
+        p = torch.sigmoid(logits) if binary else torch.softmax(logits, 1)
         return p.cpu()
 
     def classes(self, prob: np.ndarray) -> np.ndarray:
         """``(C, H, W)`` blended probabilities → ``(H, W)`` uint8 classes."""
-        if self.task == "lulc":
-            return prob.argmax(0).astype(np.uint8)
-        return (prob[0] >= self.threshold).astype(np.uint8)
+        if segmentation_task(self.task).binary:
+            return (prob[0] >= self.threshold).astype(np.uint8)
+        return prob.argmax(0).astype(np.uint8)
 
 
 def _sha256(data: bytes) -> str:
@@ -83,7 +85,7 @@ def _checked_db_stats(
 ) -> tuple[float, float]:
     """The training dB (mean, std) of a checkpoint of task ``ck_task``, after checking that it
     is the asked-for ``task`` and has that task's class count; ``PredictError`` otherwise."""
-    n_ck = int(extra.get("num_classes", 9 if ck_task == "lulc" else 2))
+    n_ck = int(extra.get("num_classes", segmentation_task(ck_task).num_classes))
     if task is not None and task != ck_task:
         raise PredictError(
             f"{checkpoint}: a {ck_task!r} checkpoint ({n_ck} classes), but "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES
+from sarcube.classes import IGNORE_INDEX, segmentation_task
 
 from ..metrics import binary_scores, segmentation_scores
 
@@ -32,7 +32,8 @@ def region_scores(
     task: str, dates: Sequence[tuple[str, int]], results: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
     """Date → scores (with the ``confusion_matrix``) from the markers ``results`` of a run."""
-    k = 9 if task == "lulc" else 2
+    spec = segmentation_task(task)
+    k = spec.num_classes
     out = {}
     for d, t in dates:
         cm = np.zeros((k, k), np.int64)
@@ -40,8 +41,8 @@ def region_scores(
             if m.get("t") == t and "cm" in m:
                 cm += np.asarray(m["cm"], np.int64)
         tcm = torch.from_numpy(cm)
-        if task == "lulc":
-            out[d] = segmentation_scores(tcm, NINE_CLASS_NAMES) | {"confusion_matrix": cm.tolist()}
-        else:
+        if spec.binary:
             out[d] = binary_scores(tcm) | {"confusion_matrix": cm.tolist()}
+        else:
+            out[d] = segmentation_scores(tcm, spec.class_names) | {"confusion_matrix": cm.tolist()}
     return out

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sarcube import __version__
-from sarcube.classes import NINE_CLASS_NAMES
+from sarcube.classes import segmentation_task
 from sarcube.cube import PREDICTIONS_FORMAT, open_group, zarr_store
 from sarcube.grid import CubeGrid
 from sarcube.storage import is_remote, join_url, put_bytes, url_to_fs
@@ -54,7 +54,7 @@ NODATA = 255
 
 def layer_attrs(pr: Predictor, overlap: int, stride: int) -> dict[str, Any]:
     """The attributes of a prediction layer: its classes, the model and the window settings."""
-    names = list(NINE_CLASS_NAMES) if pr.task == "lulc" else ["not water", "water"]
+    names = list(segmentation_task(pr.task).class_names)
     return {
         "long_name": (
             "predicted "
@@ -154,12 +154,12 @@ def _layer_specs(
     h, w, ch = grid.height, grid.width, grid.chunk
     specs = [(layer, (t_len, h, w), (1, ch, ch), ("time", "y", "x"))]
     if prob_layer:
-        if task == "lulc":
-            specs.append(
-                (prob_layer, (t_len, 9, h, w), (1, 1, ch, ch), ("time", "class", "y", "x"))
-            )
-        else:
+        spec = segmentation_task(task)
+        if spec.binary:  # P(water)
             specs.append((prob_layer, (t_len, h, w), (1, ch, ch), ("time", "y", "x")))
+        else:  # one probability per class
+            shape = (t_len, spec.num_classes, h, w)
+            specs.append((prob_layer, shape, (1, 1, ch, ch), ("time", "class", "y", "x")))
     return specs
 
 
