@@ -58,10 +58,10 @@ def run_command(
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
-    except (SarcubeError, *bad_input) as e:
-        report_error(prefix, e, verbose)
-        return 2
     except Exception as e:
+        if isinstance(e, (SarcubeError, *bad_input)):
+            report_error(prefix, e, verbose)
+            return 2
         for kind, status in (statuses or {}).items():
             if isinstance(e, kind):
                 report_error(prefix, e, verbose)

@@ -51,7 +51,7 @@ def prepare_destination(out_url: str, so: Mapping[str, Any]) -> dict[str, str]:
     fs.invalidate_cache()
     previous = None
     if fs.exists(manifest):
-        previous = read_bytes(fs, manifest)
+        previous = read_bytes(fs, manifest) or b""
         put_bytes(fs, kept, previous)  # before the manifest goes: one of the two always exists
         fs.rm_file(manifest)
     elif fs.exists(kept):  # an earlier re-run was killed after removing the manifest

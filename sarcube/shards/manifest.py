@@ -203,8 +203,8 @@ def shard_urls(
     base = murl.rsplit("/", 1)[0]
     out = []
     for s in manifest["splits"][split]["shards"]:
-        name = s.get("name") if isinstance(s, Mapping) else None
-        if not _inside(name):
+        name: str | None = s.get("name") if isinstance(s, Mapping) else None
+        if name is None or not _inside(name):
             raise ShardError(
                 f"{murl}: split {split!r} lists the shard {name!r}, which is not a "
                 "file inside the manifest's folder (absolute paths, '..' and URLs "

@@ -98,4 +98,8 @@ def recut_patch(
     nr, nc = grid.height // grid.chunk, grid.width // grid.chunk
     if not (0 <= row < nr and 0 <= col < nc):
         raise InputError(f"patch {patch_id} is outside the cube's {nr} × {nc} patch grid")
-    return read_patch(root["hh_db"], root["lulc"], int(entry["time_index"]), row, col, grid.chunk)
+    sar, lab = read_patch(
+        root["hh_db"], root["lulc"], int(entry["time_index"]), row, col, grid.chunk
+    )
+    assert lab is not None  # the labels were asked for
+    return sar, lab

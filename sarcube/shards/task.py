@@ -196,7 +196,9 @@ def _build_shard(
                 spec.col,
                 patch,
             )
-            lab = labels.setdefault((spec.row, spec.col), lab)
+            if lab is not None:  # read for the first sample at this place
+                labels[(spec.row, spec.col)] = lab
+            lab = labels[(spec.row, spec.col)]
             _check_labels(spec, label_hist(lab))
             stats.add(sar)
             payload = {"json": spec.json, "sar.npy": npy_bytes(sar)}

@@ -189,7 +189,7 @@ def decode_batch(
     lab = None if lab_t is None else lab_t.numpy()
     keys = []
     for i, s in enumerate(raw):
-        key = s.get("__key__")
+        key: Any = s.get("__key__")
         x = decode_member(s, "sar.npy", np.dtype(np.float16), p, task)
         y = decode_member(s, "lulc.npy", np.dtype(np.uint8), p, task) if lab is not None else None
         if augment:
@@ -197,7 +197,7 @@ def decode_batch(
             x = apply_augmentation(x, *t)
             y = None if y is None else apply_augmentation(y, *t)
         sar[i] = x
-        if lab is not None:
+        if lab is not None and y is not None and lut is not None:  # all three, or none
             np.take(lut, y, out=lab[i], mode="clip")  # JAXA code -> task class
         keys.append(key)
     out: dict[str, Any] = {"sar": sar_t, "key": keys}
@@ -245,7 +245,7 @@ def finish_batch(
     if cpu:  # finite <=> exponent bits not all ones (much faster than isfinite on float16)
         torch.ne(sar.view(torch.int16).bitwise_and(0x7C00), 0x7C00, out=valid)
     else:
-        torch.isfinite(sar, out=valid)
+        torch.isfinite(sar, out=valid)  # type: ignore[call-arg]  # torch's stub omits out=
     all_valid = bool(valid.all())
     # on CPU in chunks of a few samples, so that the chain of element-wise passes stays in
     # cache; on a GPU in one go

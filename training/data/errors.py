@@ -119,7 +119,7 @@ def _third_party_transient() -> tuple[type[BaseException], ...]:
     return tuple(out)
 
 
-_TRANSIENT_TYPES = (
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
     asyncio.TimeoutError,

@@ -183,12 +183,13 @@ def _plan(
 ) -> tuple[list[BlockJob], dict[str, dict[str, Any]]]:
     """(the jobs to run, marker URL → content of the blocks already done by this checkpoint on
     the same slice): every block at every date, ``template`` with its time, block and marker."""
-    jobs, done = [], {}
+    jobs: list[BlockJob] = []
+    done: dict[str, dict[str, Any]] = {}
     for d, t in dates:
         for b in blocks:
             marker = marker_url(template.out, template.layer, t, b)
             m = read_marker(marker, template.so)
-            if marker_is_current(m, sha256, b, slice_ids[d]):
+            if m is not None and marker_is_current(m, sha256, b, slice_ids[d]):
                 done[marker] = m
                 continue
             jobs.append(
@@ -413,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m training.predict``: the arguments of ``sarcube predict``; 2 on an error."""
     from sarcube.training_arguments import add_predict_arguments
 
-    package_doc = sys.modules[__package__].__doc__  # the first line says what predict is
+    package_doc = sys.modules[__package__].__doc__ or ""  # its first line says what predict is
     p = argparse.ArgumentParser(
         prog="python -m training.predict", description=package_doc.splitlines()[0]
     )

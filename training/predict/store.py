@@ -152,7 +152,9 @@ def _layer_specs(
 ) -> list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[str, ...]]]:
     """(name, shape, chunks, dimension names) of the class layer and the probability layer."""
     h, w, ch = grid.height, grid.width, grid.chunk
-    specs = [(layer, (t_len, h, w), (1, ch, ch), ("time", "y", "x"))]
+    specs: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[str, ...]]] = [
+        (layer, (t_len, h, w), (1, ch, ch), ("time", "y", "x"))
+    ]
     if prob_layer:
         spec = segmentation_task(task)
         if spec.binary:  # P(water)
