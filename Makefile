@@ -18,21 +18,20 @@ demo: env
 PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-test: env
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: lint
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the tests marked slow (concurrency trials,
 # fault injection, notebooks), about a third of the time.
 test-fast: env
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
+# ruff (lint rules and the formatter's check) and mypy (pyproject.toml [tool.mypy]).
 lint: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 
 format: env
 	$(BIN)/ruff check --fix .
