@@ -12,7 +12,7 @@ from training.sar_weight import sar_intensity_weight
 
 
 def _weight_ref(v: np.ndarray, k: float, eps: float = 1e-6) -> np.ndarray:
-    """DESIGN section 7 written out with explicit loops over images and channels (float64)."""
+    """docs/design.md §4 written out with explicit loops over images and channels (float64)."""
     v = v.astype(np.float64)
     out = np.empty_like(v)
     for b in range(v.shape[0]):

@@ -119,7 +119,7 @@ class DataConfig:
 
 @dataclass
 class SegConfig:
-    """Fine-tuning (``method: finetune``): the segmenter, its loss and evaluation (DESIGN §7–8).
+    """Fine-tuning (``method: finetune``): segmenter, loss and evaluation (docs/design.md §4).
 
     The three refinements of arXiv 2601.15705 are switches: ``hires_injection`` (i),
     ``refine_up`` (ii), ``alpha_scaled`` (iii: the α-scaled focal + dice loss; off = the same

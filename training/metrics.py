@@ -1,5 +1,5 @@
-"""Segmentation metrics (DESIGN §8): a confusion matrix accumulated over the whole split and summed
-across DDP ranks, and the scores derived from it.
+"""Segmentation metrics (docs/design.md §4): a confusion matrix accumulated over the whole split
+and summed across DDP ranks, and the scores derived from it.
 
 Everything is derived from one integer confusion matrix ``cm`` of shape ``(K, K)``: rows are the
 truth, columns the prediction, ``cm[i, j]`` = number of valid pixels of true class i predicted as

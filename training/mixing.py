@@ -1,4 +1,4 @@
-"""MixMAE mixing, unmixing and loss (Liu et al. 2023; SAR weighting per DESIGN section 7).
+"""MixMAE mixing, unmixing and loss (Liu et al. 2023; SAR weighting per docs/design.md §4).
 
 MixMAE replaces the masked tokens of one image by the visible tokens of another instead of by a
 mask token, so the encoder never sees a mask token and no compute is spent on them::

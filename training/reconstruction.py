@@ -11,7 +11,7 @@ multiplies the per-pixel error by the SAR intensity weight ``w`` (``training.sar
 
     loss = sum(M * w * err(x, x_rec)) / (sum(M) + 1e-5) / C
 
-Note that ``w`` is *not* in the denominator (DESIGN section 7): since ``w >= 1`` it also scales the
+Note that ``w`` is *not* in the denominator (docs/design.md §4): since ``w >= 1`` it also scales the
 loss up, by about the mean weight over masked pixels. ``w = 1`` is plain SimMIM.
 """
 

@@ -44,7 +44,7 @@ def sar_intensity_weight(
             Must be free of NaN/inf (fill no-data before calling).
         k: contrast exponent (unitless); ``k = 1`` gives ``w`` in ``[1, e]``, ``k = 0`` gives all
             ones.
-        domain: ``"db"`` (DESIGN default) or ``"normalized"`` (the authors' released code); both
+        domain: ``"db"`` (the default) or ``"normalized"`` (the authors' released code); both
             apply ``P = 10^(v/10)`` to the given values ``v``, they differ only in what the caller
             passes.
         eps: added to the min-max denominator; a constant image gives ``n = 0`` and ``w = e^k``.

@@ -1,4 +1,4 @@
-"""Segmentation losses of the fine-tuning stage (DESIGN §7; arXiv 2601.15705 eq. 1-4).
+"""Segmentation losses of the fine-tuning stage (docs/design.md §4; arXiv 2601.15705 eq. 1-4).
 
 Shapes and conventions shared by every loss here:
 

@@ -1,4 +1,4 @@
-"""MixMAE / SAR-W-MixMAE (Liu et al. 2023; SAR weighting per DESIGN section 7).
+"""MixMAE / SAR-W-MixMAE (Liu et al. 2023; SAR weighting per docs/design.md §4).
 
 ::
 
@@ -153,7 +153,7 @@ class MixMAE(nn.Module):
             range drawn per batch (see :func:`training.mixing.mixmae_mask`).
         mask_unit: mask unit in pixels; a multiple of the encoder output stride (32), so that
             patch merging never merges tokens of two images and each decoder token is one source.
-        weight_domain: ``"db"`` or ``"normalized"``: what :meth:`sar_weight` expects (DESIGN 7).
+        weight_domain: ``"db"`` or ``"normalized"``: what :meth:`sar_weight` expects.
         weight_k: contrast exponent ``k`` of the SAR weight.
         norm_pix_loss: per-patch normalised targets (MAE/MixMAE default).
         **timm_kwargs: passed to timm's ``SwinTransformer`` via :class:`SwinEncoder`
@@ -403,7 +403,7 @@ class MixMAE(nn.Module):
     def sar_weight(self, x_db_or_normalized: Tensor) -> Tensor:
         """SAR intensity weight with this model's ``weight_domain`` and ``weight_k``.
 
-        Pass the un-normalised dB images for ``weight_domain="db"`` (DESIGN default), the z-scored
+        Pass the un-normalised dB images for ``weight_domain="db"`` (the default), the z-scored
         encoder input for ``"normalized"`` (the authors' code). Compute it after geometric
         augmentation, for the original (unmixed) images.
         """

@@ -1,4 +1,4 @@
-"""SimMIM / SAR-W-SimMIM masked image model (Xie et al. 2022; SAR weighting per DESIGN section 7).
+"""SimMIM / SAR-W-SimMIM masked image model (Xie et al. 2022; SAR weighting per docs/design.md §4).
 
 ::
 

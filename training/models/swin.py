@@ -247,7 +247,7 @@ SWIN_TINY: dict[str, Any] = dict(
 
 
 def swin_base(**kwargs: Any) -> SwinEncoder:
-    """Swin-B as in DESIGN section 7: embed 128, depths 2/2/18/2, heads 4/8/16/32, window 8,
+    """Swin-B as in docs/design.md §4: embed 128, depths 2/2/18/2, heads 4/8/16/32, window 8,
     patch 4, 256 px, 1 channel (about 87 M parameters). ``kwargs`` override any argument."""
     return SwinEncoder(**{**SWIN_BASE, **kwargs})
 

@@ -1,4 +1,4 @@
-"""Refined UPerNet segmenter on a Swin encoder (DESIGN section 7; arXiv 2601.15705 §II, Table I).
+"""Refined UPerNet segmenter on a Swin encoder (docs/design.md §4; arXiv 2601.15705 §II, Table I).
 
 ::
 
@@ -35,7 +35,7 @@ Our reading of the two architectural refinements (the paper gives no code and on
     Note that a 1x1 classifier commutes with bilinear upsampling, so the last learned spatial
     refinement happens at H/2; a conv at full resolution would cost about 4x the head's FLOPs.
 
-Conv blocks are Conv(bias=False) -> GroupNorm -> GELU (DESIGN section 7), not BatchNorm: GN is
+Conv blocks are Conv(bias=False) -> GroupNorm -> GELU (docs/design.md §4), not BatchNorm: GN is
 independent of the per-GPU batch and of the 1x1 PPM bins.
 """
 
