@@ -48,7 +48,40 @@ def _xdist_unit(nodeid: str) -> str:
     return XDIST_SHARED_UNIT.get(name, name)
 
 
+# -- `make test-fast`: -m "not slow and not integration" -------------------------------------
+# A test is "integration" when it needs one of the session's expensive fixtures (a Dask cluster
+# of worker processes, a synthetic cube ingested on it, its shards, the small demo) or sits in a
+# file whose tests start whole processes (the CLI, torchrun ranks, the bootstrap, notebooks).
+# What is left are the unit tests: each compares a function with an independent computation.
+INTEGRATION_FIXTURES = {"dask_cluster", "dask_client", "small_cube", "small_shards", "small_demo"}
+INTEGRATION_FILES = {
+    "test_bootstrap.py",
+    "test_cli.py",
+    "test_cli_errors.py",
+    "test_deploy.py",
+    "test_faults.py",
+    "test_finetune.py",
+    "test_ingest.py",
+    "test_ingest_errors.py",
+    "test_ingest_resume.py",
+    "test_notebooks.py",
+    "test_predict.py",
+    "test_pretrain.py",
+    "test_secrets.py",
+    "test_security.py",
+    "test_transactions.py",
+}
+
+
+def _mark_integration(items: list[pytest.Item]) -> None:
+    for it in items:
+        name = it.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        if name in INTEGRATION_FILES or INTEGRATION_FIXTURES & set(getattr(it, "fixturenames", ())):
+            it.add_marker(pytest.mark.integration)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _mark_integration(items)
     if hasattr(config, "workerinput"):  # an xdist worker: its order is the schedule's order
         rank = {u: i for i, u in enumerate(XDIST_HEAVY_FIRST)}
         items.sort(key=lambda it: rank.get(_xdist_unit(it.nodeid), len(rank)))  # stable

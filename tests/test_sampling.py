@@ -214,6 +214,7 @@ def test_cube_without_labels_or_valid_patches(small_synth, tmp_path, dask_client
         )
 
 
+@pytest.mark.slow
 def test_real_national_map_rare_classes_gain_share(hrlulc_250m):
     """Japan's real 250 m HR-LULC map as a label cube (Dask blocks). Patches of 20 px (5 km, the
     paper's 256 px at ~20 m) and the paper's 1,000,000 anchors. The map labels the sea near the

@@ -190,6 +190,7 @@ def test_speckle_of_homogeneous_water_is_gamma_with_L_looks(lake_synth):
     assert stats.kstest(sample, gamma.cdf).pvalue > 1e-3
 
 
+@pytest.mark.slow
 def test_same_seed_byte_identical_other_seed_differs(tmp_path, small_synth):
     from conftest import SMALL_BBOX
 
@@ -226,6 +227,7 @@ def test_class_shares_follow_the_real_map(template_synth, hrlulc_250m):
     assert np.abs(diff).max() <= 2.5, dict(zip(range(1, 15), diff.round(2), strict=True))
 
 
+@pytest.mark.slow
 def test_procedural_shares_match_japan_table(tmp_path):
     """Without a template, a 0.3° area gets Japan's land shares within ±3 points per class."""
     res = synthesize(
