@@ -32,7 +32,7 @@ from training.data import (
     augmentation,
     intensity_weight,
     is_transient,
-    load_npy,
+    npy_load_fast,
 )
 from training.sar_weight import sar_intensity_weight
 
@@ -394,7 +394,7 @@ def test_fast_weight_equals_sar_intensity_weight(k):
     )
 
 
-def test_load_npy_equals_np_load():
+def test_npy_load_fast_equals_np_load():
     rng = np.random.default_rng(0)
     arrays = [
         rng.normal(size=(P, P)).astype(np.float16),
@@ -406,16 +406,16 @@ def test_load_npy_equals_np_load():
     ]
     for _ in range(2):  # the second round hits the header cache
         for a in arrays:
-            got = load_npy(_npy(a))
+            got = npy_load_fast(_npy(a))
             np.testing.assert_array_equal(got, a)
             assert got.dtype == a.dtype and got.shape == a.shape
     data = npy_bytes(arrays[0])
     with pytest.raises(ValueError):  # a cached header with a short payload: np.load's error
-        load_npy(data[:-2])
+        npy_load_fast(data[:-2])
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
-        load_npy(buf.getvalue())
+        npy_load_fast(buf.getvalue())
 
 
 def _npy(a):  # np.save as is (Fortran order and 0-d kept)

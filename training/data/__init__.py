@@ -43,7 +43,7 @@ The submodules:
 
 from __future__ import annotations
 
-from .decode import apply_augmentation, augmentation, intensity_weight, load_npy
+from .decode import apply_augmentation, augmentation, intensity_weight, npy_load_fast
 from .errors import (
     DataError,
     SampleError,
@@ -75,7 +75,7 @@ __all__ = [
     "gopen_fsspec",
     "intensity_weight",
     "is_transient",
-    "load_npy",
+    "npy_load_fast",
     "register_fsspec_opener",
     "shard_mismatch",
 ]

@@ -1,6 +1,6 @@
 """Decoding samples into batches: npy members, augmentation, and the batch ``finish``.
 
-Decoding: ``np.load(io.BytesIO(b), allow_pickle=False)`` (``load_npy``: repeated, byte-identical
+Decoding: ``np.load(io.BytesIO(b), allow_pickle=False)`` (``npy_load_fast``: repeated, identical
 headers are parsed once); ``decode_member`` checks dtype and shape and raises ``SampleError``
 naming the sample key and the shard URL.
 
@@ -41,7 +41,7 @@ __all__ = [
     "empty_tensor",
     "finish_batch",
     "intensity_weight",
-    "load_npy",
+    "npy_load_fast",
 ]
 
 _CHUNK = 8  # samples per element-wise pass in finish_batch on CPU (8 × 256² float32 = 2 MiB)
@@ -50,8 +50,8 @@ _NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # header -> parsed
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    """``np.load(io.BytesIO(data), allow_pickle=False)``, faster for repeated headers.
+def npy_load_fast(data: bytes) -> np.ndarray:
+    """``sarcube.shards.npy_load`` (``np.load``, no pickle), faster for repeated headers.
 
     Every distinct header goes through ``np.load``; when it yields a C-ordered, non-object array
     whose payload fills the rest of ``data``, the header bytes are remembered, and later members
@@ -145,7 +145,7 @@ def decode_member(
         need = "" if ext == "sar.npy" else f" (task {task!r} needs labels)"
         raise SampleError(f"{where}: no {ext} member{need}; members {have}", key=key, shard=url)
     try:
-        arr = load_npy(sample[ext])
+        arr = npy_load_fast(sample[ext])
     except Exception as e:
         raise SampleError(
             f"{where}: {ext} is not a readable .npy array ({type(e).__name__}: {e})",
