@@ -22,20 +22,19 @@ from helpers.engine_runs import SynthData, make_trainer, tiny_cfg
 from training import distributed as tdist
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import load_config
-from training.engine import (
-    NonFiniteLossError,
-    Trainer,
+from training.engine import NonFiniteLossError, Trainer
+from training.models import load_encoder_weights, swin_tiny
+from training.models.mixmae import mixmae_tiny
+from training.models.simmim import SimMIM
+from training.optim import (
     WarmupCosine,
     build_optimizer,
     build_scheduler,
     param_groups_weight_decay,
     scaled_lr,
-    step_generator,
 )
-from training.models import load_encoder_weights, swin_tiny
-from training.models.mixmae import mixmae_tiny
-from training.models.simmim import SimMIM
 from training.pretrain import build_model, make_task
+from training.reproducibility import step_generator
 
 torch.set_num_threads(1)
 

@@ -23,9 +23,9 @@ from helpers.engine_runs import jsonl_records
 from sarcube.index import read_index
 from sarcube.sampling import SamplingParams, sample_patches
 from sarcube.shards import read_manifest, write_shards
-from training.engine import param_checksum
 from training.models import load_encoder_weights, swin_tiny
 from training.pretrain import main
+from training.reproducibility import param_checksum
 
 REPO = Path(__file__).resolve().parents[1]
 N_SAMPLES = 11

@@ -14,13 +14,18 @@ Writes are atomic: the whole file is serialised in memory, then
   PUT, or for very large files a multipart upload that only becomes visible when completed),
 
 so a crash never leaves a truncated checkpoint where a good one was.
+
+A resume must continue the run the checkpoint belongs to: :func:`check_resume_config` compares
+the checkpoint's config with the resuming run's. Only :data:`RESUME_MAY_CHANGE` (``train.*``,
+the data loader settings) may differ freely, and :data:`RESUME_MAY_OVERRIDE` when named as
+overrides of the resuming command.
 """
 
 from __future__ import annotations
 
 import io
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,8 +34,13 @@ import torch
 from sarcube.storage import url_to_fs
 from sarcube.storage import write_bytes as storage_write_bytes
 
+from .config import Config, config_diff
+
 __all__ = [
+    "RESUME_MAY_CHANGE",
+    "RESUME_MAY_OVERRIDE",
     "CheckpointError",
+    "check_resume_config",
     "exists",
     "load_checkpoint",
     "read_bytes",
@@ -153,3 +163,56 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state(legacy)  # noqa: NPY002
     p = state["python"]
     random.setstate((int(p["version"]), tuple(int(v) for v in p["internal"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a run: which config keys may differ from the checkpoint's
+
+# Keys that may change between a run and its resume (everything else must match the checkpoint).
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "train",
+    "data.num_workers",
+    "data.retries",
+    "data.timeout",
+    "data.skip_errors",
+    "data.max_bad_shards",
+    "seg.pretrained",
+    "seg.test_split",
+    "seg.panels",
+    "seg.eval_batch_size",
+)
+# Keys that may change on a resume when named as overrides on its command line (``--resume
+# optim.base_lr=1e-5``): the change is applied to the restored optimiser and schedule and
+# recorded in ``history.jsonl`` and the checkpoint's ``history``.
+RESUME_MAY_OVERRIDE: tuple[str, ...] = ("optim.base_lr", "schedule.epochs")
+
+
+def check_resume_config(
+    saved: Mapping[str, Any], cfg: Config, url: str, allow_changes: Sequence[str] = ()
+) -> dict[str, list[Any]]:
+    """Whether a run of ``cfg`` may resume from a checkpoint written under config ``saved``.
+
+    Args:
+        saved: the checkpoint's ``config`` (a plain dict).
+        cfg: the resuming run's config.
+        url: the checkpoint's URL (for the message).
+        allow_changes: config keys named as overrides of the resuming command; those in
+            :data:`RESUME_MAY_OVERRIDE` may differ.
+
+    Returns:
+        Every key that differs, as ``{key: [checkpoint's value, this run's value]}``.
+
+    Raises:
+        ValueError: a key outside :data:`RESUME_MAY_CHANGE` and the allowed overrides differs.
+    """
+    allowed = tuple(k for k in allow_changes if k in RESUME_MAY_OVERRIDE)
+    diff = config_diff(saved, cfg, ignore=(*RESUME_MAY_CHANGE, *allowed))
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+        raise ValueError(
+            f"cannot resume from {url}: the config differs from the "
+            f"checkpoint's in {lines} (only train.* and data loader settings "
+            f"may change on a resume, and {' / '.join(RESUME_MAY_OVERRIDE)} "
+            "when named as overrides, e.g. --resume optim.base_lr=1e-5)"
+        )
+    return {k: list(v) for k, v in config_diff(saved, cfg).items()}

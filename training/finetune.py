@@ -63,8 +63,10 @@ from .layer_decay import param_groups_layer_decay
 from .metrics import ConfusionMatrix, binary_scores, segmentation_scores
 from .models.pretrained import EncoderWeightsError
 from .models.upernet import UPerNetSegmenter
+from .optim import NO_WEIGHT_DECAY_NAMES
 from .seg_losses import CELoss, FocalDiceLoss, WaterLoss
 from .segmenter import TASK_CLASSES, build_segmentation_model, load_model_checkpoint
+from .tasks import Task
 
 __all__ = [
     "TASK_CLASSES",
@@ -232,7 +234,7 @@ def _scalar_scores(task: str, scores: Mapping[str, Any]) -> dict[str, float]:
 # The task for the engine
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     """Loss, layer-decay groups and per-epoch validation of the segmenter (engine hooks)."""
 
     def __init__(
@@ -260,7 +262,7 @@ class SegmentationTask:
             lr,
             weight_decay,
             self.cfg.optim.layer_decay,
-            no_weight_decay_names=names | _NO_WD,
+            no_weight_decay_names=names | set(NO_WEIGHT_DECAY_NAMES),
         )
 
     def validate(self, model: nn.Module, *, epoch: int, device: torch.device) -> dict[str, float]:
@@ -271,9 +273,6 @@ class SegmentationTask:
         if self.task == "lulc":
             out.update({f"iou_{k.replace(' ', '_')}": v for k, v in res.scores["iou"].items()})
         return out
-
-
-_NO_WD = frozenset({"absolute_pos_embed", "pos_embed", "relative_position_bias_table"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from training.models.swin import SwinEncoder
+from training.optim import NO_WEIGHT_DECAY_NAMES
 
 __all__ = [
     "NO_WEIGHT_DECAY_NAMES",
@@ -41,10 +42,6 @@ __all__ = [
     "param_groups_layer_decay",
     "swin_layer_id",
 ]
-
-# Parameter names (last dotted component) that skip weight decay besides every <= 1-D tensor
-# (norm weights, biases): the position embeddings, as in Swin / SimMIM.
-NO_WEIGHT_DECAY_NAMES: tuple[str, ...] = ("absolute_pos_embed", "relative_position_bias_table")
 
 _BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
@@ -132,7 +129,9 @@ def param_groups_layer_decay(
         layer_decay: per-layer factor; ``scale = layer_decay ** (top - layer_id)``. 1.0 turns
             layer decay off (every scale 1).
         no_weight_decay_names: parameter names (full name, or its last dotted component) that
-            skip weight decay; every parameter with ``ndim <= 1`` (norms, biases) skips it too.
+            skip weight decay (default: the engine's
+            :data:`training.optim.NO_WEIGHT_DECAY_NAMES`); every parameter with ``ndim <= 1``
+            (norms, biases) skips it too.
 
     Returns:
         One dict per (layer id, decay / no decay) present, ordered by id, with ``params``,

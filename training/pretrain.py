@@ -51,13 +51,15 @@ from sarcube.training_arguments import (
 
 from .config import Config, ConfigError
 from .distributed import env_rank
-from .engine import NonFiniteLossError, Trainer, TrainResult, step_generator
+from .engine import NonFiniteLossError, Trainer, TrainResult
 from .masking import mask_to_pixels, simmim_mask
 from .mixing import mixmae_mask, plot_mixmae_reconstruction
 from .models.mixmae import MixMAE, mixmae_base, mixmae_tiny
 from .models.simmim import SimMIM
 from .models.swin import swin_base, swin_tiny
+from .reproducibility import step_generator
 from .sar_weight import sar_intensity_weight
+from .tasks import Task
 
 __all__ = [
     "MixMAETask",
@@ -147,8 +149,9 @@ def _weight(
     return weight_fn(x)
 
 
-class SimMIMTask:
-    """SAR-W-SimMIM loss of a batch (see the module docstring)."""
+class SimMIMTask(Task):
+    """SAR-W-SimMIM loss of a batch (see the module docstring), the encoder to export and the
+    reconstruction figure."""
 
     def __init__(self, cfg: Config, model: SimMIM, db_stats: tuple[float, float] | None = None):
         self.cfg, self.raw, self.db_stats = cfg, model, db_stats
@@ -175,7 +178,7 @@ class SimMIMTask:
         return model.encoder
 
     @torch.no_grad()
-    def figure(self, model: nn.Module, batch: Mapping[str, Any], path: str) -> None:
+    def figure(self, model: nn.Module, batch: Mapping[str, Any], path: str) -> bool:
         was = model.training
         model.eval()
         x = batch["image"][:1].float()
@@ -198,10 +201,12 @@ class SimMIMTask:
             weighted=w is not None,
         )
         model.train(was)
+        return True
 
 
-class MixMAETask:
-    """SAR-W-MixMAE loss of a batch (see the module docstring)."""
+class MixMAETask(Task):
+    """SAR-W-MixMAE loss of a batch (see the module docstring), the encoder to export and the
+    reconstruction figure."""
 
     def __init__(self, cfg: Config, model: MixMAE, db_stats: tuple[float, float] | None = None):
         self.cfg, self.raw, self.db_stats = cfg, model, db_stats
@@ -223,7 +228,7 @@ class MixMAETask:
         return model.encoder
 
     @torch.no_grad()
-    def figure(self, model: nn.Module, batch: Mapping[str, Any], path: str) -> None:
+    def figure(self, model: nn.Module, batch: Mapping[str, Any], path: str) -> bool:
         was = model.training
         model.eval()
         x = batch["image"].float()
@@ -232,6 +237,7 @@ class MixMAETask:
         x_pair, mixed, recon = model.figure_pair(x, pred.float(), mask, 0)
         plot_mixmae_reconstruction(x_pair.cpu(), mixed.cpu(), recon.cpu(), path)
         model.train(was)
+        return True
 
 
 def make_task(cfg: Config, model: nn.Module, db_stats: tuple[float, float] | None = None):
