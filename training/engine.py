@@ -346,9 +346,8 @@ class Trainer:
                 else "broadcast_buffers"
             )
             cuda = self.device.type == "cuda"
-            net = DDP(
-                self.model, device_ids=[self.device.index] if cuda else None, **{sync_kw: False}
-            )
+            no_sync: dict[str, Any] = {sync_kw: False}  # a keyword chosen at run time
+            net = DDP(self.model, device_ids=[self.device.index] if cuda else None, **no_sync)
         if self.cfg.train.compile:
             net = torch.compile(net)
         return net
@@ -403,7 +402,7 @@ class Trainer:
     def _lr_of_step(self, step: int) -> float:
         """Peak-group lr used by (0-based) update ``step``."""
         base = max(self.scheduler.base_lrs)
-        return base * self.scheduler.lr_lambdas[0](step)
+        return float(base * self.scheduler.lr_lambdas[0](step))
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -582,7 +581,7 @@ class Trainer:
         uploaded ``metrics.jsonl``, cut back to the checkpoint's step)."""
         if self.main:
             write_bytes(self._url("config.yaml"), self.cfg.to_yaml().encode(), self.so)
-            if resume and is_remote(self.out):
+            if resume and is_remote(self.out) and self.log_dir is not None:
                 fetch_metrics(self.log_dir, self.out, self.so)
         return MetricsLog(self.log_dir, self.cfg.train.tensorboard, state.step if resume else None)
 
@@ -869,6 +868,7 @@ class Trainer:
     def _result(
         self, state: LoopState, calls: _CallRecord, stopped: bool, metrics: MetricsLog
     ) -> TrainResult:
+        metrics_url: str | None
         if self._tmp_log_dir is not None:
             metrics_url = self._url(METRICS)
         else:
@@ -915,7 +915,10 @@ class Trainer:
         """``reconstruction.png`` of the last batch (``train.figure``), if the task draws one."""
         if not self.cfg.train.figure or last_batch is None:
             return None
-        local = (Path(self.out) if not is_remote(self.out) else self.log_dir) / FIGURE
+        folder = Path(self.out) if not is_remote(self.out) else self.log_dir
+        if folder is None:  # only rank 0 keeps a log folder
+            return None
+        local = folder / FIGURE
         local.parent.mkdir(parents=True, exist_ok=True)
         if not self.task.figure(self.model, last_batch, str(local)):
             return None

@@ -615,7 +615,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bo
         if res.report is not None:  # the tables; the confusion matrix stays in the file
             md = Path(res.report["markdown"]).read_text().split("## Confusion matrix")[0]
             where = (
-                join_url(args.out, cfg.seg.test_split)
+                join_url(args.out, str(cfg.seg.test_split))
                 if is_remote(args.out)
                 else Path(res.report["markdown"]).parent
             )

@@ -54,7 +54,7 @@ class MetricsLog:
     def __init__(self, log_dir: Path | None, tensorboard: bool, resume_step: int | None) -> None:
         self.path = None if log_dir is None else log_dir / METRICS
         self.tb = None
-        if self.path is None:
+        if log_dir is None or self.path is None:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:

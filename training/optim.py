@@ -210,4 +210,5 @@ def build_optimizer(
     """AdamW over ``groups``; a group's own ``lr`` (layer decay) is kept, others get ``lr``."""
     for g in groups:
         g.setdefault("lr", lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    b1, b2 = betas
+    return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), eps=eps, fused=fused)

@@ -240,7 +240,7 @@ class MixMAETask(Task):
         return True
 
 
-def make_task(cfg: Config, model: nn.Module, db_stats: tuple[float, float] | None = None):
+def make_task(cfg: Config, model: Any, db_stats: tuple[float, float] | None = None):
     """The :class:`SimMIMTask` or :class:`MixMAETask` of ``cfg.method``."""
     return (SimMIMTask if cfg.method == "simmim" else MixMAETask)(cfg, model, db_stats)
 
