@@ -51,7 +51,6 @@ import torch
 from torch import Tensor, nn
 
 from sarcube.classes import IGNORE_INDEX, NINE_CLASS_NAMES
-from sarcube.errors import SarcubeError
 from sarcube.storage import is_remote, join_url
 from sarcube.training_arguments import add_finetune_arguments
 
@@ -560,10 +559,10 @@ def check_args(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bool = False) -> int:
     """Command-line entry point; 0 ok, 2 bad input, 3 non-finite loss. ``prog`` names the
     command in error lines (``sarcube finetune``); ``verbose``: tracebacks too."""
+    from sarcube.errors import run_command
     from sarcube.storage import storage_error_message
-    from sarcube.training_arguments import storage_options_of
 
-    from .pretrain import named_overrides, peer_failure_message, report_error
+    from .pretrain import BAD_INPUT, peer_failure_message
 
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(
@@ -573,36 +572,30 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bo
     main_rank = rank == 0
     name = prog or os.environ.get("SARCUBE_PROG") or "finetune"
     prefix = name if main_rank else f"{name}[rank {rank}]"
-    try:
-        cfg = check_args(args)
-        so = storage_options_of(args)
-        res = run(
-            cfg,
-            args.manifest,
-            args.out,
-            so,
-            resume=args.resume,
-            allow_changes=named_overrides(args.overrides),
-        )
-    except (
-        ConfigError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-        EncoderWeightsError,
-        SarcubeError,
-    ) as e:
-        report_error(prefix, e, verbose)
-        return 2
-    except NonFiniteLossError as e:
-        report_error(prefix, e, verbose)
-        return 3
-    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
-        msg = storage_error_message(e) or peer_failure_message(e)
-        if msg is None:
-            raise
-        report_error(prefix, e, verbose, msg)
-        return 2
+    return run_command(
+        lambda: _run_command_line(args, prefix, main_rank),
+        prefix,
+        verbose,
+        bad_input=(*BAD_INPUT, EncoderWeightsError),
+        statuses={NonFiniteLossError: 3},
+        describe=[storage_error_message, peer_failure_message],
+    )
+
+
+def _run_command_line(args: argparse.Namespace, prefix: str, main_rank: bool) -> int:
+    from sarcube.training_arguments import storage_options_of
+
+    from .pretrain import named_overrides
+
+    cfg = check_args(args)
+    res = run(
+        cfg,
+        args.manifest,
+        args.out,
+        storage_options_of(args),
+        resume=args.resume,
+        allow_changes=named_overrides(args.overrides),
+    )
     if main_rank:
         t = res.train
         best = (
@@ -625,42 +618,36 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bo
 
 def run_evaluate_args(args: argparse.Namespace) -> int:
     """``sarcube evaluate`` (arguments: ``sarcube.training_arguments.add_evaluate_arguments``)."""
-    from sarcube.storage import parse_storage_options
+    from sarcube.errors import run_command
+    from sarcube.storage import storage_error_message
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        so = parse_storage_options(args.storage_option)
-        res, report = evaluate(
-            args.checkpoint,
-            args.manifest,
-            args.split,
-            args.out,
-            so,
-            batch_size=args.batch_size,
-            device=args.device,
-            num_workers=args.num_workers,
-            panels=args.panels,
-            method=args.method,
-        )
-    except (ConfigError, FileNotFoundError, ValueError, SarcubeError) as e:
-        if getattr(args, "verbose", False):
-            import traceback
+    return run_command(
+        lambda: _evaluate_command_line(args),
+        "sarcube evaluate",
+        getattr(args, "verbose", False),
+        bad_input=(ConfigError, FileNotFoundError, ValueError),
+        describe=[storage_error_message],
+    )
 
-            traceback.print_exc()
-        print(f"sarcube evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
-        from sarcube.storage import storage_error_message
 
-        from .pretrain import report_error
+def _evaluate_command_line(args: argparse.Namespace) -> int:
+    from sarcube.storage import parse_storage_options
 
-        msg = storage_error_message(e)
-        if msg is None:
-            raise
-        report_error("sarcube evaluate", e, getattr(args, "verbose", False), msg)
-        return 2
+    res, report = evaluate(
+        args.checkpoint,
+        args.manifest,
+        args.split,
+        args.out,
+        parse_storage_options(args.storage_option),
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        panels=args.panels,
+        method=args.method,
+    )
     if report:
         print(Path(report["markdown"]).read_text())
         print(f"evaluate: {res.samples} samples of {args.split}; report in {args.out}")

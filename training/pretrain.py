@@ -42,7 +42,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sarcube.errors import SarcubeError
 from sarcube.training_arguments import (
     add_pretrain_arguments,
     check_pretrain_args,
@@ -407,20 +406,10 @@ def peer_failure_message(e: BaseException) -> str | None:
     return None
 
 
-def report_error(
-    prefix: str, e: BaseException, verbose: bool = False, message: str | None = None
-) -> None:
-    """``{prefix}: error: {message or e}`` on stderr (after the traceback with ``verbose``)."""
-    if verbose:
-        import traceback
-
-        traceback.print_exception(e)
-    print(f"{prefix}: error: {message or e}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bool = False) -> int:
     """Command-line entry point; returns the exit status (2: bad input, 3: non-finite loss).
     ``prog`` names the command in error lines (``sarcube pretrain``); ``verbose``: tracebacks."""
+    from sarcube.errors import run_command
     from sarcube.storage import storage_error_message
 
     args = build_parser().parse_intermixed_args(argv)  # overrides may come between options
@@ -430,29 +419,35 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bo
     rank = env_rank()
     name = prog or os.environ.get("SARCUBE_PROG") or "pretrain"
     prefix = f"{name}[rank {rank}]" if rank else name
-    try:
-        cfg = check_args(args)
-        so = storage_options_of(args)
-        res = run(
-            cfg,
-            args.manifest,
-            args.out,
-            so,
-            resume=args.resume,
-            allow_changes=named_overrides(args.overrides),
-        )
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, SarcubeError) as e:
-        report_error(prefix, e, verbose)
-        return 2
-    except NonFiniteLossError as e:
-        report_error(prefix, e, verbose)
-        return 3
-    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
-        msg = storage_error_message(e) or peer_failure_message(e)
-        if msg is None:
-            raise
-        report_error(prefix, e, verbose, msg)
-        return 2
+    return run_command(
+        lambda: _run_command_line(args, prefix, rank),
+        prefix,
+        verbose,
+        bad_input=BAD_INPUT,
+        statuses={NonFiniteLossError: 3},
+        describe=[storage_error_message, peer_failure_message],
+    )
+
+
+# What the training entry points report as bad input (one line, exit status 2).
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    ConfigError,
+    FileExistsError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+def _run_command_line(args: argparse.Namespace, prefix: str, rank: int) -> int:
+    cfg = check_args(args)
+    res = run(
+        cfg,
+        args.manifest,
+        args.out,
+        storage_options_of(args),
+        resume=args.resume,
+        allow_changes=named_overrides(args.overrides),
+    )
     if rank == 0:
         state = "finished" if res.finished else "stopped at train.max_steps"
         print(

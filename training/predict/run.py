@@ -32,7 +32,6 @@ from typing import Any
 
 from sarcube import defaults
 from sarcube.cube import cube_grid, open_group
-from sarcube.errors import SarcubeError
 from sarcube.grid import CubeGrid
 from sarcube.locking import StoreLock
 from sarcube.storage import RedactedOptions
@@ -423,16 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        return run_args(args)
-    except SarcubeError as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a storage failure (denied, no credentials …) is one line too
-        from sarcube.storage import storage_error_message
+    from sarcube.errors import run_command
+    from sarcube.storage import storage_error_message
 
-        msg = storage_error_message(e)
-        if msg is None:
-            raise
-        print(f"predict: error: {msg}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run_args(args), "predict", describe=[storage_error_message])
