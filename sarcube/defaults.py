@@ -24,7 +24,7 @@ PATCH = 256  # patch side, px
 EDGE_NODATA_PCT = 50.0  # a cell is no data when at least this % of its source pixels are
 
 # sarcube shards (sarcube.shards.write_shards)
-SHARD_SIZE_MB = 256.0
+SHARD_SIZE_MB = 256  # MiB (an int: the manifest records it as given)
 MIN_SHARDS_PER_SPLIT = 8  # ≥ 4 × ranks × loader workers
 SHARD_SEED = 0
 
