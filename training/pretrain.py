@@ -56,7 +56,7 @@ from .mixing import mixmae_mask, plot_mixmae_reconstruction
 from .models.mixmae import MixMAE, mixmae_base, mixmae_tiny
 from .models.simmim import SimMIM
 from .models.swin import swin_base, swin_tiny
-from .reproducibility import step_generator
+from .reproducibility import TAG_FIGURE, step_generator
 from .sar_weight import sar_intensity_weight
 from .tasks import Task
 
@@ -72,8 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("training.pretrain")
-
-_FIGURE_TAG = 7  # generator tag of the figure's mask (training masks use tag 0)
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -181,7 +179,7 @@ class SimMIMTask(Task):
         was = model.training
         model.eval()
         x = batch["image"][:1].float()
-        mask = self.mask(1, 0, 0, _FIGURE_TAG).to(x.device)
+        mask = self.mask(1, 0, 0, TAG_FIGURE).to(x.device)
         w = _weight(
             self.cfg,
             {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()},
@@ -231,7 +229,7 @@ class MixMAETask(Task):
         was = model.training
         model.eval()
         x = batch["image"].float()
-        mask = self.mask(0, 0, _FIGURE_TAG).to(x.device)
+        mask = self.mask(0, 0, TAG_FIGURE).to(x.device)
         _, pred, mask = model(x, self._weight(batch), mask)
         x_pair, mixed, recon = model.figure_pair(x, pred.float(), mask, 0)
         plot_mixmae_reconstruction(x_pair.cpu(), mixed.cpu(), recon.cpu(), path)

@@ -20,7 +20,10 @@ from torch import nn
 
 __all__ = [
     "TAG_DATA",
+    "TAG_FIGURE",
     "TAG_MASK",
+    "TAG_SHARD_ORDER",
+    "TAG_SHUFFLE_BUFFER",
     "param_checksum",
     "seed_rank_rngs",
     "step_generator",
@@ -28,10 +31,14 @@ __all__ = [
     "unwrap_model",
 ]
 
-# Tags that keep the seed streams of different uses apart (the same (seed, step, rank) gives
-# unrelated seeds under different tags). Tasks use others for their own needs (figure masks).
-TAG_MASK, TAG_DATA = 0, 1
+# The registry of random-stream tags: each keeps one use's seeds apart from the others' (the same
+# (seed, step, rank) gives unrelated seeds under different tags). A new use takes a new value
+# here; changing a value changes every run's random draws.
+TAG_MASK, TAG_DATA = 0, 1  # step_seed: training masks; the loader's forked RNG
 _TAG_TORCH, _TAG_NUMPY, _TAG_PYTHON = 2, 3, 4  # the per-rank global RNGs of a fresh run
+TAG_FIGURE = 7  # step_seed: the mask of a pretraining run's reconstruction figure
+# numpy SeedSequence entropy words of the epoch plan (training/data/plan.py)
+TAG_SHARD_ORDER, TAG_SHUFFLE_BUFFER = 0x5A4D, 0x5B0F
 
 
 def step_seed(seed: int, step: int, rank: int, tag: int = TAG_MASK) -> int:

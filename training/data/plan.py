@@ -49,6 +49,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from ..reproducibility import TAG_SHARD_ORDER, TAG_SHUFFLE_BUFFER
+
 __all__ = [
     "loader_worker",
     "rank_shards",
@@ -62,9 +64,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-# separate generator streams for the two draws (shard order, shuffle buffers)
-_TAG_SHARDS, _TAG_SHUFFLE = 0x5A4D, 0x5B0F
-
 
 def steps_per_epoch(total_samples: int, world_size: int, batch_size: int) -> int:
     """Steps every rank runs per epoch: ``floor(total_samples / (world_size × batch_size))``
@@ -74,7 +73,7 @@ def steps_per_epoch(total_samples: int, world_size: int, batch_size: int) -> int
 
 def shard_order(seed: int, epoch: int, n_shards: int) -> list[int]:
     """Shard indices ``0 … n_shards - 1`` in ``epoch``'s order (the same on every rank)."""
-    rng = np.random.default_rng([seed, int(epoch), _TAG_SHARDS])
+    rng = np.random.default_rng([seed, int(epoch), TAG_SHARD_ORDER])
     return [int(i) for i in rng.permutation(n_shards)]
 
 
@@ -106,7 +105,7 @@ def loader_worker(process: int, start_step: int, n_workers: int) -> int:
 
 def shuffle_rng(seed: int, epoch: int, rank: int, worker: int) -> np.random.Generator:
     """The shuffle-buffer generator of one logical worker in one epoch."""
-    return np.random.default_rng([seed, int(epoch), rank, worker, _TAG_SHUFFLE])
+    return np.random.default_rng([seed, int(epoch), rank, worker, TAG_SHUFFLE_BUFFER])
 
 
 def shuffled(samples: Iterator[T], size: int, rng: np.random.Generator) -> Iterator[T]:
