@@ -64,6 +64,11 @@ SHORT_NAMES = {
 NCODES = 16  # histogram bins 0..15 (0 = no data; 15 reserved for newer releases)
 
 
+# The random stream of the spatial split's block order, apart from the anchors' (``seed``): an
+# offset of the sampling seed (changing it changes every split).
+SPLIT_BLOCK_STREAM = 7919
+
+
 @dataclass
 class SamplingParams:
     n_anchors: int = defaults.N_ANCHORS
@@ -281,7 +286,7 @@ def assign_blocks(
         return out
     bid = (rows // block).astype(np.int64) * 1_000_003 + (cols // block).astype(np.int64)
     blocks, inverse, sizes = np.unique(bid, return_inverse=True, return_counts=True)
-    order = np.random.default_rng(seed + 7919).permutation(len(blocks))
+    order = np.random.default_rng(seed + SPLIT_BLOCK_STREAM).permutation(len(blocks))
     target = np.asarray(fractions, dtype=np.float64) * rows.size
     have = np.zeros(len(fractions))
     choice = np.empty(len(blocks), dtype=np.int64)
