@@ -148,11 +148,11 @@ def count_flops(trainer: Trainer, batch: dict) -> int | None:
     """FLOPs of one forward + backward pass; None (with a note) if counting fails."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    trainer.net.train()
+    trainer.wrapped_model.train()
     try:
         with FlopCounterMode(display=False) as fc:
             with trainer._autocast():
-                loss = trainer.task.loss(trainer.net, batch, step=0, rank=0)
+                loss = trainer.task.loss(trainer.wrapped_model, batch, step=0, rank=0)
             loss.float().backward()
         return int(fc.get_total_flops())
     except torch.OutOfMemoryError:

@@ -274,8 +274,8 @@ def check_resume_config(args: argparse.Namespace, cfg, so: dict) -> None:
         return
     if not isinstance(old, dict):
         return
+    from training.checkpoint import RESUME_MAY_CHANGE, RESUME_MAY_OVERRIDE
     from training.config import config_diff
-    from training.engine import RESUME_MAY_CHANGE, RESUME_MAY_OVERRIDE
 
     named = [o.split("=", 1)[0].strip() for o in args.overrides if "=" in o]
     allowed = tuple(k for k in named if k in RESUME_MAY_OVERRIDE)

@@ -22,7 +22,8 @@ from helpers.engine_runs import SynthData, make_trainer, tiny_cfg
 from training import distributed as tdist
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import load_config
-from training.engine import NonFiniteLossError, Trainer
+from training.engine import Trainer
+from training.loop_state import NonFiniteLossError
 from training.models import load_encoder_weights, swin_tiny
 from training.models.mixmae import mixmae_tiny
 from training.models.simmim import SimMIM

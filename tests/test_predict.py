@@ -418,8 +418,8 @@ def lulc_checkpoint(tmp_path_factory) -> Path:
     """A best.pt-format checkpoint of an untrained tiny segmenter (what `sarcube finetune`
     writes), without running a fine-tuning."""
     from training.config import load_config
-    from training.engine import MODEL_FORMAT
     from training.finetune import build_segmentation_model
+    from training.run_folder import MODEL_FORMAT
 
     cfg = load_config("finetune_tiny", method="finetune")
     model = build_segmentation_model(cfg)

@@ -24,13 +24,15 @@ size of 1 never creates a process group: the helpers below then act on the singl
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = [
     "DistInfo",
@@ -46,6 +48,7 @@ __all__ = [
     "init_distributed",
     "is_main",
     "select_device",
+    "wrap_model",
 ]
 
 DEFAULT_PORT = 29500
@@ -262,3 +265,25 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile: bool) -> nn.Module:
+    """The module a training loop calls: ``model`` under DDP (world size above 1) and
+    ``torch.compile`` (``compile``). The optimiser and checkpoints keep using ``model`` itself."""
+    wrapped: nn.Module = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Swin's buffers (relative position index, window masks) are constant: no per-forward
+        # buffer broadcast (the keyword was renamed in torch 2.12).
+        sync_kw = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+            else "broadcast_buffers"
+        )
+        cuda = device.type == "cuda"
+        no_sync: dict[str, Any] = {sync_kw: False}  # a keyword chosen at run time
+        wrapped = DDP(model, device_ids=[device.index] if cuda else None, **no_sync)
+    if compile:
+        wrapped = cast(nn.Module, torch.compile(wrapped))  # compile returns a wrapper module
+    return wrapped

@@ -23,203 +23,54 @@ history that a checkpoint cannot carry (:mod:`training.reproducibility`: per-ste
 generators, a forked RNG per epoch for batch fetching). On CPU the per-step losses after a resume
 equal those of an uninterrupted run bit for bit.
 
-**Outputs** under ``out`` (local directory or ``s3://...``), written atomically::
-
-    checkpoint.pt           latest full state (rank 0; torch.load(weights_only=True) safe)
-    checkpoint-epochNNNN.pt snapshots every ``train.keep_every_epochs`` epochs
-    best.pt                 weights of the best ``task.validate`` score so far (tasks that validate:
-                            fine-tuning; format sarcube-model/1: model, config, extra, scores)
-    encoder.pth             encoder state dict (SwinEncoder keys) when the run ends
-    config.yaml             the resolved config
-    history.jsonl           one line per start / resume of the run, with the config keys a
-                            resume changed (``--resume optim.base_lr=1e-5``; see below)
-    metrics.jsonl           one line per logged step, per epoch and per validation (rank 0)
-    tb/                     TensorBoard events (rank 0)
-    reconstruction.png      the task's figure at the end (rank 0)
-    ranks/rank-NNNNN.json   per rank: steps per epoch, samples, parameter checksum
-
-(Where the logs are written locally for a remote ``out``: :mod:`training.metrics_log`.)
+**Outputs** under ``out`` (local directory or ``s3://...``), written atomically by rank 0:
+``checkpoint.pt`` (+ kept snapshots), ``best.pt``, ``encoder.pth``, ``config.yaml``,
+``history.jsonl``, ``metrics.jsonl``, ``tb/``, the figure and ``ranks/rank-NNNNN.json``; their
+names, writes and the one-writer lock: :mod:`training.run_folder`. The loop's state and result
+types: :mod:`training.loop_state`.
 
 **Changes on a resume.** Besides ``train.*`` and the data loader settings, the keys of
-:data:`RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may differ from the
-checkpoint's when named as overrides of the resuming command (``Trainer.fit(allow_changes=…)``):
-the restored schedule is rescaled / extended, and the change is recorded in ``history.jsonl``.
+:data:`training.checkpoint.RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may
+differ from the checkpoint's when named as overrides of the resuming command
+(``Trainer.fit(allow_changes=…)``): the restored schedule is rescaled / extended, and the change is recorded in ``history.jsonl``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import json
 import logging
 import math
-import os
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sarcube.locking import StoreLock
-from sarcube.storage import RedactedOptions, is_remote, join_url
-
 from . import distributed as tdist
 from .checkpoint import (
-    RESUME_MAY_CHANGE,
-    RESUME_MAY_OVERRIDE,
     check_resume_config,
-    exists,
-    load_checkpoint,
-    read_bytes,
     rng_state,
-    save_checkpoint,
     set_rng_state,
-    write_bytes,
 )
 from .config import Config
-from .metrics_log import (
-    METRICS,
-    MetricsLog,
-    fetch_metrics,
-    loader_stats,
-    upload_metrics,
-    upload_tensorboard,
-    write_rank_summary,
-)
+from .loop_state import CallRecord, LoopState, NonFiniteLossError, TrainResult, step_and_epoch
+from .metrics_log import MetricsLog, loader_stats, write_rank_summary
 from .optim import (
     apply_schedule_changes,
     build_optimizer,
     build_scheduler,
     scaled_lr,
+    setup_precision,
 )
 from .reproducibility import TAG_DATA, param_checksum, seed_rank_rngs, step_seed
+from .run_folder import BEST, ENCODER, FORMAT, MODEL_FORMAT, RunFolder
 from .tasks import DataHooks, DataSource, Task, as_task
 
-__all__ = [
-    "BEST",
-    "CHECKPOINT",
-    "ENCODER",
-    "MODEL_FORMAT",
-    "RESUME_MAY_CHANGE",
-    "RESUME_MAY_OVERRIDE",
-    "LoopState",
-    "NonFiniteLossError",
-    "TrainResult",
-    "Trainer",
-]
+__all__ = ["Trainer"]
 
 log = logging.getLogger("training.engine")
-
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-ENCODER = "encoder.pth"
-FIGURE = "reconstruction.png"
-FORMAT = "sarcube-checkpoint/1"
-MODEL_FORMAT = "sarcube-model/1"  # best.pt: weights + config + scores, no optimiser state
-HISTORY = "history.jsonl"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN/inf; the run stopped before applying the update.
-
-    Attributes:
-        step: 1-based optimiser step whose loss was not finite.
-        epoch: its epoch.
-        checkpoint: URL of the last good checkpoint, or ``None`` if none was written.
-    """
-
-    def __init__(
-        self,
-        step: int,
-        epoch: int,
-        value: float,
-        what: str,
-        checkpoint: str | None,
-        base_lr: float | None = None,
-    ):
-        self.step, self.epoch, self.value, self.checkpoint = step, epoch, value, checkpoint
-        lower = f"{base_lr / 10:.3g}" if base_lr else "<lower>"
-        last = (
-            f"the last good checkpoint is {checkpoint}; to continue from it with a lower "
-            f"learning rate, run the same command again with --resume optim.base_lr={lower} "
-            "added"
-            if checkpoint
-            else "no checkpoint was written yet"
-        )
-        super().__init__(
-            f"non-finite {what} ({value}) at step {step} (epoch {epoch}); training "
-            f"stopped before applying this update; {last}"
-        )
-
-
-@dataclass
-class TrainResult:
-    """What :meth:`Trainer.fit` did (on this rank)."""
-
-    step: int  # optimiser steps completed in total
-    epoch: int  # epochs completed
-    steps_taken: int  # optimiser steps taken by this call
-    finished: bool  # all epochs done (False: stopped at train.max_steps)
-    last_loss: float | None
-    checkpoint: str | None  # last checkpoint written
-    encoder: str | None = None
-    figure: str | None = None
-    metrics: str | None = None  # local metrics.jsonl (rank 0)
-    losses: list[float] = field(default_factory=list)  # per step, this call
-    best: str | None = None  # best.pt (when the task validates)
-    best_value: float | None = None  # its task.best_metric
-    best_epoch: int | None = None
-    val: list[dict[str, Any]] = field(default_factory=list)  # per validated epoch, this call
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: everything here is checkpointed and restored by a resume."""
-
-    step: int = 0  # optimiser steps completed in total
-    epoch: int = 0  # the current epoch (= epochs completed)
-    step_in_epoch: int = 0  # optimiser steps done in the current epoch
-    epoch_loss_sum: float = 0.0  # sum of this epoch's step losses (for its mean)
-    epoch_steps: int = 0  # steps in that sum
-    best_value: float | None = None  # best task.best_metric so far (best.pt)
-    best_epoch: int | None = None
-
-    def add_step(self, loss: float) -> None:
-        """Count one optimiser step of loss ``loss``."""
-        self.step += 1
-        self.step_in_epoch += 1
-        self.epoch_loss_sum += loss
-        self.epoch_steps += 1
-
-    def next_epoch(self) -> None:
-        """Move on to the next epoch (its running loss from zero)."""
-        self.epoch += 1
-        self.step_in_epoch, self.epoch_loss_sum, self.epoch_steps = 0, 0.0, 0
-
-
-@dataclass
-class _CallRecord:
-    """What one :meth:`Trainer.fit` call did (not checkpointed)."""
-
-    losses: list[float] = field(default_factory=list)  # per optimiser step
-    val: list[dict[str, Any]] = field(default_factory=list)  # per validation
-    per_epoch: dict[str, int] = field(default_factory=dict)  # steps taken per epoch
-    last_batch: dict[str, Any] | None = None  # the last micro-batch (for the figure)
-
-    def add_step(self, epoch: int, loss: float) -> None:
-        self.losses.append(loss)
-        self.per_epoch[str(epoch)] = self.per_epoch.get(str(epoch), 0) + 1
-
-
-def _step_and_epoch(state: LoopState | Mapping[str, Any]) -> tuple[int, int]:
-    """``(step, epoch)`` of a :class:`LoopState` or of a mapping with those keys."""
-    if isinstance(state, LoopState):
-        return state.step, state.epoch
-    return int(state["step"]), int(state["epoch"])
 
 
 class Trainer:
@@ -253,17 +104,14 @@ class Trainer:
         extra_state: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
-        self._lock: StoreLock | None = None  # the run folder's lock while fit() runs (rank 0)
         self.task = as_task(task)
         self.data = data
         self.data_hooks = DataHooks(data)
-        self.out = str(out).rstrip("/")
-        if not is_remote(self.out):
-            self.out = os.path.abspath(self.out.removeprefix("file://"))
-        self.so = RedactedOptions(storage_options or {})
         self.info = dist_info or tdist.detect()
         self.rank, self.world = self.info.rank, self.info.world_size
         self.main = self.rank == 0
+        self.folder = RunFolder(out, storage_options, self.main, cfg.train.log_dir)
+        self.out = self.folder.out
         self.device = device or tdist.select_device(self.info, cfg.train.device)
         self.extra_state = dict(extra_state or {})
         if self.world > 1 and not tdist.get_world_size() == self.world:
@@ -271,39 +119,26 @@ class Trainer:
                 f"world size {self.world} but no matching process group: call "
                 "training.distributed.init_distributed() first"
             )
-        self._setup_precision()
+        self.amp_dtype, self.scaler = setup_precision(
+            self.device, cfg.train.amp, cfg.train.deterministic
+        )
         # model -> device (-> channels_last) ; optimiser on the raw parameters ; DDP ; compile
         self.model = model.to(self.device)
         self.channels_last = bool(cfg.train.channels_last and self.device.type == "cuda")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._setup_optimisation()
-        self.net: nn.Module = self._wrap_model()
+        # the module the loop calls (DDP, compiled) around self.model (what is saved)
+        self.wrapped_model: nn.Module = tdist.wrap_model(
+            self.model, self.device, self.world, cfg.train.compile
+        )
 
-        self.ckpt_url = join_url(self.out, CHECKPOINT)
         self.last_checkpoint: str | None = None
         self.history: list[dict[str, Any]] = []  # starts and resumes of the run (checkpointed)
-        self._tmp_log_dir: Path | None = None
-        self.log_dir = self._log_dir() if self.main else None
+        self.resume_changes: dict[str, Any] = {}  # config keys a resume changed
+        self._pending_rng: dict[str, Any] | None = None  # a resume's RNG state, set in _fit
 
     # -- set-up -------------------------------------------------------------------------------
-
-    def _setup_precision(self) -> None:
-        """Autocast dtype and grad scaler (``train.amp``, CUDA only), deterministic kernels."""
-        t = self.cfg.train
-        cuda = self.device.type == "cuda"
-        amp = t.amp if t.amp != "auto" else ("bf16" if cuda else "off")
-        if amp != "off" and not cuda:
-            log.warning(
-                "train.amp=%s ignored on %s: mixed precision is used on CUDA only", amp, self.device
-            )
-            amp = "off"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        if t.deterministic:
-            if cuda:  # cuBLAS reads it when its first handle is made (the first matmul)
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
 
     def _setup_optimisation(self) -> None:
         """Peak lr, the task's parameter groups under AdamW, steps per epoch and the schedule."""
@@ -332,42 +167,7 @@ class Trainer:
             self.optimizer, self.warmup_steps, self.total_steps, self.lr, cfg.schedule.min_lr
         )
 
-    def _wrap_model(self) -> nn.Module:
-        """The module the loop calls: the model under DDP (several ranks) and torch.compile."""
-        net: nn.Module = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # Swin's buffers (relative position index, window masks) are constant: no per-forward
-            # buffer broadcast (the keyword was renamed in torch 2.12).
-            sync_kw = (
-                "forward_sync_buffers"
-                if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-                else "broadcast_buffers"
-            )
-            cuda = self.device.type == "cuda"
-            no_sync: dict[str, Any] = {sync_kw: False}  # a keyword chosen at run time
-            net = DDP(self.model, device_ids=[self.device.index] if cuda else None, **no_sync)
-        if self.cfg.train.compile:
-            net = torch.compile(net)
-        return net
-
     # -- small helpers ------------------------------------------------------------------------
-
-    def _log_dir(self) -> Path:
-        if self.cfg.train.log_dir:
-            return Path(self.cfg.train.log_dir).expanduser().absolute()
-        if not is_remote(self.out):
-            return Path(self.out)
-        # a remote run: a private temporary directory (metrics.jsonl and tb/ are uploaded to
-        # out; a resume fetches metrics.jsonl back), removed when fit() ends: nothing in the cwd
-        import tempfile
-
-        self._tmp_log_dir = Path(tempfile.mkdtemp(prefix="sarcube-run-"))
-        return self._tmp_log_dir
-
-    def _url(self, name: str) -> str:
-        return join_url(self.out, name)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -439,23 +239,18 @@ class Trainer:
         """Write ``checkpoint.pt`` (and a snapshot copy) atomically from rank 0; all ranks wait."""
         ck = self.state_dict(state)
         if self.main:
-            if self._lock is not None:
-                self._lock.check()  # never overwrite the checkpoint after losing the run's lock
-            save_checkpoint(ck, self.ckpt_url, self.so)
-            if snapshot:
-                save_checkpoint(ck, self._url(snapshot), self.so)
-            if self.log_dir is not None and is_remote(self.out):
-                upload_metrics(self.log_dir, self.out, self.so)
+            self.folder.write_checkpoint(ck, snapshot)
         tdist.barrier()
-        self.last_checkpoint = self.ckpt_url
-        return self.ckpt_url
+        self.last_checkpoint = self.folder.checkpoint
+        return self.folder.checkpoint
 
     def save_model(self, name: str, state: LoopState, scores: Mapping[str, Any]) -> str:
         """Weights-only file ``name`` (rank 0): model state dict, config, extra state, step,
         epoch and scores; ``torch.load(weights_only=True)`` safe. All ranks wait."""
-        url = self._url(name)
+        url = self.folder.url(name)
         if self.main:
-            save_checkpoint(
+            self.folder.write_weights(
+                name,
                 {
                     "format": MODEL_FORMAT,
                     "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -467,8 +262,6 @@ class Trainer:
                         k: v for k, v in scores.items() if isinstance(v, (int, float, type(None)))
                     },
                 },
-                url,
-                self.so,
             )
         tdist.barrier()
         return url
@@ -493,27 +286,25 @@ class Trainer:
         """The loop state: restored from the checkpoint, or fresh (with per-rank RNG seeds)."""
         self._pending_rng = None
         if resume:
-            ck = load_checkpoint(self.ckpt_url, self.so)
-            return self._restore(ck, allow_changes)
-        if exists(self.ckpt_url, self.so):
+            return self._restore(self.folder.load_checkpoint(), allow_changes)
+        if self.folder.has_checkpoint():
             raise FileExistsError(
-                f"{self.ckpt_url} exists: pass --resume to continue that run, "
+                f"{self.folder.checkpoint} exists: pass --resume to continue that run, "
                 "or choose another output"
             )
         seed_rank_rngs(self.cfg.seed, self.rank)  # per-rank training RNG
         return LoopState()
 
     def _restore(self, ck: Mapping[str, Any], allow_changes: Sequence[str] = ()) -> LoopState:
+        """Model, optimiser, schedule, scaler and history from checkpoint ``ck``; its loop state
+        (the RNG states are set later: :meth:`_fit`)."""
+        url = self.folder.checkpoint
         if ck.get("format") != FORMAT:
-            raise ValueError(
-                f"{self.ckpt_url}: not a sarcube checkpoint (format {ck.get('format')!r})"
-            )
-        self.resume_changes = check_resume_config(
-            ck["config"], self.cfg, self.ckpt_url, allow_changes
-        )
+            raise ValueError(f"{url}: not a sarcube checkpoint (format {ck.get('format')!r})")
+        self.resume_changes = check_resume_config(ck["config"], self.cfg, url, allow_changes)
         if ck["world_size"] != self.world or ck["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(
-                f"cannot resume from {self.ckpt_url} exactly: it was written by "
+                f"cannot resume from {url} exactly: it was written by "
                 f"{ck['world_size']} rank(s) with {ck['steps_per_epoch']} steps per "
                 f"epoch, this run has {self.world} rank(s) with {self.steps_per_epoch}"
             )
@@ -528,18 +319,9 @@ class Trainer:
         self.history = [dict(h) for h in ck.get("history") or []]
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
-        self.last_checkpoint = self.ckpt_url
+        self.last_checkpoint = url
         self._pending_rng = ck["rng"][self.rank]  # set once nothing else draws (_fit)
-        best = ck.get("best") or {}
-        return LoopState(
-            step=ck["step"],
-            epoch=ck["epoch"],
-            step_in_epoch=ck["step_in_epoch"],
-            epoch_loss_sum=ck["epoch_loss_sum"],
-            epoch_steps=ck["epoch_steps"],
-            best_value=best.get("value"),
-            best_epoch=best.get("epoch"),
-        )
+        return LoopState.from_checkpoint(ck)
 
     def _apply_schedule_changes(self, old: Mapping[str, Any]) -> None:
         """A resume's new ``optim.base_lr`` / ``schedule.epochs`` applied to the restored
@@ -566,24 +348,18 @@ class Trainer:
             "time": time.time(),
         }
         if resume:
-            event["changes"] = dict(getattr(self, "resume_changes", {}) or {})
+            event["changes"] = dict(self.resume_changes)
         self.history.append(event)  # this checkpoint lineage's
         if self.main:  # history.jsonl: every attempt, also those that ended before a checkpoint
-            url = self._url(HISTORY)
-            before = read_bytes(url, self.so).decode() if resume and exists(url, self.so) else ""
-            if before and not before.endswith("\n"):
-                before += "\n"
-            line = json.dumps(event, default=str) + "\n"
-            write_bytes(url, (before + line).encode(), self.so)
+            self.folder.append_history(event, resume)
 
     def _open_logs(self, resume: bool, state: LoopState) -> MetricsLog:
         """Write ``config.yaml``; open the metrics log (on a resume of a remote run, from the
         uploaded ``metrics.jsonl``, cut back to the checkpoint's step)."""
         if self.main:
-            write_bytes(self._url("config.yaml"), self.cfg.to_yaml().encode(), self.so)
-            if resume and is_remote(self.out) and self.log_dir is not None:
-                fetch_metrics(self.log_dir, self.out, self.so)
-        return MetricsLog(self.log_dir, self.cfg.train.tensorboard, state.step if resume else None)
+            self.folder.write_config(self.cfg.to_yaml(), resume)
+        resume_step = state.step if resume else None
+        return MetricsLog(self.folder.log_dir, self.cfg.train.tensorboard, resume_step)
 
     def _progress_bar(self, state: LoopState) -> Any:
         """A tqdm bar over all optimiser steps (rank 0, ``train.progress``), else ``None``."""
@@ -616,22 +392,22 @@ class Trainer:
         Raises:
             NonFiniteLossError: before the update, on every rank alike.
         """
-        self.net.train()
-        step, epoch = _step_and_epoch(state)
+        self.wrapped_model.train()
+        step, epoch = step_and_epoch(state)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         batch: dict[str, Any] = {}
         for micro in range(self.accum):
             batch = self._to_device(self._fetch(it, epoch))
             sync = micro == self.accum - 1 or self.world == 1
             ctx = (
-                self.net.no_sync()
-                if not sync and hasattr(self.net, "no_sync")
+                self.wrapped_model.no_sync()
+                if not sync and hasattr(self.wrapped_model, "no_sync")
                 else contextlib.nullcontext()
             )
             with ctx:
                 with self._autocast():
                     loss = self.task.loss(
-                        self.net, batch, step=step * self.accum + micro, rank=self.rank
+                        self.wrapped_model, batch, step=step * self.accum + micro, rank=self.rank
                     )
                 scaled = loss.float() / self.accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -674,29 +450,20 @@ class Trainer:
             resume: continue from ``{out}/checkpoint.pt`` exactly. Without it, an existing
                 checkpoint there is an error (nothing is overwritten by accident).
             allow_changes: config keys named as overrides on the resume's command line; those
-                in :data:`RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may
-                differ from the checkpoint's (recorded in ``history.jsonl``).
+                in :data:`training.checkpoint.RESUME_MAY_OVERRIDE` (``optim.base_lr``,
+                ``schedule.epochs``) may differ from the checkpoint's (recorded in
+                ``history.jsonl``).
 
         Returns:
             What this call did (:class:`TrainResult`).
         """
-        # One writer per run folder (rank 0 holds the lock for all ranks): two runs, or two
-        # resumes, of one --out would overwrite each other's checkpoints. A run killed on this
-        # host leaves a lock that the next --resume breaks (its process is gone).
-        self._lock = None
+        # One writer per run folder: rank 0 holds its lock for all ranks.
         if self.main:
-            self._lock = StoreLock(
-                self.out, self.so, command=f"sarcube {self.cfg.method}"
-            ).acquire()
+            self.folder.acquire(command=f"sarcube {self.cfg.method}")
         try:
             return self._fit(resume, allow_changes)
         finally:
-            if self._lock is not None:
-                self._lock.release()
-            if self._tmp_log_dir is not None:
-                import shutil
-
-                shutil.rmtree(self._tmp_log_dir, ignore_errors=True)
+            self.folder.release()
 
     def _fit(self, resume: bool, allow_changes: Sequence[str]) -> TrainResult:
         # -- start: a fresh or restored loop state, the run's history, config and logs
@@ -707,7 +474,7 @@ class Trainer:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
         bar = self._progress_bar(state)
-        calls = _CallRecord()
+        calls = CallRecord()
 
         # -- train: epoch after epoch until the schedule ends or train.max_steps is reached
         stopped = self._max_steps_reached(state)  # a resume with nothing left to do
@@ -729,7 +496,7 @@ class Trainer:
         return max_steps is not None and state.step >= max_steps
 
     def _run_epoch(
-        self, state: LoopState, calls: _CallRecord, metrics: MetricsLog, bar: Any
+        self, state: LoopState, calls: CallRecord, metrics: MetricsLog, bar: Any
     ) -> bool:
         """The rest of the current epoch, from its checkpointed position.
 
@@ -799,7 +566,7 @@ class Trainer:
     def _end_epoch(
         self,
         state: LoopState,
-        calls: _CallRecord,
+        calls: CallRecord,
         metrics: MetricsLog,
         bar: Any,
         first: int,
@@ -866,13 +633,8 @@ class Trainer:
     # -- the end ------------------------------------------------------------------------------
 
     def _result(
-        self, state: LoopState, calls: _CallRecord, stopped: bool, metrics: MetricsLog
+        self, state: LoopState, calls: CallRecord, stopped: bool, metrics: MetricsLog
     ) -> TrainResult:
-        metrics_url: str | None
-        if self._tmp_log_dir is not None:
-            metrics_url = self._url(METRICS)
-        else:
-            metrics_url = str(metrics.path) if metrics.path else None
         return TrainResult(
             step=state.step,
             epoch=state.epoch,
@@ -880,24 +642,23 @@ class Trainer:
             finished=not stopped,
             last_loss=calls.losses[-1] if calls.losses else None,
             checkpoint=self.last_checkpoint,
-            metrics=metrics_url,
+            metrics=self.folder.metrics_url(metrics.path),
             losses=calls.losses,
-            best=self._url(BEST) if state.best_epoch is not None else None,
+            best=self.folder.url(BEST) if state.best_epoch is not None else None,
             best_value=state.best_value,
             best_epoch=state.best_epoch,
             val=calls.val,
         )
 
-    def _finish(self, result: TrainResult, calls: _CallRecord) -> None:
+    def _finish(self, result: TrainResult, calls: CallRecord) -> None:
         """Encoder export, figure, log uploads (rank 0); per-rank summary. All ranks wait."""
         if self.main:
             result.encoder = self._export_encoder()
             result.figure = self._draw_figure(calls.last_batch)
-            if is_remote(self.out) and self.log_dir is not None:
-                upload_metrics(self.log_dir, self.out, self.so)
-                upload_tensorboard(self.log_dir, self.out, self.so)
+            self.folder.upload_logs()
         if self.cfg.train.rank_summary:
-            write_rank_summary(self.out, self.rank, self._rank_summary(result, calls), self.so)
+            summary = self._rank_summary(result, calls)
+            write_rank_summary(self.out, self.rank, summary, self.folder.storage_options)
         tdist.barrier()
 
     def _export_encoder(self) -> str | None:
@@ -905,28 +666,21 @@ class Trainer:
         encoder = self.task.encoder(self.model)
         if not isinstance(encoder, nn.Module):
             return None
-        url = self._url(ENCODER)
-        save_checkpoint(
-            {k: v.detach().cpu() for k, v in encoder.state_dict().items()}, url, self.so
-        )
-        return url
+        weights = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+        return self.folder.write_weights(ENCODER, weights)
 
     def _draw_figure(self, last_batch: Mapping[str, Any] | None) -> str | None:
         """``reconstruction.png`` of the last batch (``train.figure``), if the task draws one."""
         if not self.cfg.train.figure or last_batch is None:
             return None
-        folder = Path(self.out) if not is_remote(self.out) else self.log_dir
-        if folder is None:  # only rank 0 keeps a log folder
+        local = self.folder.figure_path()
+        if local is None:  # only rank 0 keeps a log folder
             return None
-        local = folder / FIGURE
-        local.parent.mkdir(parents=True, exist_ok=True)
         if not self.task.figure(self.model, last_batch, str(local)):
             return None
-        if is_remote(self.out):
-            write_bytes(self._url(FIGURE), local.read_bytes(), self.so)
-        return self._url(FIGURE)
+        return self.folder.publish_figure(local)
 
-    def _rank_summary(self, result: TrainResult, calls: _CallRecord) -> dict[str, Any]:
+    def _rank_summary(self, result: TrainResult, calls: CallRecord) -> dict[str, Any]:
         """This rank's ``ranks/rank-NNNNN.json``: what it did, and a checksum of its weights."""
         return {
             "rank": self.rank,

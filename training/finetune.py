@@ -57,8 +57,9 @@ from sarcube.training_arguments import add_finetune_arguments
 from .checkpoint import write_bytes
 from .config import Config, ConfigError, config_from_dict
 from .distributed import env_rank
-from .engine import NonFiniteLossError, Trainer, TrainResult
+from .engine import Trainer
 from .layer_decay import param_groups_layer_decay
+from .loop_state import NonFiniteLossError, TrainResult
 from .metrics import ConfusionMatrix, binary_scores, segmentation_scores
 from .models.pretrained import EncoderWeightsError
 from .models.upernet import UPerNetSegmenter

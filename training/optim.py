@@ -19,13 +19,17 @@ out. The same names are the default exclusions of the layer-decay groups of fine
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger("training.optim")
 
 __all__ = [
     "NO_WEIGHT_DECAY_NAMES",
@@ -36,6 +40,7 @@ __all__ = [
     "model_no_weight_decay",
     "param_groups_weight_decay",
     "scaled_lr",
+    "setup_precision",
 ]
 
 # Parameter names (last dotted component) that skip weight decay whatever their shape, besides
@@ -212,3 +217,33 @@ def build_optimizer(
         g.setdefault("lr", lr)
     b1, b2 = betas
     return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), eps=eps, fused=fused)
+
+
+def setup_precision(
+    device: torch.device, amp: str, deterministic: bool
+) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """The autocast dtype and grad scaler of ``train.amp`` (mixed precision on CUDA only), and
+    deterministic kernels when ``train.deterministic``.
+
+    Args:
+        device: where the model trains.
+        amp: ``auto`` (bf16 on CUDA, off elsewhere), ``bf16``, ``fp16`` or ``off``.
+        deterministic: ``torch.use_deterministic_algorithms(True)``.
+
+    Returns:
+        ``(autocast dtype or None, GradScaler for fp16 or None)``.
+    """
+    cuda = device.type == "cuda"
+    mode = amp if amp != "auto" else ("bf16" if cuda else "off")
+    if mode != "off" and not cuda:
+        log.warning(
+            "train.amp=%s ignored on %s: mixed precision is used on CUDA only", mode, device
+        )
+        mode = "off"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+    scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
+    if deterministic:
+        if cuda:  # cuBLAS reads it when its first handle is made (the first matmul)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return dtype, scaler

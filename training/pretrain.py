@@ -50,7 +50,8 @@ from sarcube.training_arguments import (
 
 from .config import Config, ConfigError
 from .distributed import env_rank
-from .engine import NonFiniteLossError, Trainer, TrainResult
+from .engine import Trainer
+from .loop_state import NonFiniteLossError, TrainResult
 from .masking import mask_to_pixels, simmim_mask
 from .mixing import mixmae_mask, plot_mixmae_reconstruction
 from .models.mixmae import MixMAE, mixmae_base, mixmae_tiny
