@@ -236,14 +236,14 @@ def timed(loader, workers: int) -> tuple[int, float, float]:
     return n, seconds, _cpu(who) - c0
 
 
-def run_shards(manifest: str, workers: int, batch: int, prepare: str, so=None):
+def run_shards(manifest: str, workers: int, batch: int, prepare: str, storage_options=None):
     s = ShardStream(
         manifest,
         "pretrain",
         batch_size=batch,
         num_workers=workers,
         task="pretrain",
-        storage_options=so,
+        storage_options=storage_options,
         shuffle_buffer=256,
         prepare=prepare,
     )
@@ -339,14 +339,14 @@ def main() -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    so = {
+    storage_options = {
         "key": "bench",
         "secret": "bench",
         "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
     }
     import s3fs
 
-    fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
     fs.mkdir("bench")
     for p in [*sorted(shards.glob("*.tar")), bench]:
         fs.put_file(str(p), f"bench/shards/{p.name}")
@@ -390,7 +390,11 @@ def main() -> None:
                     prepare,
                     workers,
                     run_shards(
-                        "s3://bench/shards/manifest-bench.json", workers, args.batch, prepare, so
+                        "s3://bench/shards/manifest-bench.json",
+                        workers,
+                        args.batch,
+                        prepare,
+                        storage_options,
                     ),
                 )
             for workers in (1, 2):

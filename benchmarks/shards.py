@@ -105,7 +105,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cube: str, index: str, out: str, workers: int, shard_mb: float, so=None, update=False):
+def run(
+    cube: str,
+    index: str,
+    out: str,
+    workers: int,
+    shard_mb: float,
+    storage_options=None,
+    update=False,
+):
     from distributed import Client, LocalCluster
 
     with (
@@ -126,7 +134,7 @@ def run(cube: str, index: str, out: str, workers: int, shard_mb: float, so=None,
             out,
             shard_size_mb=shard_mb,
             min_shards_per_split=8,
-            storage_options=so,
+            storage_options=storage_options,
             client=client,
             progress=False,
             update_index=update,
@@ -177,14 +185,14 @@ def main() -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    so = {
+    storage_options = {
         "key": "bench",
         "secret": "bench",
         "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
     }
     import s3fs
 
-    s3fs.S3FileSystem(**so, skip_instance_cache=True).mkdir("bench")
+    s3fs.S3FileSystem(**storage_options, skip_instance_cache=True).mkdir("bench")
     rows = []
     try:
         for target in ("local", "s3"):
@@ -194,7 +202,14 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     res = run(cube, index, str(out), workers, shard_mb)
                 else:
-                    res = run(cube, index, f"s3://bench/shards-{workers}", workers, shard_mb, so)
+                    res = run(
+                        cube,
+                        index,
+                        f"s3://bench/shards-{workers}",
+                        workers,
+                        shard_mb,
+                        storage_options,
+                    )
                 rows.append({"target": target, "workers": workers, **res})
                 print(rows[-1], flush=True)
         for workers in (1, 2):  # everything present: verify-and-keep path

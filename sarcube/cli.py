@@ -116,15 +116,17 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_io(so: dict, read: dict[str, str], write: dict[str, tuple[str, str]]) -> None:
+def _check_io(
+    storage_options: dict, read: dict[str, str], write: dict[str, tuple[str, str]]
+) -> None:
     """Up-front checks of a command's inputs and outputs (bucket there and allowed, paths of the
     right kind), so that a bad URL is one line naming it before any work starts."""
     from .storage import check_readable, check_writable
 
     for what, url in read.items():
-        check_readable(url, so, what)
+        check_readable(url, storage_options, what)
     for what, (url, kind) in write.items():
-        check_writable(url, so, what, kind)
+        check_writable(url, storage_options, what, kind)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -141,9 +143,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         max_nodata=args.max_nodata,
         block=args.block,
     )
-    so = parse_storage_options(args.storage_option)
-    _check_io(so, read={"--cube": args.cube}, write={"--out": (args.out, "file")})
-    res = sample_patches(args.cube, args.out, params, so)
+    storage_options = parse_storage_options(args.storage_option)
+    _check_io(storage_options, read={"--cube": args.cube}, write={"--out": (args.out, "file")})
+    res = sample_patches(args.cube, args.out, params, storage_options)
     counts = res.index.groupby("split").size().to_dict()
     print(
         f"wrote {args.out}: {len(res.index)} patches "

@@ -138,10 +138,10 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def endpoint_url(storage_options: Mapping[str, Any] | None) -> str | None:
-    so = dict(storage_options or {})
+    storage_options = dict(storage_options or {})
     return (
-        so.get("endpoint_url")
-        or so.get("client_kwargs", {}).get("endpoint_url")
+        storage_options.get("endpoint_url")
+        or storage_options.get("client_kwargs", {}).get("endpoint_url")
         or os.environ.get("AWS_ENDPOINT_URL")
     )
 
@@ -171,21 +171,21 @@ def gdal_env(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]
     checks), and a read that failed during an S3 outage makes the object "not a supported file
     format" until the process ends. Blocks are still cached while a dataset is open.
     """
-    so = dict(storage_options or {})
+    storage_options = dict(storage_options or {})
     env: dict[str, Any] = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
         "CPL_VSIL_GZIP_WRITE_PROPERTIES": "NO",
         "CPL_VSIL_CURL_NON_CACHED": "/vsis3/",
     }
-    ep = endpoint_url(so)
+    ep = endpoint_url(storage_options)
     if ep:
         parsed = urlparse(ep)
         env["AWS_S3_ENDPOINT"] = parsed.netloc or parsed.path
         env["AWS_HTTPS"] = "NO" if parsed.scheme == "http" else "YES"
         env["AWS_VIRTUAL_HOSTING"] = "FALSE"
-    if so.get("anon"):
+    if storage_options.get("anon"):
         env["AWS_NO_SIGN_REQUEST"] = "YES"
-    region = so.get("client_kwargs", {}).get("region_name")
+    region = storage_options.get("client_kwargs", {}).get("region_name")
     if region:
         env["AWS_REGION"] = region
     return env
@@ -200,14 +200,14 @@ def rasterio_env(storage_options: Mapping[str, Any] | None = None):
     import rasterio
     from rasterio.session import AWSSession
 
-    so = dict(storage_options or {})
-    env = gdal_env(so)
+    storage_options = dict(storage_options or {})
+    env = gdal_env(storage_options)
     session = AWSSession(
-        aws_unsigned=bool(so.get("anon")) or None,
-        aws_access_key_id=so.get("key"),
-        aws_secret_access_key=so.get("secret"),
-        aws_session_token=so.get("token"),
-        region_name=so.get("client_kwargs", {}).get("region_name"),
+        aws_unsigned=bool(storage_options.get("anon")) or None,
+        aws_access_key_id=storage_options.get("key"),
+        aws_secret_access_key=storage_options.get("secret"),
+        aws_session_token=storage_options.get("token"),
+        region_name=storage_options.get("client_kwargs", {}).get("region_name"),
         endpoint_url=env.get("AWS_S3_ENDPOINT"),
     )
     return rasterio.Env(session=session, **env)

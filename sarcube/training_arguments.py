@@ -200,40 +200,40 @@ def storage_options_of(args: argparse.Namespace) -> dict:
         raise InputError(str(e)) from None
 
 
-def _exists(url: str, so: dict) -> bool:
+def _exists(url: str, storage_options: dict) -> bool:
     from .storage import url_to_fs
 
-    fs, path = url_to_fs(url, so)
+    fs, path = url_to_fs(url, storage_options)
     try:
         return bool(fs.exists(path))
     except FileNotFoundError:
         return False
 
 
-def check_run_io(args: argparse.Namespace, so: dict) -> None:
+def check_run_io(args: argparse.Namespace, storage_options: dict) -> None:
     """A training run's manifest can be read, ``--out`` written, and ``--resume`` fits what is
     there (a checkpoint to resume; none to overwrite without it)."""
     from .errors import InputError
     from .storage import check_readable, check_writable, join_url
 
-    check_readable(args.manifest, so, "--manifest")
-    check_writable(args.out, so, "--out", "dir")
+    check_readable(args.manifest, storage_options, "--manifest")
+    check_writable(args.out, storage_options, "--out", "dir")
     ckpt = join_url(str(args.out).rstrip("/"), "checkpoint.pt")
-    if args.resume and not _exists(ckpt, so):
+    if args.resume and not _exists(ckpt, storage_options):
         raise InputError(f"--resume: no checkpoint at {ckpt} to resume from")
-    if not args.resume and _exists(ckpt, so):
+    if not args.resume and _exists(ckpt, storage_options):
         raise InputError(
             f"{ckpt} exists: pass --resume to continue that run, or choose another --out"
         )
 
 
-def check_pretrain_split(split: str, manifest: str, so: dict) -> None:
+def check_pretrain_split(split: str, manifest: str, storage_options: dict) -> None:
     """The split to pretrain on exists and holds valid SAR pixels: a split whose samples are all
     no data (``db_stats.pixels == 0``) would train on constant fill values without a word."""
     from .errors import InputError
     from .shards import read_manifest
 
-    man = read_manifest(manifest, so)
+    man = read_manifest(manifest, storage_options)
     splits = man.get("splits", {})
     if split not in splits:
         raise InputError(
@@ -251,7 +251,7 @@ def check_pretrain_split(split: str, manifest: str, so: dict) -> None:
         )
 
 
-def check_resume_config(args: argparse.Namespace, cfg, so: dict) -> None:
+def check_resume_config(args: argparse.Namespace, cfg, storage_options: dict) -> None:
     """On ``--resume``: the config differs from the run's (``OUT/config.yaml``) only where a
     resume may change it — ``train.*``, loader settings, and the keys of
     ``training.engine.RESUME_MAY_OVERRIDE`` named as overrides (``optim.base_lr=1e-5``). The
@@ -265,9 +265,9 @@ def check_resume_config(args: argparse.Namespace, cfg, so: dict) -> None:
         return
     out = str(args.out).rstrip("/")
     url = join_url(out, "config.yaml")
-    if not _exists(url, so):
+    if not _exists(url, storage_options):
         return
-    fs, path = url_to_fs(url, so)
+    fs, path = url_to_fs(url, storage_options)
     try:
         old = yaml.safe_load(fs.cat_file(path))
     except yaml.YAMLError:
@@ -305,10 +305,10 @@ def check_pretrain_args(args: argparse.Namespace):
     """Everything ``pretrain`` can check before a rank starts (no torch): the config and
     overrides, the manifest and its split, the output and ``--resume``. Returns the config."""
     cfg = _load_config(args.config, args.overrides, args.method)
-    so = storage_options_of(args)
-    check_run_io(args, so)
-    check_resume_config(args, cfg, so)
-    check_pretrain_split(cfg.data.split, args.manifest, so)
+    storage_options = storage_options_of(args)
+    check_run_io(args, storage_options)
+    check_resume_config(args, cfg, storage_options)
+    check_pretrain_split(cfg.data.split, args.manifest, storage_options)
     return cfg
 
 
@@ -324,11 +324,11 @@ def check_finetune_args(args: argparse.Namespace):
     pre = None if args.pretrained.strip().lower() == "none" else args.pretrained
     cfg = _load_config(args.config, overrides, "finetune")
     cfg.seg.pretrained = pre
-    so = storage_options_of(args)
-    check_run_io(args, so)
-    check_resume_config(args, cfg, so)
+    storage_options = storage_options_of(args)
+    check_run_io(args, storage_options)
+    check_resume_config(args, cfg, storage_options)
     if pre is not None:
-        check_readable(pre, so, "--pretrained")
+        check_readable(pre, storage_options, "--pretrained")
     return cfg
 
 
@@ -341,10 +341,10 @@ def check_evaluate_args(args: argparse.Namespace) -> None:
     check_positive(args.num_workers, "--num-workers", 0)
     check_positive(args.panels, "--panels", 0)
     check_device(args.device)
-    so = storage_options_of(args)
-    check_readable(args.checkpoint, so, "--checkpoint")
-    check_readable(args.manifest, so, "--manifest")
-    check_writable(args.out, so, "--out", "dir")
+    storage_options = storage_options_of(args)
+    check_readable(args.checkpoint, storage_options, "--checkpoint")
+    check_readable(args.manifest, storage_options, "--manifest")
+    check_writable(args.out, storage_options, "--out", "dir")
 
 
 def check_predict_args(args: argparse.Namespace) -> None:
@@ -362,13 +362,13 @@ def check_predict_args(args: argparse.Namespace) -> None:
     if args.block < 256 or args.block % 256:
         raise InputError(f"--block must be a positive multiple of 256 pixels, got {args.block}")
     check_device(args.device, allow_auto=False)
-    so = storage_options_of(args)
-    check_readable(args.cube, so, "--cube")
-    check_readable(args.checkpoint, so, "--checkpoint")
+    storage_options = storage_options_of(args)
+    check_readable(args.cube, storage_options, "--cube")
+    check_readable(args.checkpoint, storage_options, "--checkpoint")
     if args.out:
-        check_writable(args.out, so, "--out", "dir")
+        check_writable(args.out, storage_options, "--out", "dir")
     if args.cog:
-        check_writable(args.cog, so, "--cog", "file")
+        check_writable(args.cog, storage_options, "--cog", "file")
         if not is_remote(args.cog):
             parent = Path(args.cog).expanduser().absolute().parent
             if not parent.is_dir():

@@ -553,13 +553,13 @@ def outage(s3, tmp_path):
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     o = Outage()
-    so = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": o.endpoint}}
+    storage_options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": o.endpoint}}
     write_dataset(tmp_path, {"train": ([6, 6, 6, 6], -14.0)})
-    fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
     fs.mkdir("outage")
     fs.put(str(tmp_path) + "/", "outage/shards/", recursive=True)
     try:
-        yield o, "s3://outage/shards/manifest.json", so, tmp_path
+        yield o, "s3://outage/shards/manifest.json", storage_options, tmp_path
     finally:
         o.stop()
 
@@ -568,8 +568,8 @@ KW = {"batch_size": 2, "task": "lulc", "shuffle_buffer": 2, "block_size": 64 * 1
 
 
 def test_s3_restart_mid_epoch_is_retried(outage):
-    o, url, so, local = outage
-    s = ShardStream(url, "train", storage_options=so, retries=4, backoff=0.25, **KW)
+    o, url, storage_options, local = outage
+    s = ShardStream(url, "train", storage_options=storage_options, retries=4, backoff=0.25, **KW)
     it = s.batches(0)
     got = [next(it)]
     o.stop()  # mid-shard: more byte ranges of the current shard are still to come
@@ -587,8 +587,10 @@ def test_s3_restart_mid_epoch_is_retried(outage):
 
 
 def test_s3_down_skips_the_shard_or_fails(outage):
-    o, url, so, _ = outage
-    s = ShardStream(url, "train", storage_options=so, retries=1, backoff=0.05, skip_errors=1, **KW)
+    o, url, storage_options, _ = outage
+    s = ShardStream(
+        url, "train", storage_options=storage_options, retries=1, backoff=0.05, skip_errors=1, **KW
+    )
     it = s.batches(0)
     got = [next(it)]
     o.stop()
@@ -610,7 +612,7 @@ def test_s3_down_skips_the_shard_or_fails(outage):
     assert s.stats["wraps"] >= 1
 
     # kept down, nothing to skip: a clear error naming the shard
-    s0 = ShardStream(url, "train", storage_options=so, retries=1, backoff=0.05, **KW)
+    s0 = ShardStream(url, "train", storage_options=storage_options, retries=1, backoff=0.05, **KW)
     it = s0.batches(0)
     next(it)
     o.stop()

@@ -355,9 +355,9 @@ def test_rng_state_round_trip_is_weights_only_safe():
 
 def test_checkpoint_on_s3_round_trip_and_resume(s3, tmp_path):
     out = s3.url("runs/engine")
-    so = s3.storage_options
+    storage_options = s3.storage_options
     cfg = tiny_cfg("train.max_steps=2", f"train.log_dir={tmp_path / 'logs'}", "train.figure=true")
-    first = make_trainer(cfg, out, storage_options=so).fit()
+    first = make_trainer(cfg, out, storage_options=storage_options).fit()
     fs = s3.fs()
     names = {p.rsplit("/", 1)[-1] for p in fs.find(f"{s3.bucket}/runs/engine")}
     assert {
@@ -384,7 +384,7 @@ def test_checkpoint_on_s3_round_trip_and_resume(s3, tmp_path):
     # resume from S3 (metrics fetched back when the local log is gone)
     (tmp_path / "logs" / "metrics.jsonl").unlink()
     cfg2 = tiny_cfg(f"train.log_dir={tmp_path / 'logs'}")
-    rest = make_trainer(cfg2, out, storage_options=so).fit(resume=True)
+    rest = make_trainer(cfg2, out, storage_options=storage_options).fit(resume=True)
     assert rest.step == 6 and rest.steps_taken == 4
     uploaded = fs.cat_file(f"{s3.bucket}/runs/engine/metrics.jsonl").decode()
     steps = [json.loads(ln)["step"] for ln in uploaded.splitlines() if '"kind": "step"' in ln]

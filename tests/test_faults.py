@@ -96,9 +96,9 @@ def outage_s3():
     from helpers.moto_outage import Outage
 
     o = Outage()
-    so = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": o.endpoint}}
+    storage_options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": o.endpoint}}
     try:
-        yield o, so
+        yield o, storage_options
     finally:
         o.stop()
 
@@ -115,8 +115,8 @@ def test_gdal_reopens_what_s3_holds_now(outage_s3, tmp_path):
 
     from sarcube.storage import gdal_path, rasterio_env
 
-    o, so = outage_s3
-    fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
+    o, storage_options = outage_s3
+    fs = s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
     fs.mkdir("gdalcache")
     profile = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:4326")
     profile["transform"] = Affine(1 / 12000, 0, 140, 0, -1 / 12000, 36)
@@ -126,7 +126,7 @@ def test_gdal_reopens_what_s3_holds_now(outage_s3, tmp_path):
     url = "s3://gdalcache/a.tif"
 
     def read() -> int:
-        with rasterio_env(so), rasterio.open(gdal_path(url)) as ds:
+        with rasterio_env(storage_options), rasterio.open(gdal_path(url)) as ds:
             return int(ds.read(1)[0, 0])
 
     fs.put(str(tmp_path / "1.tif"), url)
@@ -146,8 +146,8 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
     clean local ingest of the same inputs, with no attempt left behind."""
     import s3fs
 
-    o, so = outage_s3
-    fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
+    o, storage_options = outage_s3
+    fs = s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
     fs.mkdir("faults")
     fs.put(str(small_synth.out) + "/", "faults/in/", recursive=True)
     scenes, lulc = ["s3://faults/in/scenes"], ["s3://faults/in/lulc"]
@@ -160,7 +160,12 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
     stop.start(), restart.start()
     try:
         report = ingest(
-            scenes, cube, lulc=lulc, storage_options=so, client=dask_client, progress=False
+            scenes,
+            cube,
+            lulc=lulc,
+            storage_options=storage_options,
+            client=dask_client,
+            progress=False,
         )
         first = report.summary()
     except SarcubeError as e:  # nothing could be written / inspected while the server was away
@@ -170,9 +175,11 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
         o.start()
     assert "Traceback" not in first
 
-    report = ingest(scenes, cube, lulc=lulc, storage_options=so, client=dask_client, progress=False)
+    report = ingest(
+        scenes, cube, lulc=lulc, storage_options=storage_options, client=dask_client, progress=False
+    )
     assert report.ok, report.summary()
-    got, want = open_cube(cube, so), open_cube(small_cube)
+    got, want = open_cube(cube, storage_options), open_cube(small_cube)
     np.testing.assert_array_equal(got.time.values, want.time.values)
     np.testing.assert_array_equal(got.hh_db.values, want.hh_db.values)
     np.testing.assert_array_equal(got.lulc.values, want.lulc.values)

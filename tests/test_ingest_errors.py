@@ -270,7 +270,7 @@ def refused_port():
 def test_unreachable_endpoint(good, tmp_path, dask_client, refused_port):
     scenes, lulc, dates = good[0][:1], good[1], good[2][:1]
     port = refused_port
-    so = {
+    storage_options = {
         "key": "k",
         "secret": "s",
         "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
@@ -280,7 +280,12 @@ def test_unreachable_endpoint(good, tmp_path, dask_client, refused_port):
     url = "s3://sarcube-test/scenes/"
     cube = str(tmp_path / "cube.zarr")
     report = ingest(
-        [*scenes, url], cube, lulc=lulc, storage_options=so, client=dask_client, progress=False
+        [*scenes, url],
+        cube,
+        lulc=lulc,
+        storage_options=storage_options,
+        client=dask_client,
+        progress=False,
     )
     assert len(report.problems) == 1, report.problems
     assert_one_line(report.problems[0], url, ["cannot reach the storage endpoint"])

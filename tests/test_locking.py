@@ -31,9 +31,9 @@ def store(request, tmp_path):
     return s3.url("store"), s3.storage_options
 
 
-def _age_lock(url: str, so, seconds: float) -> None:
+def _age_lock(url: str, storage_options, seconds: float) -> None:
     """Rewrite the lock's heartbeat as if its holder had died ``seconds`` ago."""
-    lock = StoreLock(url, so)
+    lock = StoreLock(url, storage_options)
     rec = lock.read()
     old = time.time() - seconds
     import datetime as dt
@@ -43,36 +43,36 @@ def _age_lock(url: str, so, seconds: float) -> None:
 
 
 def test_second_writer_refused_with_the_holder_named(store):
-    url, so = store
-    with StoreLock(url, so, command="sarcube ingest") as first:
+    url, storage_options = store
+    with StoreLock(url, storage_options, command="sarcube ingest") as first:
         rec = first.read()
         assert rec["pid"] == os.getpid() and rec["command"] == "sarcube ingest"
         t0 = time.monotonic()
         with pytest.raises(LockHeldError) as e:
-            StoreLock(url, so, command="sarcube shards").acquire()
+            StoreLock(url, storage_options, command="sarcube shards").acquire()
         assert time.monotonic() - t0 < 5  # at once, not after a timeout
         msg = str(e.value)
         assert url in msg and "sarcube ingest" in msg and f"pid {os.getpid()}" in msg
         assert "last heartbeat" in msg and "\n" not in msg
     # released: the object is gone and the next writer gets it
-    assert StoreLock(url, so).read() is None
-    with StoreLock(url, so):
+    assert StoreLock(url, storage_options).read() is None
+    with StoreLock(url, storage_options):
         pass
 
 
 def test_wait_for_the_holder(store):
-    url, so = store
-    first = StoreLock(url, so).acquire()
+    url, storage_options = store
+    first = StoreLock(url, storage_options).acquire()
     threading.Timer(1.5, first.release).start()
     t0 = time.monotonic()
-    with StoreLock(url, so, wait=20):
+    with StoreLock(url, storage_options, wait=20):
         waited = time.monotonic() - t0
     assert 1.0 < waited < 15
 
 
 def test_heartbeat_refreshes_the_record(store):
-    url, so = store
-    with StoreLock(url, so, heartbeat_s=0.3) as lock:
+    url, storage_options = store
+    with StoreLock(url, storage_options, heartbeat_s=0.3) as lock:
         before = lock.read()["heartbeat"]
         time.sleep(1.6)
         after = lock.read()["heartbeat"]
@@ -81,35 +81,35 @@ def test_heartbeat_refreshes_the_record(store):
 
 
 def test_stale_lock_is_broken_only_on_request(store):
-    url, so = store
-    dead = StoreLock(url, so, command="sarcube predict").acquire()
+    url, storage_options = store
+    dead = StoreLock(url, storage_options, command="sarcube predict").acquire()
     dead._stop.set()  # the holder "dies": no more heartbeats, the object stays
-    _age_lock(url, so, 3600)
+    _age_lock(url, storage_options, 3600)
     with pytest.raises(LockHeldError, match=r"looks stale.*--break-stale-lock"):
-        StoreLock(url, so, stale_after_s=60).acquire()
-    with StoreLock(url, so, stale_after_s=60, break_stale=True) as lock:
+        StoreLock(url, storage_options, stale_after_s=60).acquire()
+    with StoreLock(url, storage_options, stale_after_s=60, break_stale=True) as lock:
         assert lock.read()["token"] == lock.record["token"]
 
 
 def test_unlock_refuses_a_live_lock(store):
-    url, so = store
-    with StoreLock(url, so):
+    url, storage_options = store
+    with StoreLock(url, storage_options):
         with pytest.raises(LockHeldError, match="live"):
-            break_lock(url, so)
-    assert "not locked" in break_lock(url, so)
-    held = StoreLock(url, so).acquire()
+            break_lock(url, storage_options)
+    assert "not locked" in break_lock(url, storage_options)
+    held = StoreLock(url, storage_options).acquire()
     held._stop.set()
-    _age_lock(url, so, 3600)
-    assert "removed" in break_lock(url, so, stale_after_s=60)
-    assert StoreLock(url, so).read() is None
+    _age_lock(url, storage_options, 3600)
+    assert "removed" in break_lock(url, storage_options, stale_after_s=60)
+    assert StoreLock(url, storage_options).read() is None
 
 
 def test_a_broken_lock_is_noticed_by_its_holder(store):
-    url, so = store
-    lock = StoreLock(url, so, heartbeat_s=0.2).acquire()
+    url, storage_options = store
+    lock = StoreLock(url, storage_options, heartbeat_s=0.2).acquire()
     try:
-        break_lock(url, so, force=True)
-        other = StoreLock(url, so, heartbeat_s=60).acquire()  # somebody else takes it
+        break_lock(url, storage_options, force=True)
+        other = StoreLock(url, storage_options, heartbeat_s=60).acquire()  # somebody else takes it
         time.sleep(1.0)
         with pytest.raises(LockLostError, match="broken"):
             lock.check()

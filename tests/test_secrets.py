@@ -92,7 +92,7 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         AWS_EC2_METADATA_DISABLED="true",
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
     )
-    so = [
+    option_args = [
         "--storage-option",
         f"key={KEY}",
         "--storage-option",
@@ -139,7 +139,7 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         str(s + 0.015),
         "--dates",
         "2022-10-10",
-        *so,
+        *option_args,
     )
     sarcube(
         "ingest",
@@ -151,9 +151,20 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         cube,
         "--workers",
         "1",
-        *so,
+        *option_args,
     )
-    sarcube("sample", "--cube", cube, "--out", index, "--n-anchors", "2000", "--block", "2", *so)
+    sarcube(
+        "sample",
+        "--cube",
+        cube,
+        "--out",
+        index,
+        "--n-anchors",
+        "2000",
+        "--block",
+        "2",
+        *option_args,
+    )
     sarcube(
         "shards",
         "--cube",
@@ -168,7 +179,7 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         "64",
         "--workers",
         "1",
-        *so,
+        *option_args,
     )
     splits = json.loads(fs.cat_file(f"{s3.bucket}/shards/manifest.json"))["splits"]
     p = sarcube(
@@ -179,7 +190,7 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         shards,
         "--out",
         s3.url("runs/pre"),
-        *so,
+        *option_args,
         *TINY,
         "schedule.epochs=1",
         "train.max_steps=2",
@@ -199,7 +210,7 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         s3.url("runs/pre/encoder.pth"),
         "--out",
         s3.url("runs/ft"),
-        *so,
+        *option_args,
         *TINY,
         "seg.eval_batch_size=2",
         "schedule.epochs=1",
@@ -224,7 +235,7 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         "cpu",
         "--panels",
         "1",
-        *so,
+        *option_args,
     )
     bbox = [str(w), str(s + 1792 / 12000), str(w + 256 / 12000), str(s + 2048 / 12000 - 1e-4)]
     sarcube(
@@ -241,12 +252,18 @@ def test_no_secret_in_any_output_and_nothing_in_the_cwd(s3, small_synth, tmp_pat
         "2022-09-01/2022-09-30",
         "--cog",
         s3.url("map.tif"),
-        *so,
+        *option_args,
     )
-    p = sarcube("unlock", cube, *so)
+    p = sarcube("unlock", cube, *option_args)
     assert b"not locked" in p.stdout
     p = sarcube(
-        "sample", "--cube", "s3://no-such-bucket-sarcube/cube.zarr", "--out", index, *so, rc=2
+        "sample",
+        "--cube",
+        "s3://no-such-bucket-sarcube/cube.zarr",
+        "--out",
+        index,
+        *option_args,
+        rc=2,
     )
     assert b"does not exist" in p.stderr and b"Traceback" not in p.stderr
 

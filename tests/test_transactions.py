@@ -212,8 +212,8 @@ def _race(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
         open(os.path.join(barrier, "go"), "w").close()
         outs = []
         for p in procs:
-            so, se = p.communicate(timeout=300)
-            outs.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+            storage_options, se = p.communicate(timeout=300)
+            outs.append(subprocess.CompletedProcess(p.args, p.returncode, storage_options, se))
     return outs
 
 

@@ -115,13 +115,13 @@ def run_ablation(
     """
     from .finetune import run
 
-    so = dict(storage_options or {})
+    storage_options = dict(storage_options or {})
     rows = []
     for v in variants:
         run_url = join_url(out, v.name)
         result_url = join_url(run_url, "result.json")
-        if exists(result_url, so):
-            rows.append(json.loads(read_bytes(result_url, so)))
+        if exists(result_url, storage_options):
+            rows.append(json.loads(read_bytes(result_url, storage_options)))
             print(f"ablation: {v.name}: done earlier, kept", flush=True)
             continue
         cfg = load_config(
@@ -131,12 +131,22 @@ def run_ablation(
         if cfg.seg.val_split is None:
             raise ValueError("the ablation compares validation scores: seg.val_split is null")
         print(f"ablation: {v.name} ...", flush=True)
-        res = run(cfg, manifest, run_url, so, resume=exists(join_url(run_url, "checkpoint.pt"), so))
+        res = run(
+            cfg,
+            manifest,
+            run_url,
+            storage_options,
+            resume=exists(join_url(run_url, "checkpoint.pt"), storage_options),
+        )
         best = next((r for r in res.train.val if r["epoch"] == res.train.best_epoch), None)
-        if best is None and exists(join_url(run_url, "best.pt"), so):  # validated before a resume
+        if best is None and exists(
+            join_url(run_url, "best.pt"), storage_options
+        ):  # validated before a resume
             from .finetune import load_model_checkpoint
 
-            best = load_model_checkpoint(join_url(run_url, "best.pt"), so).get("scores", {})
+            best = load_model_checkpoint(join_url(run_url, "best.pt"), storage_options).get(
+                "scores", {}
+            )
         best = best or {}
         row = {
             "variant": v.name,
@@ -150,12 +160,14 @@ def run_ablation(
             "epochs": cfg.schedule.epochs,
             "run": run_url,
         }
-        write_bytes(result_url, json.dumps(row, indent=1).encode(), so)
+        write_bytes(result_url, json.dumps(row, indent=1).encode(), storage_options)
         rows.append(row)
     note = NOTE.format(profile=config, manifest=manifest)
     table = format_ablation(rows, note)
     summary = {"note": note, "config": config, "overrides": list(overrides), "rows": rows}
-    write_bytes(join_url(out, "ablation.json"), json.dumps(summary, indent=1).encode(), so)
-    write_bytes(join_url(out, "ablation.md"), table.encode(), so)
+    write_bytes(
+        join_url(out, "ablation.json"), json.dumps(summary, indent=1).encode(), storage_options
+    )
+    write_bytes(join_url(out, "ablation.md"), table.encode(), storage_options)
     summary["markdown"] = table
     return summary

@@ -32,7 +32,8 @@ types: :mod:`training.loop_state`.
 **Changes on a resume.** Besides ``train.*`` and the data loader settings, the keys of
 :data:`training.checkpoint.RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may
 differ from the checkpoint's when named as overrides of the resuming command
-(``Trainer.fit(allow_changes=…)``): the restored schedule is rescaled / extended, and the change is recorded in ``history.jsonl``.
+(``Trainer.fit(allow_changes=…)``): the restored schedule is rescaled / extended, and the
+change is recorded in ``history.jsonl``.
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ def _stream(
     cfg: Config,
     manifest: str,
     split: str,
-    so: Mapping[str, Any] | None,
+    storage_options: Mapping[str, Any] | None,
     rank: int,
     world: int,
     *,
@@ -309,7 +309,7 @@ def _stream(
         world_size=world,
         seed=cfg.seed,
         task=cfg.seg.task,
-        storage_options=so,
+        storage_options=storage_options,
         pin_memory=pin_memory,
         batch_size=bs,
         augment=d.augment and train,
@@ -318,10 +318,10 @@ def _stream(
     )
 
 
-def _upload_dir(local: Path, url: str, so: Mapping[str, Any] | None) -> None:
+def _upload_dir(local: Path, url: str, storage_options: Mapping[str, Any] | None) -> None:
     for f in sorted(local.iterdir()):
         if f.is_file():
-            write_bytes(join_url(url, f.name), f.read_bytes(), so)
+            write_bytes(join_url(url, f.name), f.read_bytes(), storage_options)
 
 
 def run(
@@ -341,18 +341,18 @@ def run(
 
     if cfg.method != "finetune":
         raise ConfigError(f"fine-tuning needs method: finetune, the config has {cfg.method!r}")
-    so = dict(storage_options or {})
+    storage_options = dict(storage_options or {})
     started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info, device = tdist.init_distributed(cfg.train.device)
     try:
-        man = read_manifest(manifest, so)
+        man = read_manifest(manifest, storage_options)
         splits = man["splits"]
         freqs = class_frequencies(man, "train") if cfg.seg.task == "lulc" else None
         data = _stream(
             cfg,
             manifest,
             "train",
-            so,
+            storage_options,
             info.rank,
             info.world_size,
             train=True,
@@ -361,13 +361,19 @@ def run(
         val = None
         if cfg.seg.val_split and cfg.seg.val_split in splits:
             val = _stream(
-                cfg, manifest, cfg.seg.val_split, so, info.rank, info.world_size, train=False
+                cfg,
+                manifest,
+                cfg.seg.val_split,
+                storage_options,
+                info.rank,
+                info.world_size,
+                train=False,
             )
         elif cfg.seg.val_split:
             log.warning(
                 "no %r split in %s: no validation, best.pt not written", cfg.seg.val_split, manifest
             )
-        model = build_segmentation_model(cfg, so)
+        model = build_segmentation_model(cfg, storage_options)
         task = SegmentationTask(cfg, model, build_loss(cfg, freqs), val)
         extra = {
             "manifest": str(manifest),
@@ -377,7 +383,9 @@ def run(
             "pretrained": cfg.seg.pretrained,
             "db_stats": [data.mean, data.std],
         }
-        trainer = Trainer(cfg, model, task, data, out, so, info, device, extra_state=extra)
+        trainer = Trainer(
+            cfg, model, task, data, out, storage_options, info, device, extra_state=extra
+        )
         if trainer.main:
             log.info(
                 "finetune %s: %s encoder (%s), %d rank(s), %d steps/epoch, global batch %d, "
@@ -397,8 +405,10 @@ def run(
         test_split = cfg.seg.test_split
         if test_split and test_split in splits:
             if res.best is not None:  # the best validated weights
-                model.load_state_dict(load_model_checkpoint(res.best, so)["model"])
-            stream = _stream(cfg, manifest, test_split, so, info.rank, info.world_size, train=False)
+                model.load_state_dict(load_model_checkpoint(res.best, storage_options)["model"])
+            stream = _stream(
+                cfg, manifest, test_split, storage_options, info.rank, info.world_size, train=False
+            )
             test = evaluate_model(
                 model,
                 stream,
@@ -414,7 +424,7 @@ def run(
                     test,
                     cfg,
                     join_url(out, test_split),
-                    so,
+                    storage_options,
                     test_split,
                     extra={
                         "checkpoint": weights,
@@ -433,7 +443,7 @@ def _write_report(
     res: EvalResult,
     cfg: Config,
     target: str,
-    so: Mapping[str, Any] | None,
+    storage_options: Mapping[str, Any] | None,
     split: str,
     extra: Mapping[str, Any],
     method: str | None = None,
@@ -457,7 +467,7 @@ def _write_report(
         extra={**extra, "samples": res.samples},
     )
     if remote:
-        _upload_dir(local, target, so)
+        _upload_dir(local, target, storage_options)
     return report
 
 
@@ -483,14 +493,14 @@ def evaluate(
 
     from . import distributed as tdist
 
-    so = dict(storage_options or {})
-    ck = load_model_checkpoint(checkpoint, so)
+    storage_options = dict(storage_options or {})
+    ck = load_model_checkpoint(checkpoint, storage_options)
     cfg = config_from_dict(ck["config"])
     cfg.seg.pretrained = None  # the checkpoint holds every weight
     cfg.data.num_workers = num_workers
     if batch_size:
         cfg.seg.eval_batch_size = batch_size
-    man = read_manifest(manifest, so)
+    man = read_manifest(manifest, storage_options)
     if split not in man["splits"]:
         raise ValueError(f"{manifest}: no split {split!r} (splits {sorted(man['splits'])})")
     info = tdist.detect()
@@ -503,7 +513,7 @@ def evaluate(
             f"{checkpoint}: the weights do not fit the model of its own config ({e})"
         ) from None
     model.to(dev)
-    stream = _stream(cfg, manifest, split, so, info.rank, info.world_size, train=False)
+    stream = _stream(cfg, manifest, split, storage_options, info.rank, info.world_size, train=False)
     res = evaluate_model(
         model, stream, cfg.seg.task, dev, cfg.seg.threshold, panels=panels if info.rank == 0 else 0
     )
@@ -521,7 +531,7 @@ def evaluate(
             res,
             cfg,
             out,
-            so,
+            storage_options,
             split,
             extra={
                 "checkpoint": checkpoint,

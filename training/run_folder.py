@@ -149,12 +149,16 @@ class RunFolder:
         """One line in ``history.jsonl`` (rank 0; every attempt, also those that end before a
         checkpoint). A fresh start begins the file again."""
         url = self.url(HISTORY)
-        so = self.storage_options
-        before = read_bytes(url, so).decode() if resume and exists(url, so) else ""
+        storage_options = self.storage_options
+        before = (
+            read_bytes(url, storage_options).decode()
+            if resume and exists(url, storage_options)
+            else ""
+        )
         if before and not before.endswith("\n"):
             before += "\n"
         line = json.dumps(dict(event), default=str) + "\n"
-        write_bytes(url, (before + line).encode(), so)
+        write_bytes(url, (before + line).encode(), storage_options)
 
     def write_config(self, config_yaml: str, resume: bool) -> None:
         """``config.yaml`` (rank 0); on a resume of a remote run, ``metrics.jsonl`` fetched back

@@ -43,7 +43,7 @@ def _inspect_inputs(
     client,
     scene_urls: Sequence[str],
     lulc_urls: Sequence[str],
-    so: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
     mosaic_date: dt.date | None,
     strict: bool,
     progress: bool,
@@ -56,7 +56,7 @@ def _inspect_inputs(
             bad_input_as_value,
             inspect_scene,
             u,
-            so,
+            storage_options,
             mosaic_date,
             strict,
             key=task_key(f"inspect-{i}-{u}"),
@@ -70,7 +70,7 @@ def _inspect_inputs(
                 bad_input_as_value,
                 inspect_lulc,
                 u,
-                so,
+                storage_options,
                 key=task_key(f"inspect-lulc-{i}-{u}"),
                 pure=False,
             )
@@ -178,7 +178,9 @@ def ingest(
     from ..locking import StoreLock
 
     t0 = time.perf_counter()
-    so = RedactedOptions(storage_options or {})  # Dask logs of a failed task show no secret
+    storage_options = RedactedOptions(
+        storage_options or {}
+    )  # Dask logs of a failed task show no secret
     report = IngestReport(cube=str(cube))
     mosaic_date = _parse_mosaic_date(mosaic_date)
     if not (0 <= edge_nodata_pct <= 100):
@@ -187,32 +189,32 @@ def ingest(
         bbox = check_bbox(bbox)
     check_cluster_arguments(workers, memory_limit)
 
-    scene_urls, problems = expand_urls(scenes, so)
-    lulc_urls, lulc_problems = expand_urls(lulc, so) if lulc else ([], [])
+    scene_urls, problems = expand_urls(scenes, storage_options)
+    lulc_urls, lulc_problems = expand_urls(lulc, storage_options) if lulc else ([], [])
     report.problems += problems + lulc_problems
     if not scene_urls and not lulc_urls:
         report.seconds = time.perf_counter() - t0
         raise IngestError(
             "nothing to ingest: " + ("; ".join(report.problems) or "no input URL given")
         )
-    check_cube_destination(cube, so)
+    check_cube_destination(cube, storage_options)
 
     with (
         StoreLock(
-            cube, so, command="sarcube ingest", wait=wait, break_stale=break_stale_lock
+            cube, storage_options, command="sarcube ingest", wait=wait, break_stale=break_stale_lock
         ) as lock,
         dask_client(client, scheduler, workers, memory_limit) as client,
     ):
         # 1. inspect every input in parallel
         good_scenes, tiles = _inspect_inputs(
-            client, scene_urls, lulc_urls, so, mosaic_date, strict, progress, report
+            client, scene_urls, lulc_urls, storage_options, mosaic_date, strict, progress, report
         )
         if not good_scenes and not tiles:
             raise IngestError(problem_lines("nothing was ingested", report.problems))
         _raise_if_strict(strict, report, "nothing was written")
 
         # 2. the cube's grid (the cube itself is created only once everything checked out)
-        root, grid = existing_cube(cube, so, bbox, resolution)
+        root, grid = existing_cube(cube, storage_options, bbox, resolution)
         if grid is None and bbox is None and not tiles and report.problems:
             raise IngestError(
                 problem_lines(
@@ -227,15 +229,17 @@ def ingest(
 
         created = root is None
         if created:
-            root = create_cube(cube, grid, so, provenance=provenance(bbox, grid))
+            root = create_cube(cube, grid, storage_options, provenance=provenance(bbox, grid))
         try:
-            report.labels = ingest_labels(client, root, cube, so, grid, tiles, progress)
+            report.labels = ingest_labels(
+                client, root, cube, storage_options, grid, tiles, progress
+            )
             # 3. SAR slices: each date built in a fresh slot, all committed in one registry write
             ingest_slices(
                 client,
                 root,
                 cube,
-                so,
+                storage_options,
                 grid,
                 by_date,
                 edge_nodata_pct,
@@ -246,7 +250,7 @@ def ingest(
             )
         finally:
             if created and (not has_content(root) or (strict and report.problems)):
-                remove_store(cube, so)  # a failed first run leaves nothing behind
+                remove_store(cube, storage_options)  # a failed first run leaves nothing behind
 
     report.seconds = time.perf_counter() - t0
     if not report.ingested and not report.skipped and report.labels in ("none", "failed"):

@@ -31,11 +31,11 @@ def check_bbox(bbox: Sequence[float], what: str = "--bbox") -> tuple[float, floa
     return (w, s, e, n)
 
 
-def check_cube_destination(cube: str, so: Mapping[str, Any]) -> None:
+def check_cube_destination(cube: str, storage_options: Mapping[str, Any]) -> None:
     """The cube URL is a cube, or nothing yet: never a file or a folder of other things."""
     from ..locking import LOCK_NAME
 
-    fs, path = url_to_fs(cube, so)
+    fs, path = url_to_fs(cube, storage_options)
     try:
         if fs.isfile(path):
             raise InputError(
@@ -64,12 +64,12 @@ def has_content(root) -> bool:
     return bool(attrs.get("slices")) or attrs.get("labels", {}).get("status") == "complete"
 
 
-def remove_store(cube: str, so: Mapping[str, Any]) -> None:
+def remove_store(cube: str, storage_options: Mapping[str, Any]) -> None:
     """Delete a cube this run created and never committed to (the lock file stays: its
     owner removes it, and with it the empty folder)."""
     from ..locking import LOCK_NAME
 
-    fs, path = url_to_fs(cube, so)
+    fs, path = url_to_fs(cube, storage_options)
     try:
         files = [p for p in fs.find(path) if not p.endswith(LOCK_NAME)]
         if files:
@@ -84,10 +84,10 @@ def remove_store(cube: str, so: Mapping[str, Any]) -> None:
         log.warning("%s: could not remove the cube created by this failed run (%s)", cube, e)
 
 
-def existing_cube(cube, so, bbox, resolution):
+def existing_cube(cube, storage_options, bbox, resolution):
     """(group, grid) of the cube at ``cube``, checked against the requested grid; (None, None)."""
     try:
-        root = open_group(cube, so, mode="r+")
+        root = open_group(cube, storage_options, mode="r+")
     except CubeError:
         return None, None
     grid = cube_grid(root)

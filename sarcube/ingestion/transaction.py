@@ -56,7 +56,7 @@ def source_from_json(d: Mapping[str, Any]) -> SceneSource:
     )
 
 
-def ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
+def ingest_labels(client, root, cube, storage_options, grid, tiles, progress) -> str:
     """Write the label layer from ``tiles`` unless the same tiles are in already; returns what
     happened, for the report. Raises IngestError when a block failed."""
     if not tiles:
@@ -75,7 +75,14 @@ def ingest_labels(client, root, cube, so, grid, tiles, progress) -> str:
     root.attrs["labels"] = {"status": "writing", "tiles": sig, "coverage": coverage}
     futs = {
         blk: client.submit(
-            ingest_label_block, cube, so, grid, blk, tiles, key=task_key(f"lulc-{blk}"), pure=False
+            ingest_label_block,
+            cube,
+            storage_options,
+            grid,
+            blk,
+            tiles,
+            key=task_key(f"lulc-{blk}"),
+            pure=False,
         )
         for blk in grid.shard_blocks()
     }
@@ -125,12 +132,12 @@ def _plan_attempts(
     return pending
 
 
-def _prepare_slots(cube, root, so, registry: SliceRegistry, pending: Pending) -> None:
+def _prepare_slots(cube, root, storage_options, registry: SliceRegistry, pending: Pending) -> None:
     """Clear the attempts' slots, publish the attempts, grow the time axis to hold the slots and
     set their dates."""
     # A slot may hold an abandoned attempt's pixels: clear it before writing (missing objects
     # read as NaN, so blocks the new mosaic leaves empty cannot show old data).
-    clear_slots(cube, root, {t for t, _, _ in pending.values()}, so)
+    clear_slots(cube, root, {t for t, _, _ in pending.values()}, storage_options)
     # Register the attempts before touching the arrays: a crash at any point leaves them here
     # (never in ``slices``), and the next run frees their slots.
     registry.publish_attempts()
@@ -145,7 +152,9 @@ def _prepare_slots(cube, root, so, registry: SliceRegistry, pending: Pending) ->
         root["time"][t] = date_to_days(dt.date.fromisoformat(key))
 
 
-def _write_blocks(client, cube, so, grid, pending: Pending, edge_nodata_pct, progress) -> dict:
+def _write_blocks(
+    client, cube, storage_options, grid, pending: Pending, edge_nodata_pct, progress
+) -> dict:
     """Run ``ingest_sar_block`` for every (date, shard block); returns (date, block) -> result."""
     futs = {}
     for key, (t, scenes, _) in pending.items():
@@ -155,7 +164,7 @@ def _write_blocks(client, cube, so, grid, pending: Pending, edge_nodata_pct, pro
                 bad_input_as_value,
                 ingest_sar_block,
                 cube,
-                so,
+                storage_options,
                 grid,
                 t,
                 blk,
@@ -225,7 +234,17 @@ def _settle(
 
 
 def ingest_slices(
-    client, root, cube, so, grid, by_date, edge_nodata_pct, report, progress, lock, strict
+    client,
+    root,
+    cube,
+    storage_options,
+    grid,
+    by_date,
+    edge_nodata_pct,
+    report,
+    progress,
+    lock,
+    strict,
 ) -> None:
     """Build each changed or new date in a fresh time slot, then commit all of them at once.
 
@@ -239,25 +258,25 @@ def ingest_slices(
         if root.attrs.get("attempts") or garbage != set(root.attrs.get("free_slots", [])):
             lock.check()
             registry.commit()  # forget a dead run's attempts; their slots are free
-        reclaim(cube, root, so, registry, garbage)
+        reclaim(cube, root, storage_options, registry, garbage)
         return
-    _prepare_slots(cube, root, so, registry, pending)
-    results = _write_blocks(client, cube, so, grid, pending, edge_nodata_pct, progress)
+    _prepare_slots(cube, root, storage_options, registry, pending)
+    results = _write_blocks(client, cube, storage_options, grid, pending, edge_nodata_pct, progress)
     _settle(registry, _outcomes(pending, results, report), report, strict)
     lock.check()  # never commit after losing the lock
     registry.commit()
-    reclaim(cube, root, so, registry, garbage | registry.free)
+    reclaim(cube, root, storage_options, registry, garbage | registry.free)
     log.info("slices: %s", {k: v["status"] for k, v in registry.slices.items()})
 
 
-def reclaim(cube, root, so, registry: SliceRegistry, slots: set[int]) -> None:
+def reclaim(cube, root, storage_options, registry: SliceRegistry, slots: set[int]) -> None:
     """Free the space of abandoned attempts and replaced slices (best effort: a failure here
     loses nothing, the next run tries again)."""
     slots = set(slots) & registry.free
     if not slots:
         return
     try:
-        clear_slots(cube, root, slots, so)
+        clear_slots(cube, root, slots, storage_options)
     except Exception as e:
         log.warning(
             "%s: reclaiming free time slots %s failed (%s); the next run retries",

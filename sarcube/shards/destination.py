@@ -21,11 +21,11 @@ from .manifest import manifest_bytes, recorded_hashes
 from .plan import ShardPlan
 
 
-def check_destination(out_url: str, so: Mapping[str, Any]) -> None:
+def check_destination(out_url: str, storage_options: Mapping[str, Any]) -> None:
     """Create the destination and prove it writable (before taking its lock, which is written
     there too): a file, a missing bucket or no permission is one ShardError naming it."""
-    fs, path = url_to_fs(out_url, so)
-    where = f"{out_url} (storage options {redact(so)})" if so else out_url
+    fs, path = url_to_fs(out_url, storage_options)
+    where = f"{out_url} (storage options {redact(storage_options)})" if storage_options else out_url
     try:
         if is_local_fs(fs):
             if os.path.exists(path) and not os.path.isdir(path):
@@ -38,14 +38,14 @@ def check_destination(out_url: str, so: Mapping[str, Any]) -> None:
         raise ShardError(f"{where}: cannot write shards there ({type(e).__name__}: {e})") from None
 
 
-def prepare_destination(out_url: str, so: Mapping[str, Any]) -> dict[str, str]:
+def prepare_destination(out_url: str, storage_options: Mapping[str, Any]) -> dict[str, str]:
     """Remove any manifest (nothing looks complete while this run writes), returning the shard
     hashes it recorded (``recorded_hashes``). Runs under the prefix's lock.
 
     The removed manifest is first kept as ``PREVIOUS_MANIFEST`` (never read as a manifest), so
     that a re-run killed before its own manifest does not lose the recorded hashes: the run
     after it still compares kept shards with them. The new manifest's commit removes it."""
-    fs, path = url_to_fs(out_url, so)
+    fs, path = url_to_fs(out_url, storage_options)
     manifest = join_url(path, MANIFEST)
     kept = join_url(path, PREVIOUS_MANIFEST)
     fs.invalidate_cache()
@@ -60,11 +60,11 @@ def prepare_destination(out_url: str, so: Mapping[str, Any]) -> dict[str, str]:
 
 
 def remove_stale(
-    out_url: str, so: Mapping[str, Any], plans: Mapping[str, list[ShardPlan]]
+    out_url: str, storage_options: Mapping[str, Any], plans: Mapping[str, list[ShardPlan]]
 ) -> list[str]:
     """Delete shard-named files of the planned splits that are not in the plan, and temporary
     files of killed local writes; returns their names, sorted."""
-    fs, path = url_to_fs(out_url, so)
+    fs, path = url_to_fs(out_url, storage_options)
     fs.invalidate_cache()
     keep = {p.name for ps in plans.values() for p in ps}
     removed = []
@@ -77,10 +77,12 @@ def remove_stale(
     return sorted(removed)
 
 
-def commit_manifest(out_url: str, so: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+def commit_manifest(
+    out_url: str, storage_options: Mapping[str, Any], manifest: Mapping[str, Any]
+) -> None:
     """Write ``manifest.json`` (the commit point), then drop the previous manifest's copy."""
-    fs, path = url_to_fs(join_url(out_url, MANIFEST), so)
+    fs, path = url_to_fs(join_url(out_url, MANIFEST), storage_options)
     put_bytes(fs, path, manifest_bytes(manifest))
-    previous_copy = join_url(url_to_fs(out_url, so)[1], PREVIOUS_MANIFEST)
+    previous_copy = join_url(url_to_fs(out_url, storage_options)[1], PREVIOUS_MANIFEST)
     if fs.exists(previous_copy):
         fs.rm_file(previous_copy)

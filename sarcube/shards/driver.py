@@ -45,7 +45,7 @@ def _run_shard_tasks(
     client,
     plans: Sequence[ShardPlan],
     cube_url: str,
-    so: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
     out_url: str,
     patch: int,
     previous: Mapping[str, str],
@@ -61,7 +61,7 @@ def _run_shard_tasks(
         p.name: client.submit(
             write_shard,
             cube_url,
-            so,
+            storage_options,
             out_url,
             p,
             patch,
@@ -93,16 +93,16 @@ def _write_index_copies(
     out_url: str,
     index_url: str | None,
     update_index: bool,
-    so: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
 ) -> None:
     """Fill the index's ``shard`` column (in place) and write it next to the shards, and back to
     ``index_url`` with ``update_index``."""
     shard_of = {s.key: p.name for p in plans for s in p.samples}
     df["shard"] = [shard_of.get(k, "") for k in df["patch_id"]]
     index_meta = {**meta, "shards_url": out_url}
-    write_index(df, join_url(out_url, INDEX_COPY), index_meta, so)
+    write_index(df, join_url(out_url, INDEX_COPY), index_meta, storage_options)
     if update_index and index_url is not None:
-        write_index(df, index_url, index_meta, so)
+        write_index(df, index_url, index_meta, storage_options)
 
 
 def _summary(results: Mapping[str, Mapping[str, Any]], removed: Sequence[str], out_url: str) -> str:
@@ -179,7 +179,9 @@ def write_shards(
     from ..cube import open_group
     from ..locking import StoreLock
 
-    so = RedactedOptions(storage_options or {})  # Dask logs of a failed task show no secret
+    storage_options = RedactedOptions(
+        storage_options or {}
+    )  # Dask logs of a failed task show no secret
     check_cluster_arguments(workers)  # before anything is created at the destination
     splits = tuple(splits)
     if not shard_size_mb or shard_size_mb <= 0:
@@ -188,30 +190,38 @@ def write_shards(
         raise InputError(f"min_shards_per_split must be ≥ 1, got {min_shards_per_split}")
     cube_url, out_url = _absolute(str(cube_url)), _absolute(str(out_url).rstrip("/"))
 
-    df, meta, index_url = load_index(index_url_or_df, so)
+    df, meta, index_url = load_index(index_url_or_df, storage_options)
     meta.pop("shards_url", None)  # set by an earlier run of this function
-    root = open_group(cube_url, so)
+    root = open_group(cube_url, storage_options)
     patch = int(root.attrs["grid"].get("chunk", 256))
     t_index = check_index(df, meta, root, cube_url, index_url or "(DataFrame)", splits)
     fingerprint = cube_fingerprint(root.attrs)
     plans = plan_shards(
         df, t_index, fingerprint, splits, shard_size_mb, min_shards_per_split, seed, patch
     )
-    check_destination(out_url, so)
+    check_destination(out_url, storage_options)
     # One writer per prefix: a second run would delete the first one's shards as stale and
     # commit a manifest naming shards the other removed (sarcube.locking).
     with StoreLock(
-        out_url, so, command="sarcube shards", wait=wait, break_stale=break_stale_lock
+        out_url, storage_options, command="sarcube shards", wait=wait, break_stale=break_stale_lock
     ) as lock:
-        previous = prepare_destination(out_url, so)
+        previous = prepare_destination(out_url, storage_options)
         all_plans = [p for s in splits for p in plans[s]]
         with dask_client(client, scheduler, workers) as client:
             results = _run_shard_tasks(
-                client, all_plans, cube_url, so, out_url, patch, previous, verify, progress
+                client,
+                all_plans,
+                cube_url,
+                storage_options,
+                out_url,
+                patch,
+                previous,
+                verify,
+                progress,
             )
         _log_rewritten(results)
-        removed = remove_stale(out_url, so, plans)
-        _write_index_copies(df, meta, all_plans, out_url, index_url, update_index, so)
+        removed = remove_stale(out_url, storage_options, plans)
+        _write_index_copies(df, meta, all_plans, out_url, index_url, update_index, storage_options)
         manifest = build_manifest(
             out_url=out_url,
             cube_url=cube_url,
@@ -223,12 +233,12 @@ def write_shards(
             shard_size_mb=shard_size_mb,
             min_shards_per_split=min_shards_per_split,
             patch=patch,
-            storage_options=so,
+            storage_options=storage_options,
             plans=plans,
             results=results,
         )
         lock.check()  # never commit a manifest after losing the lock
-        commit_manifest(out_url, so, manifest)
+        commit_manifest(out_url, storage_options, manifest)
         msg = _summary(results, removed, out_url)
         log.info(msg)
         if progress:

@@ -70,13 +70,15 @@ def read_patch(
     return sar, None if lulc is None else np.asarray(lulc[ys, xs], dtype=np.uint8)
 
 
-def _open_cube_arrays(cube_url: str, so: Mapping[str, Any]):
+def _open_cube_arrays(cube_url: str, storage_options: Mapping[str, Any]):
     """(hh_db, lulc) of the cube, read-only."""
     import zarr
 
     from ..cube import zarr_store
 
-    root = zarr.open_group(zarr_store(cube_url, so, read_only=True), mode="r", zarr_format=3)
+    root = zarr.open_group(
+        zarr_store(cube_url, storage_options, read_only=True), mode="r", zarr_format=3
+    )
     return root["hh_db"], root["lulc"]
 
 
@@ -120,14 +122,14 @@ def _existing_shard(
 
 def _differs_from_cube(
     cube_url: str,
-    so: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
     plan: ShardPlan,
     patch: int,
     payloads: Mapping[int, Mapping[str, bytes]],
 ) -> str | None:
     """The first of ``payloads`` (sample number -> members) whose npy bytes differ from the
     same patch cut from the cube now, as a message; None when all are equal."""
-    hh, lulc = _open_cube_arrays(cube_url, so)
+    hh, lulc = _open_cube_arrays(cube_url, storage_options)
     for i in sorted(payloads):
         spec = plan.samples[i]
         sar, lab = read_patch(
@@ -147,7 +149,7 @@ def _differs_from_cube(
 def _check_existing(
     existing: bytes,
     cube_url: str,
-    so: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
     plan: ShardPlan,
     patch: int,
     expected_sha256: str | None,
@@ -161,7 +163,7 @@ def _check_existing(
         return None, "not the planned samples (unreadable, truncated or of another plan)"
     if expected_sha256 and sha != expected_sha256:
         return None, f"of sha256 {sha[:12]}…, not the previous manifest's {expected_sha256[:12]}…"
-    damaged = _differs_from_cube(cube_url, so, plan, patch, got[1])
+    damaged = _differs_from_cube(cube_url, storage_options, plan, patch, got[1])
     return (None, damaged) if damaged else (got[0], None)
 
 
@@ -178,10 +180,10 @@ def _check_labels(spec: SampleSpec, hist: tuple[int, ...]) -> None:
 
 
 def _build_shard(
-    cube_url: str, so: Mapping[str, Any], plan: ShardPlan, patch: int
+    cube_url: str, storage_options: Mapping[str, Any], plan: ShardPlan, patch: int
 ) -> tuple[bytes, ShardStats]:
     """The tar bytes of a shard cut fresh from the cube, and its statistics."""
-    hh, lulc = _open_cube_arrays(cube_url, so)
+    hh, lulc = _open_cube_arrays(cube_url, storage_options)
     stats = ShardStats()
     labels: dict[tuple[int, int], np.ndarray] = {}
     buf = io.BytesIO()
@@ -227,17 +229,17 @@ def write_shard(
     samples (``spot_checks``; all of them with ``verify``) equal a fresh cut from the cube.
 
     Raises ShardError when the cube's labels disagree with the index."""
-    so = dict(storage_options or {})
-    fs, path = url_to_fs(join_url(out_url, plan.name), so)
+    storage_options = dict(storage_options or {})
+    fs, path = url_to_fs(join_url(out_url, plan.name), storage_options)
     existing = read_bytes(fs, path)
     kept, damaged = None, None
     if existing is not None:
         kept, damaged = _check_existing(
-            existing, cube_url, so, plan, patch, expected_sha256, verify
+            existing, cube_url, storage_options, plan, patch, expected_sha256, verify
         )
     written = existing is None or kept is None
     if existing is None or kept is None:
-        data, stats = _build_shard(cube_url, so, plan, patch)
+        data, stats = _build_shard(cube_url, storage_options, plan, patch)
         put_bytes(fs, path, data)
     else:
         data, stats = existing, kept

@@ -93,7 +93,7 @@ class BlockJob:
 
     cube: str
     out: str
-    so: Mapping[str, Any]
+    storage_options: Mapping[str, Any]
     layer: str
     prob_layer: str | None
     t: int
@@ -110,7 +110,9 @@ class BlockJob:
 def _write_pixels(job: BlockJob, task: str, cls: np.ndarray, prob: np.ndarray, valid) -> None:
     """The block's classes (and uint8 probabilities) into the output layer(s)."""
     r0, r1, c0, c1 = job.block
-    dst = open_group(job.out, job.so, mode="r+", formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
+    dst = open_group(
+        job.out, job.storage_options, mode="r+", formats=(PREDICTIONS_FORMAT, "sarcube-cube/1")
+    )
     dst[job.layer][job.t, r0:r1, c0:c1] = cls
     if job.prob_layer:
         q = np.where(np.isfinite(prob), np.rint(np.clip(prob, 0, 1) * 254), NODATA).astype(np.uint8)
@@ -132,7 +134,7 @@ def run_block(
         job: the block.
     """
     pr = cached_predictor(spec)
-    src = open_group(job.cube, job.so)
+    src = open_group(job.cube, job.storage_options)
     r0, r1, c0, c1 = job.block
     rows, cols = window_starts(r0, r1, job.stride), window_starts(c0, c1, job.stride)
     g0, g1, h0, h1 = rows[0], rows[-1] + WINDOW, cols[0], cols[-1] + WINDOW  # block + halo
@@ -153,5 +155,5 @@ def run_block(
         truth = task.label_lut()[np.asarray(src["lulc"][r0:r1, c0:c1])]
         truth = np.where(valid, truth, IGNORE_INDEX)
         info["cm"] = confusion_matrix(cls, truth, task.num_classes).tolist()
-    write_marker(job.marker, job.so, info)
+    write_marker(job.marker, job.storage_options, info)
     return info

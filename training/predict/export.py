@@ -86,7 +86,7 @@ def _save_figure(panels, k: int, title: str, path: Path) -> None:
 def write_panels(
     cube: str,
     out: str,
-    so: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
     layer: str,
     dates: Sequence[tuple[str, int]],
     region: tuple[int, int, int, int],
@@ -100,8 +100,8 @@ def write_panels(
     matplotlib.use("Agg")
     from matplotlib.colors import ListedColormap
 
-    src = open_group(cube, so)
-    dst = open_group(out, so, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
+    src = open_group(cube, storage_options)
+    dst = open_group(out, storage_options, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
     r0, r1, c0, c1 = region
     step = max(1, math.ceil(max(r1 - r0, c1 - c0) / 1024))
     k = segmentation_task(task).num_classes
@@ -117,7 +117,7 @@ def write_panels(
         _save_figure(panels, k, f"{task} map, {d} (1 px = {step} cube px)", path)
         if tmpdir is not None:  # beside the store, like a local one (nothing in the cwd)
             url = join_url(out.rstrip("/").rsplit("/", 1)[0], path.name)
-            write_bytes(url, path.read_bytes(), so)
+            write_bytes(url, path.read_bytes(), storage_options)
             path.unlink()
             paths.append(url)
         else:
@@ -196,8 +196,8 @@ def export_cog(
     GeoTIFF, then through GDAL's COG driver (memory: one block)."""
     from rasterio.shutil import copy as rio_copy
 
-    so = dict(storage_options or {})
-    root = open_group(out, so, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
+    storage_options = dict(storage_options or {})
+    root = open_group(out, storage_options, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
     grid = cube_grid(root)
     region = region or (0, grid.height, 0, grid.width)
     tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-cog-"))
@@ -216,6 +216,6 @@ def export_cog(
         RESAMPLING="NEAREST",
     )
     if remote:
-        write_bytes(str(path), local.read_bytes(), so)
+        write_bytes(str(path), local.read_bytes(), storage_options)
     shutil.rmtree(tmpdir, ignore_errors=True)
     return str(path)

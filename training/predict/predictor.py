@@ -145,8 +145,8 @@ def cached_predictor(spec: Predictor | tuple[str, Mapping[str, Any], str]) -> Pr
     options, device), loaded once per process (a Dask worker reuses it for every block)."""
     if isinstance(spec, Predictor):
         return spec
-    ckpt, so, device = spec
+    ckpt, storage_options, device = spec
     key = (ckpt, device)
     if key not in _PREDICTORS:
-        _PREDICTORS[key] = load_predictor(ckpt, so, device=device)
+        _PREDICTORS[key] = load_predictor(ckpt, storage_options, device=device)
     return _PREDICTORS[key]

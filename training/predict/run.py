@@ -144,11 +144,11 @@ def _region(grid: CubeGrid, bbox: Sequence[float] | None) -> tuple[int, int, int
 # The run
 
 
-def _open_source(cube: str, so: Mapping[str, Any]):
+def _open_source(cube: str, storage_options: Mapping[str, Any]):
     """The cube's root group, checked to hold ``hh_db`` and ``time``; ``PredictError``
     otherwise."""
     try:
-        root = open_group(cube, so)
+        root = open_group(cube, storage_options)
     except Exception as e:
         from sarcube.storage import storage_error_message
 
@@ -160,7 +160,7 @@ def _open_source(cube: str, so: Mapping[str, Any]):
 
 
 def _resolve_predictor(
-    checkpoint: str | Predictor, so: Mapping[str, Any], task: str | None, device: str
+    checkpoint: str | Predictor, storage_options: Mapping[str, Any], task: str | None, device: str
 ) -> tuple[Predictor, Any]:
     """(the Predictor here, what Dask workers get: the Predictor itself, or (checkpoint,
     storage options, device) that each worker loads once)."""
@@ -170,7 +170,11 @@ def _resolve_predictor(
                 f"the predictor is for {checkpoint.task!r}, --task {task} was asked for"
             )
         return checkpoint, checkpoint
-    return load_predictor(str(checkpoint), so, task, device), (str(checkpoint), so, device)
+    return load_predictor(str(checkpoint), storage_options, task, device), (
+        str(checkpoint),
+        storage_options,
+        device,
+    )
 
 
 def _plan(
@@ -187,7 +191,7 @@ def _plan(
     for d, t in dates:
         for b in blocks:
             marker = marker_url(template.out, template.layer, t, b)
-            m = read_marker(marker, template.so)
+            m = read_marker(marker, template.storage_options)
             if m is not None and marker_is_current(m, sha256, b, slice_ids[d]):
                 done[marker] = m
                 continue
@@ -240,7 +244,9 @@ def predict(
         wait / break_stale_lock: wait this many seconds for another writer's lock on ``out``;
             break a lock whose holder stopped heart-beating (``sarcube.locking``).
     """
-    so = RedactedOptions(storage_options or {})  # Dask's repr of a failed task shows no secret
+    storage_options = RedactedOptions(
+        storage_options or {}
+    )  # Dask's repr of a failed task shows no secret
     cube = str(cube)
     out = cube if out is None else str(out)
     if not 0 <= int(overlap) < WINDOW:
@@ -248,25 +254,27 @@ def predict(
     stride = WINDOW - int(overlap)
     if block < WINDOW or block % 256:
         raise PredictError(f"block must be a positive multiple of 256 pixels, got {block}")
-    root = _open_source(cube, so)
+    root = _open_source(cube, storage_options)
     grid = cube_grid(root)
     dates = _select_dates(root, time)
     region = _region(grid, bbox)
-    pr, spec = _resolve_predictor(checkpoint, so, task, device)
+    pr, spec = _resolve_predictor(checkpoint, storage_options, task, device)
     labels = "lulc" in root and bool(root.attrs.get("labels"))
     slice_ids = {d: slice_id(root.attrs["slices"][d]) for d, _ in dates}
     # One writer per output store (the cube itself by default: then ingest and predict exclude
     # each other too); the markers beside it are covered by the same lock.
-    with StoreLock(out, so, command="sarcube predict", wait=wait, break_stale=break_stale_lock):
+    with StoreLock(
+        out, storage_options, command="sarcube predict", wait=wait, break_stale=break_stale_lock
+    ):
         layer, prob_layer = prepare_output(
-            cube, out, so, grid, pr, dates, overlap, stride, probabilities
+            cube, out, storage_options, grid, pr, dates, overlap, stride, probabilities
         )
         blocks = region_blocks(region, block)
         # every block's job: this with its time index, block, marker and slice filled in
         template = BlockJob(
             cube,
             out,
-            so,
+            storage_options,
             layer,
             prob_layer,
             t=0,
@@ -298,10 +306,18 @@ def predict(
         res.scores = region_scores(pr.task, dates, results)
     if panel:
         res.panels = [
-            str(p) for p in write_panels(cube, out, so, layer, dates, region, pr.task, labels)
+            str(p)
+            for p in write_panels(cube, out, storage_options, layer, dates, region, pr.task, labels)
         ]
     if cog:
-        export_cog(out, cog, layer=layer, time_index=dates[0][1], region=region, storage_options=so)
+        export_cog(
+            out,
+            cog,
+            layer=layer,
+            time_index=dates[0][1],
+            region=region,
+            storage_options=storage_options,
+        )
         res.cog = str(cog)
     return res
 

@@ -82,22 +82,24 @@ def _same_store(cube: str, out: str) -> bool:
     return os.path.abspath(cube) == os.path.abspath(out)
 
 
-def _open_predictions_store(cube: str, out: str, so: Mapping[str, Any], src, grid: CubeGrid):
+def _open_predictions_store(
+    cube: str, out: str, storage_options: Mapping[str, Any], src, grid: CubeGrid
+):
     """The separate predictions store ``out`` on the cube's grid, created (with the cube's
     ``y``/``x``/``spatial_ref``) if it does not exist; ``PredictError`` if it is another store."""
     import zarr
 
     try:
-        root = open_group(out, so, mode="r+", formats=(PREDICTIONS_FORMAT,))
+        root = open_group(out, storage_options, mode="r+", formats=(PREDICTIONS_FORMAT,))
     except Exception:
-        fs, path = url_to_fs(out, so)
+        fs, path = url_to_fs(out, storage_options)
         if fs.exists(join_url(path, "zarr.json")):
             raise PredictError(
                 f"--out {out}: a Zarr store that is neither this cube nor a "
                 "sarcube predictions store; choose another path"
             ) from None
         # "a", not "w-": the folder may already hold this run's lock object
-        root = zarr.open_group(zarr_store(out, so), mode="a", zarr_format=3)
+        root = zarr.open_group(zarr_store(out, storage_options), mode="a", zarr_format=3)
         for name in ("y", "x", "spatial_ref"):
             a = src[name]
             dst = root.create_array(
@@ -168,7 +170,7 @@ def _layer_specs(
 def prepare_output(
     cube: str,
     out: str,
-    so: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
     grid: CubeGrid,
     pr: Predictor,
     dates: Sequence[tuple[str, int]],
@@ -177,12 +179,12 @@ def prepare_output(
     probabilities: bool,
 ) -> tuple[str, str | None]:
     """Create (or check) the output layer(s); returns (layer, prob layer)."""
-    src = open_group(cube, so)
+    src = open_group(cube, storage_options)
     t_len = src["hh_db"].shape[0]
     if _same_store(cube, out):
-        root = open_group(out, so, mode="r+")
+        root = open_group(out, storage_options, mode="r+")
     else:
-        root = _open_predictions_store(cube, out, so, src, grid)
+        root = _open_predictions_store(cube, out, storage_options, src, grid)
         _sync_time_axis(root, src, t_len, dates)
     layer, prob_layer = LAYERS[pr.task], PROB_LAYERS[pr.task] if probabilities else None
     attrs = layer_attrs(pr, overlap, stride)
@@ -229,18 +231,18 @@ def marker_url(out: str, layer: str, t: int, block: tuple[int, int, int, int]) -
     )
 
 
-def read_marker(url: str, so: Mapping[str, Any]) -> dict[str, Any] | None:
+def read_marker(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
     """The marker at ``url``, or None if there is none (or it is unreadable: redo the block)."""
-    fs, path = url_to_fs(url, so)
+    fs, path = url_to_fs(url, storage_options)
     try:
         return json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError):
         return None
 
 
-def write_marker(url: str, so: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+def write_marker(url: str, storage_options: Mapping[str, Any], info: Mapping[str, Any]) -> None:
     """Write a block's marker (after its pixels: a marker means the block is done)."""
-    fs, path = url_to_fs(url, so)
+    fs, path = url_to_fs(url, storage_options)
     put_bytes(fs, path, json.dumps(info).encode())
 
 
