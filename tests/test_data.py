@@ -257,7 +257,7 @@ def test_resume_mid_epoch_equals_the_tail(dataset, workers):
         same_batches(list(s.batches(2, start_step=k)), full[k:])
     tail = list(s.loader(2, start_step=5))  # DataLoader processes; first batch from worker 1
     same_batches(tail, full[5:])
-    assert s.stats["samples_fast_forwarded"] > 0
+    assert s.io_counters["samples_fast_forwarded"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +446,9 @@ def test_streams_from_s3_through_worker_processes(dataset, s3):
     got = list(remote.loader(0))
     local = stream(dataset, "train", num_workers=2, task="lulc", seed=4)
     same_batches(got, list(local.batches(0)))
-    assert remote.stats["shards_read"] == len(remote.shards)  # summed over the worker processes
+    assert remote.io_counters["shards_read"] == len(
+        remote.shards
+    )  # summed over the worker processes
 
 
 def _bad(kind):
@@ -583,7 +585,7 @@ def test_s3_restart_mid_epoch_is_retried(outage):
         str(local / "manifest.json"), "train", **{k: v for k, v in KW.items() if k != "block_size"}
     )
     same_batches(got, list(ref.batches(0)))  # the uninterrupted sequence
-    assert s.stats["read_retries"] >= 1 and s.stats["shards_skipped"] == 0
+    assert s.io_counters["read_retries"] >= 1 and s.io_counters["shards_skipped"] == 0
 
 
 def test_s3_down_skips_the_shard_or_fails(outage):
@@ -607,9 +609,9 @@ def test_s3_down_skips_the_shard_or_fails(outage):
     finally:
         logging.getLogger("training.data").removeHandler(handler)
     assert len(got) == s.steps_per_epoch  # the quota is met by wrapping around
-    assert s.stats["shards_skipped"] == 1 and s.stats["failed_reads"] >= 1
-    assert s.stats["skipped_urls"][0].startswith("s3://outage/shards/train-")
-    assert s.stats["wraps"] >= 1
+    assert s.io_counters["shards_skipped"] == 1 and s.io_counters["failed_reads"] >= 1
+    assert s.io_counters["skipped_urls"][0].startswith("s3://outage/shards/train-")
+    assert s.io_counters["wraps"] >= 1
 
     # kept down, nothing to skip: a clear error naming the shard
     s0 = ShardStream(url, "train", storage_options=storage_options, retries=1, backoff=0.05, **KW)

@@ -6,7 +6,7 @@ payload, a truncated or deleted file, an edited sha256 in ``manifest.json``, a s
 leaves the manifest's folder. Then:
 
 - the training loader (``ShardStream``, in-process and through DataLoader workers) raises a
-  clear error naming the shard, or with ``max_bad_shards`` skips it, counted in ``stats`` and
+  clear error naming the shard, or with ``max_bad_shards`` skips it, counted in ``io_counters`` and
   logged (never a silent wrap-around);
 - evaluation errors instead of reporting fewer samples than the manifest lists; the
   ``sarcube evaluate`` command exits 2 with one line (a traceback only with ``-v``);
@@ -158,9 +158,9 @@ def test_tolerance_skips_counts_and_logs(shards, kind, caplog):
     with caplog.at_level(logging.ERROR, logger="training.data"):
         got = list(s.batches(0))
     assert len(got) == s.steps_per_epoch
-    assert s.stats["shards_bad"] == 1
-    assert [Path(u).name for u in s.stats["bad_urls"]] == ["pretrain-000000.tar"]
-    assert s.stats["shards_read"] >= 1
+    assert s.io_counters["shards_bad"] == 1
+    assert [Path(u).name for u in s.io_counters["bad_urls"]] == ["pretrain-000000.tar"]
+    assert s.io_counters["shards_read"] >= 1
     assert any(
         "skipping bad shard" in r.getMessage() and "pretrain-000000.tar" in r.getMessage()
         for r in caplog.records

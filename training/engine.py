@@ -188,7 +188,7 @@ class Trainer:
         return out
 
     def _loader_stats(self) -> dict[str, Any]:
-        return loader_stats(self.data_hooks.stats, self.rank)
+        return loader_stats(self.data_hooks.io_counters, self.rank)
 
     def _fetch(self, it: Iterator[dict[str, Any]], epoch: int) -> dict[str, Any]:
         """Next batch, under a forked RNG seeded by (seed, epoch, rank): whatever the loader
@@ -489,7 +489,7 @@ class Trainer:
 
         # -- end: the result, encoder, figure, uploads and rank summaries
         result = self._result(state, calls, stopped, metrics)
-        self._finish(result, calls)
+        self._end_run(result, calls)
         return result
 
     def _max_steps_reached(self, state: LoopState) -> bool:
@@ -651,7 +651,7 @@ class Trainer:
             val=calls.val,
         )
 
-    def _finish(self, result: TrainResult, calls: CallRecord) -> None:
+    def _end_run(self, result: TrainResult, calls: CallRecord) -> None:
         """Encoder export, figure, log uploads (rank 0); per-rank summary. All ranks wait."""
         if self.main:
             result.encoder = self._export_encoder()

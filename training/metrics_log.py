@@ -118,7 +118,7 @@ def upload_tensorboard(log_dir: Path, out: str, storage_options: Mapping[str, An
 
 def loader_stats(stats: Any, rank: int) -> dict[str, Any]:
     """``{"loader": stats}`` when ``stats``, the data source's counters (shards read, skipped,
-    bad …; ``training.data.ShardStream.stats``: cumulative, this rank), is a mapping, else
+    bad …; ``training.data.ShardStream.io_counters``: cumulative, this rank), is a mapping, else
     ``{}``; skipped or bad shards are also logged as a warning."""
     if not isinstance(stats, Mapping):
         return {}

@@ -177,7 +177,7 @@ class DataSource(Protocol):
     Required: ``steps_per_epoch`` (the same on every rank) and ``batches(epoch, start_step)``
     or ``loader(epoch, start_step)``: the batches of ``epoch`` from batch ``start_step`` on,
     deterministic in (seed, epoch). Optional: ``finish(batch, device)`` (a compact loader batch
-    made ready on the device: z-score, weight map, labels) and ``stats`` (a mapping of loader
+    made ready on the device: z-score, weight map, labels) and ``io_counters`` (a mapping of loader
     counters, logged per epoch and in the rank summaries). See :class:`DataHooks`.
     """
 
@@ -189,7 +189,8 @@ class DataSource(Protocol):
 class DataHooks:
     """The engine's view of a :class:`DataSource`, its optional parts filled with defaults.
 
-    Each call looks the hook up afresh: ``stats`` in particular is replaced while an epoch runs.
+    Each call looks the hook up afresh: ``io_counters`` in particular is replaced while an epoch
+    runs.
 
     Args:
         data: the data source.
@@ -213,6 +214,6 @@ class DataHooks:
         return finish(batch, device) if callable(finish) else batch
 
     @property
-    def stats(self) -> Any:
-        """``data.stats`` (the loader's counters), or ``None``."""
-        return getattr(self.data, "stats", None)
+    def io_counters(self) -> Any:
+        """``data.io_counters`` (the loader's counters), or ``None``."""
+        return getattr(self.data, "io_counters", None)

@@ -37,7 +37,7 @@ The submodules:
 - ``opener``: the retrying fsspec reader registered as WebDataset's ``gopen`` handler.
 - ``decode``: npy decoding, augmentation, the intensity weight and the batch ``finish``.
 - ``loaders``: the ``torch.utils.data.DataLoader`` wrappers of an epoch and of evaluation.
-- ``stats``: the loader counters (``ShardStream.stats``) and their merging.
+- ``counters``: the loader counters (``ShardStream.io_counters``) and their merging.
 - ``errors``: ``DataError`` and its subclasses; which storage errors are transient.
 """
 

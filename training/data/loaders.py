@@ -3,7 +3,7 @@ worker processes.
 
 Each DataLoader worker process runs one logical worker of the stream (``training.data.plan``)
 and ships its batches with a snapshot of its counters, which the main process merges into the
-stream's ``stats``. A ``DataError`` raised in a worker travels to the main process as an item
+stream's ``io_counters``. A ``DataError`` raised in a worker travels to the main process as an item
 and is raised there as itself (torch would re-raise a new exception whose message is the
 worker's whole traceback).
 """
@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .counters import merge_counters
 from .errors import DataError
 from .plan import loader_worker
-from .stats import merge_stats
 
 if TYPE_CHECKING:
     from .stream import ShardStream
@@ -119,14 +119,14 @@ class EpochLoader:
             yield from s.batches(self.epoch, self.start_step)
             return
         dl = _data_loader(s, _EpochDataset(s, self.epoch, self.start_step), s.num_workers)
-        base, latest, n = s.stats, {}, 0
+        base, latest, n = s.io_counters, {}, 0
         it = iter(dl)
         try:
             for batch in it:
                 _raise_forwarded(batch)
                 w, snap = batch.pop("_stats")
                 latest[w] = snap
-                s.stats = merge_stats(base, list(latest.values()))
+                s.io_counters = merge_counters(base, list(latest.values()))
                 n += 1
                 yield batch
         finally:

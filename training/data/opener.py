@@ -7,11 +7,11 @@ are retried with exponential backoff (``retries``, ``backoff``): each read fetch
 and a retry re-requests that range, so a shard resumes where it stopped. When the retries are
 spent the reader raises ``TransientReadError``; the stream then skips the rest of that shard
 within ``skip_errors`` (samples already emitted from it stay; the skip is logged and counted in
-``stats`` and the quota is met by wrapping around) or raises ``ShardReadError``.
+``io_counters`` and the quota is met by wrapping around) or raises ``ShardReadError``.
 
 Per-process state: the registered settings (``_OPENERS``, by URL prefix), the fsspec filesystems
 (``_FS_CACHE``, made lazily in the process that reads: s3fs is not fork-safe) and the counters
-of retried and failed reads (``READ_COUNTERS``, reported in the stream's ``stats``).
+of retried and failed reads (``READ_COUNTERS``, reported in the stream's ``io_counters``).
 """
 
 from __future__ import annotations

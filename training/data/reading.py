@@ -23,9 +23,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .counters import WorkerState
 from .errors import DataError, ShardIntegrityError, ShardReadError, TransientReadError
 from .opener import open_shard
-from .stats import WorkerState
 from .verify import VerifyingReader, known_size, shard_mismatch
 
 __all__ = ["ReadPolicy", "read_shard"]

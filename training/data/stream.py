@@ -30,12 +30,12 @@ from sarcube.shards import read_manifest, shard_urls
 
 from ..sar_weight import WEIGHT_DOMAINS
 from . import plan as epoch_plan
+from .counters import WorkerState, empty_counters, merge_counters
 from .decode import decode_batch, finish_batch
 from .errors import ShardReadError
 from .loaders import EpochLoader, eval_in_workers
 from .opener import MIB, ensure_fsspec_opener, register_fsspec_opener
 from .reading import ReadPolicy, read_shard
-from .stats import WorkerState, empty_stats, merge_stats
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -94,7 +94,8 @@ class ShardStream:
         skip_errors: transient shard failures each worker may skip per epoch (0: raise).
         max_bad_shards: bad shards (missing, not a readable tar, or bytes / sha256 / sample
             count differing from the manifest) each worker may skip per epoch, each one logged
-            and counted in ``stats`` (0: raise ``ShardReadError``; see ``training.data.reading``).
+            and counted in ``io_counters`` (0: raise ``ShardReadError``; see
+            ``training.data.reading``).
             Evaluation (``eval_batches``) never skips.
         verify: check each shard's sha256 while streaming it (byte size and sample count are
             always checked).
@@ -164,7 +165,7 @@ class ShardStream:
         self.pin_memory, self.prefetch_factor = bool(pin_memory), prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.prepare = prepare
-        self.stats: dict[str, Any] = empty_stats()
+        self.io_counters: dict[str, Any] = empty_counters()
 
         manifest = read_manifest(self.manifest_url, self.storage_options)
         self._load_split(manifest, split, task)
@@ -403,7 +404,7 @@ class ShardStream:
                 state.counts["samples_fast_forwarded"] += 1
             for _ in range(first, quota):
                 raw = [next(stream) for _ in range(self.batch_size)]
-                batch = self.collate(epoch, raw)
+                batch = self.make_batch(epoch, raw)
                 state.counts["samples_decoded"] += len(raw)
                 batch["_stats"] = (worker, state.snapshot())
                 yield batch
@@ -412,7 +413,7 @@ class ShardStream:
 
     # --- decoding -------------------------------------------------------------------------
 
-    def collate(
+    def make_batch(
         self, epoch: int, raw: Sequence[Mapping[str, Any]], augment: bool | None = None
     ) -> dict[str, Any]:
         """Decode and augment (``augment``, default the stream's) raw samples into one batch
@@ -466,13 +467,13 @@ class ShardStream:
         gens: list[Generator[dict, None, None]] = [
             self._worker_batches(epoch, w, start_step, w == 0) for w in range(self._nw)
         ]
-        base, latest = self.stats, {}
+        base, latest = self.io_counters, {}
         try:
             for i in range(start_step, self.steps_per_epoch):
                 batch = next(gens[i % self._nw])
                 w, snap = batch.pop("_stats")
                 latest[w] = snap
-                self.stats = merge_stats(base, list(latest.values()))
+                self.io_counters = merge_counters(base, list(latest.values()))
                 yield batch
         finally:
             for g in gens:
@@ -493,10 +494,10 @@ class ShardStream:
             for s in self._shard_raw(self.shards[i], state, tolerant=False):
                 buf.append(s)
                 if len(buf) == self.batch_size:
-                    yield self.collate(0, buf, augment=False)
+                    yield self.make_batch(0, buf, augment=False)
                     buf = []
         if buf:
-            yield self.collate(0, buf, augment=False)
+            yield self.make_batch(0, buf, augment=False)
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         """This rank's share of the split for evaluation: every sample of its ``eval_shards``

@@ -12,11 +12,11 @@ What the stream does with a mismatch (``training.data.stream``): samples are emi
 shard streams, before its hash is known; each is held back until the next one is parsed, so the
 shard's last sample (the one a truncation cuts) only comes after the verification. A mismatch is
 a ``ShardIntegrityError`` naming the shard, or, within ``max_bad_shards`` (a budget per logical
-worker per epoch, like ``skip_errors``), a skip that is logged (ERROR) and counted in ``stats``
-(``shards_bad``, ``bad_urls``); the skipped shard is not read again in that epoch and the quota
-is met by wrapping around. Samples the bad shard gave before the end of its tar were already
-used (shards are not buffered: they are 256 MB); ``iter_samples(verify=True)`` or
-``sarcube shards`` re-run find such a shard ahead of training. Evaluation (``eval_batches``)
+worker per epoch, like ``skip_errors``), a skip that is logged (ERROR) and counted in
+``io_counters`` (``shards_bad``, ``bad_urls``); the skipped shard is not read again in that
+epoch and the quota is met by wrapping around. Samples the bad shard gave before the end of its
+tar were already used (shards are not buffered: they are 256 MB); ``iter_samples(verify=True)``
+or ``sarcube shards`` re-run find such a shard ahead of training. Evaluation (``eval_batches``)
 never skips: every sample of the split or an error. Fast-forwarded samples (mid-epoch resume)
 are read and hashed like the others; a shard a worker leaves mid-way (its quota met) is not
 verified in that epoch.

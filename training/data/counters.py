@@ -1,6 +1,6 @@
-"""The loader's counters: per logical worker, merged into ``ShardStream.stats``.
+"""The loader's counters: per logical worker, merged into ``ShardStream.io_counters``.
 
-``stats`` (cumulative over the stream's life, merged from the workers with every batch; the
+``io_counters`` (cumulative over the stream's life, merged from the workers with every batch; the
 training engine writes them into each epoch's ``metrics.jsonl`` record and the rank summaries
 as ``loader``): ``shards_read`` (shards streamed to their end and verified),
 ``shards_skipped`` and ``skipped_urls`` (transient failures), ``shards_bad`` and ``bad_urls``
@@ -11,7 +11,7 @@ worker's first one).
 
 Each logical worker keeps its counters in a ``WorkerState`` and attaches a snapshot to every
 batch it makes; the consumer (``ShardStream.batches``, ``EpochLoader``) merges the latest
-snapshot of each worker into the counters it had before the epoch (``merge_stats``).
+snapshot of each worker into the counters it had before the epoch (``merge_counters``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from .opener import READ_COUNTERS
 
-__all__ = ["WorkerState", "empty_stats", "merge_stats"]
+__all__ = ["WorkerState", "empty_counters", "merge_counters"]
 
 _STAT_KEYS = (
     "shards_read",
@@ -36,12 +36,12 @@ _STAT_KEYS = (
 _STAT_LISTS = ("skipped_urls", "bad_urls")
 
 
-def empty_stats() -> dict[str, Any]:
+def empty_counters() -> dict[str, Any]:
     """All counters at zero, all URL lists empty."""
     return {**dict.fromkeys(_STAT_KEYS, 0), **{k: [] for k in _STAT_LISTS}}
 
 
-def merge_stats(base: Mapping[str, Any], parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def merge_counters(base: Mapping[str, Any], parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``base`` plus the counters (summed) and URL lists (concatenated) of ``parts``."""
     out: dict[str, Any] = {k: base.get(k, 0) + sum(p.get(k, 0) for p in parts) for k in _STAT_KEYS}
     for k in _STAT_LISTS:
@@ -54,7 +54,7 @@ class WorkerState:
     this process (deltas), which only one logical worker per process may report."""
 
     def __init__(self, opener: bool = True) -> None:
-        self.counts = empty_stats()
+        self.counts = empty_counters()
         self.bad: set[str] = set()  # shards found bad (and skipped) this epoch: not read again
         self._opener0 = dict(READ_COUNTERS) if opener else None
 
