@@ -9,6 +9,8 @@ imports no torch, so ``sarcube --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
 from . import defaults
 from .storage import add_storage_option_argument
@@ -185,6 +187,24 @@ def check_positive(value: int | None, flag: str, minimum: int = 1) -> None:
 
     if value is not None and value < minimum:
         raise InputError(f"{flag} must be ≥ {minimum}, got {value}")
+
+
+def named_overrides(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys of ``key=value`` overrides (what a resume may change when allowed)."""
+    return [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
+
+
+def run_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords a training command passes to its ``run(cfg, ...)`` (``training.pretrain`` or
+    ``training.finetune``): manifest, output, storage options, ``--resume`` and the config keys
+    the command line names (those a resume may change)."""
+    return {
+        "manifest": args.manifest,
+        "out": args.out,
+        "storage_options": storage_options_of(args),
+        "resume": args.resume,
+        "allow_changes": named_overrides(args.overrides),
+    }
 
 
 def storage_options_of(args: argparse.Namespace) -> dict:

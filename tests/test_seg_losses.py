@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from training.seg_losses import (
     CELoss,
     FocalDiceLoss,
-    WaterLoss,
     alpha_from_frequencies,
-    build_seg_loss,
     cross_entropy_loss,
     dice_loss,
     focal_dice_loss,
@@ -152,7 +150,7 @@ def test_focal_dice_matches_numpy_with_paper_defaults():
     focal, dice = np_focal(logits, target, alpha_np, 1.1, 2.25), np_dice(logits, target, 1.0)
     want = 0.57 * focal + 0.32 * dice
     np.testing.assert_allclose(focal_dice_loss(logits, target, alpha).item(), want, **TOL)
-    module = build_seg_loss("focal_dice", class_freqs=freqs)
+    module = FocalDiceLoss(class_freqs=freqs)
     np.testing.assert_allclose(module(logits, target).item(), want, **TOL)
 
 
@@ -257,17 +255,11 @@ def test_half_precision_logits_are_computed_in_float32():
     torch.testing.assert_close(got, want)
 
 
-def test_build_seg_loss():
-    assert isinstance(build_seg_loss("ce"), CELoss)
-    assert isinstance(build_seg_loss("water", lambda_dice=1.0), WaterLoss)
-    m = build_seg_loss(**{"name": "focal_dice", "alpha": [0.25, 0.35, 0.4], "alpha_scale": 1.0})
-    assert isinstance(m, FocalDiceLoss) and "alpha" in dict(m.named_buffers())
-    with pytest.raises(ValueError, match="unknown"):
-        build_seg_loss("lovasz")
+def test_focal_dice_loss_needs_exactly_one_of_alpha_and_frequencies():
+    m = FocalDiceLoss(alpha=[0.25, 0.35, 0.4], alpha_scale=1.0)
+    assert "alpha" in dict(m.named_buffers())
     with pytest.raises(ValueError, match="exactly one"):
-        build_seg_loss("focal_dice")
-    with pytest.raises(TypeError):
-        build_seg_loss("ce", gamma=2.0)
+        FocalDiceLoss()
 
 
 def test_shape_errors():

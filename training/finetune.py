@@ -55,7 +55,7 @@ from sarcube.storage import is_remote, join_url
 from sarcube.training_arguments import add_finetune_arguments
 
 from .checkpoint import write_bytes
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError
 from .distributed import env_rank
 from .engine import Trainer
 from .layer_decay import param_groups_layer_decay
@@ -65,7 +65,12 @@ from .models.pretrained import EncoderWeightsError
 from .models.upernet import UPerNetSegmenter
 from .optim import NO_WEIGHT_DECAY_NAMES
 from .seg_losses import CELoss, FocalDiceLoss, WaterLoss
-from .segmenter import TASK_CLASSES, build_segmentation_model, load_model_checkpoint
+from .segmenter import (
+    TASK_CLASSES,
+    build_segmentation_model,
+    load_model_checkpoint,
+    segmenter_from_checkpoint,
+)
 from .tasks import Task
 
 __all__ = [
@@ -494,9 +499,7 @@ def evaluate(
     from . import distributed as tdist
 
     storage_options = dict(storage_options or {})
-    ck = load_model_checkpoint(checkpoint, storage_options)
-    cfg = config_from_dict(ck["config"])
-    cfg.seg.pretrained = None  # the checkpoint holds every weight
+    model, cfg, ck = segmenter_from_checkpoint(checkpoint, storage_options)
     cfg.data.num_workers = num_workers
     if batch_size:
         cfg.seg.eval_batch_size = batch_size
@@ -505,13 +508,6 @@ def evaluate(
         raise ValueError(f"{manifest}: no split {split!r} (splits {sorted(man['splits'])})")
     info = tdist.detect()
     dev = tdist.select_device(info, device)
-    model = build_segmentation_model(cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise ValueError(
-            f"{checkpoint}: the weights do not fit the model of its own config ({e})"
-        ) from None
     model.to(dev)
     stream = _stream(cfg, manifest, split, storage_options, info.rank, info.world_size, train=False)
     res = evaluate_model(
@@ -594,19 +590,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bo
 
 
 def _run_command_line(args: argparse.Namespace, prefix: str, main_rank: bool) -> int:
-    from sarcube.training_arguments import storage_options_of
-
-    from .pretrain import named_overrides
+    from sarcube.training_arguments import run_keywords
 
     cfg = check_args(args)
-    res = run(
-        cfg,
-        args.manifest,
-        args.out,
-        storage_options_of(args),
-        resume=args.resume,
-        allow_changes=named_overrides(args.overrides),
-    )
+    res = run(cfg, **run_keywords(args))
     if main_rank:
         t = res.train
         best = (

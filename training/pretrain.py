@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from sarcube.training_arguments import (
     add_pretrain_arguments,
     check_pretrain_args,
-    storage_options_of,
+    run_keywords,
 )
 
 from .config import Config, ConfigError
@@ -152,7 +152,7 @@ class SimMIMTask(Task):
     reconstruction figure."""
 
     def __init__(self, cfg: Config, model: SimMIM, db_stats: tuple[float, float] | None = None):
-        self.cfg, self.raw, self.db_stats = cfg, model, db_stats
+        self.cfg, self.db_stats = cfg, db_stats
         self.token = model.patch_size
 
     def mask(self, batch_size: int, step: int, rank: int, tag: int = 0) -> Tensor:
@@ -207,14 +207,17 @@ class MixMAETask(Task):
     reconstruction figure."""
 
     def __init__(self, cfg: Config, model: MixMAE, db_stats: tuple[float, float] | None = None):
-        self.cfg, self.raw, self.db_stats = cfg, model, db_stats
+        self.cfg, self.db_stats = cfg, db_stats
+        # the model itself, for its sar_weight settings (loss() is given the wrapped model:
+        # DDP, torch.compile), as Trainer.model vs Trainer.wrapped_model
+        self.model = model
 
     def mask(self, step: int, rank: int, tag: int = 0) -> Tensor:
         g = step_generator(self.cfg.seed, step, rank, tag)
         return mixmae_mask(self.cfg.model.img_size, self.cfg.mask.unit, self.cfg.mask.ratio, g)
 
     def _weight(self, batch: Mapping[str, Any]) -> Tensor | None:
-        return _weight(self.cfg, batch, self.db_stats, self.raw.sar_weight)
+        return _weight(self.cfg, batch, self.db_stats, self.model.sar_weight)
 
     def loss(self, model: nn.Module, batch: Mapping[str, Any], *, step: int, rank: int) -> Tensor:
         x = batch["image"]
@@ -388,11 +391,6 @@ def check_args(args: argparse.Namespace) -> Config:
     return check_pretrain_args(args)
 
 
-def named_overrides(overrides: Sequence[str]) -> list[str]:
-    """The dotted keys of ``key=value`` overrides (what a resume may change when allowed)."""
-    return [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
-
-
 def peer_failure_message(e: BaseException) -> str | None:
     """One line for a collective that failed because another rank stopped (its own error line
     says why), instead of gloo's / NCCL's traceback; ``None`` for other errors."""
@@ -438,15 +436,7 @@ BAD_INPUT: tuple[type[BaseException], ...] = (
 
 
 def _run_command_line(args: argparse.Namespace, prefix: str, rank: int) -> int:
-    cfg = check_args(args)
-    res = run(
-        cfg,
-        args.manifest,
-        args.out,
-        storage_options_of(args),
-        resume=args.resume,
-        allow_changes=named_overrides(args.overrides),
-    )
+    res = run(check_args(args), **run_keywords(args))
     if rank == 0:
         state = "finished" if res.finished else "stopped at train.max_steps"
         print(

@@ -21,7 +21,6 @@ step never synchronises with the host and never copies the logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -367,18 +366,3 @@ class WaterLoss(nn.Module):
         return water_loss(
             logit, target, self.lambda_dice, self.ignore_index, self.dice_eps, self.pos_weight
         )
-
-
-SEG_LOSSES: dict[str, type[nn.Module]] = {
-    "focal_dice": FocalDiceLoss,
-    "ce": CELoss,
-    "water": WaterLoss,
-}
-
-
-def build_seg_loss(name: str, **params: Any) -> nn.Module:
-    """Loss module from a config entry, e.g. ``build_seg_loss(**{"name": "focal_dice",
-    "class_freqs": [...], "alpha_scale": 2.25})``. Unknown parameters raise ``TypeError``."""
-    if name not in SEG_LOSSES:
-        raise ValueError(f"unknown segmentation loss {name!r}; choose one of {sorted(SEG_LOSSES)}")
-    return SEG_LOSSES[name](**params)

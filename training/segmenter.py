@@ -17,11 +17,16 @@ import torch
 from sarcube.classes import SEGMENTATION_TASKS, segmentation_task
 
 from .checkpoint import CheckpointError, load_checkpoint, read_bytes, torch_load_safe
-from .config import Config
+from .config import Config, config_from_dict
 from .models.pretrained import EncoderWeightsError, load_encoder_weights
 from .models.upernet import UPerNetSegmenter, build_segmenter
 
-__all__ = ["TASK_CLASSES", "build_segmentation_model", "load_model_checkpoint"]
+__all__ = [
+    "TASK_CLASSES",
+    "build_segmentation_model",
+    "load_model_checkpoint",
+    "segmenter_from_checkpoint",
+]
 
 # Class names per task (a view of sarcube.classes.SEGMENTATION_TASKS, kept for its importers).
 TASK_CLASSES: dict[str, tuple[str, ...]] = {
@@ -84,3 +89,29 @@ def load_model_checkpoint(
             "the best.pt / checkpoint.pt of `sarcube finetune`)"
         )
     return dict(ck)
+
+
+def segmenter_from_checkpoint(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[UPerNetSegmenter, Config, dict[str, Any]]:
+    """The fine-tuned segmenter of ``best.pt`` / ``checkpoint.pt`` at ``url``, weights loaded.
+
+    Returns:
+        ``(model, its config, the checkpoint)``; the config's ``seg.pretrained`` is cleared (the
+        checkpoint holds every weight: no encoder file is read).
+
+    Raises:
+        ValueError: not a fine-tuning checkpoint, or weights that do not fit its own config.
+        FileNotFoundError: nothing at ``url``.
+    """
+    ck = load_model_checkpoint(url, storage_options)
+    cfg = config_from_dict(ck["config"])
+    cfg.seg.pretrained = None
+    model = build_segmentation_model(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{url}: the weights do not fit the model of its own config ({str(e).splitlines()[0]})"
+        ) from None
+    return model, cfg, ck

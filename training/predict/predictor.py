@@ -21,8 +21,7 @@ from sarcube.classes import segmentation_task
 from sarcube.errors import InputError
 
 from ..checkpoint import read_bytes
-from ..config import config_from_dict
-from ..segmenter import TASK_CLASSES, build_segmentation_model, load_model_checkpoint
+from ..segmenter import TASK_CLASSES, segmenter_from_checkpoint
 
 __all__ = ["PredictError", "Predictor", "cached_predictor", "load_predictor"]
 
@@ -115,21 +114,11 @@ def load_predictor(
     """The segmenter of a fine-tuning checkpoint (``best.pt`` / ``checkpoint.pt``), checked
     against ``task`` (its class count included); ``PredictError`` otherwise."""
     try:
-        ck = load_model_checkpoint(checkpoint, storage_options)
+        model, cfg, ck = segmenter_from_checkpoint(checkpoint, storage_options)
     except (ValueError, FileNotFoundError) as e:
         raise PredictError(str(e)) from None
-    cfg = config_from_dict(ck["config"])
-    cfg.seg.pretrained = None  # the checkpoint holds every weight; no encoder file to read
     ck_task = cfg.seg.task
     mean, std = _checked_db_stats(checkpoint, ck_task, ck.get("extra") or {}, task)
-    model = build_segmentation_model(cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise PredictError(
-            f"{checkpoint}: the weights do not fit the model of its config "
-            f"({str(e).splitlines()[0]})"
-        ) from None
     model.eval().to(device)
     sha = _sha256(read_bytes(checkpoint, storage_options))
     return Predictor(
