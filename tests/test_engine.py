@@ -407,3 +407,45 @@ def test_local_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint({"a": torch.zeros(3)}, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))  # old one intact
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary left
+
+
+TEARDOWN_SCRIPT = """
+import gc, weakref
+import torch
+from training import distributed as tdist
+
+info, _ = tdist.init_distributed("cpu")
+ddp = tdist.wrap_model(torch.nn.Linear(2, 1), torch.device("cpu"), info.world_size, False)
+ddp(torch.ones(4, 2)).sum().backward()  # a DDP gradient all-reduce, as in training
+x = torch.tensor([float(info.rank + 1)])
+alive = weakref.ref(x)
+total = tdist.all_reduce_sum(x)
+assert total.item() == 3.0, total  # 1 + 2
+del x, total
+gc.collect()
+# the collective's tensor is still referenced from Python: a gloo worker thread can never be the
+# one that frees it (which needs the GIL, held by the main thread while it destroys the group)
+assert alive() is not None
+tdist.cleanup(succeeded=True)
+del ddp  # the DDP reducer holds the last reference to the group: its destructor runs here
+print("rank", info.rank, "left the group")
+"""
+
+
+def test_two_ranks_tear_down_their_group_after_the_last_all_reduce(tmp_path):
+    """torchrun, 2 gloo ranks: all_reduce_sum sums, keeps its tensor referenced past the
+    collective, and both ranks leave the group and exit (CI once saw a rank stuck for ever in
+    ~ProcessGroupGloo after a raw all_reduce of a temporary: see training/distributed.py)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank")) == [
+        "rank 0 left the group",
+        "rank 1 left the group",
+    ]

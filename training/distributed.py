@@ -23,6 +23,7 @@ size of 1 never creates a process group: the helpers below then act on the singl
 
 from __future__ import annotations
 
+import collections
 import datetime
 import inspect
 import os
@@ -207,9 +208,17 @@ def init_distributed(
     return info, dev
 
 
-def cleanup() -> None:
-    """Leave the process group (no-op without one)."""
+def cleanup(succeeded: bool = False) -> None:
+    """Leave the process group (no-op without one).
+
+    Args:
+        succeeded: the run ended normally on this rank: wait for every rank first (a barrier),
+            so that no rank tears its group down while another still works with it. After a
+            failure, leave at once: the other ranks may never reach a barrier.
+    """
     if dist.is_available() and dist.is_initialized():
+        if succeeded and _active():
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -235,6 +244,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+# The tensors of the last few all-reduces, kept referenced from Python for the life of the
+# process. Why: a gloo worker thread drops its own reference to a collective's tensors a moment
+# after the collective completes. If Python has dropped the tensor by then, that last reference
+# frees a Python object, which needs the GIL. When the process group is destroyed at that moment
+# (the last reference to it goes: destroy_process_group, or the DDP reducer freed as run()
+# returns), its destructor joins the worker threads while holding the GIL, and the two wait for
+# each other for ever (seen in CI: a rank stuck in ~ProcessGroupGloo after its last
+# all-reduce). Tensors still referenced here are never freed by a worker thread. They are tiny
+# (losses, counts, confusion matrices); the oldest are dropped long after their collective.
+_RECENT_COLLECTIVE_TENSORS: collections.deque[torch.Tensor] = collections.deque(maxlen=64)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (every rank must call it); a no-op in a single process.
 
@@ -247,6 +268,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     work = t
     if dist.get_backend() == dist.Backend.NCCL and t.device.type != "cuda":
         work = t.to(torch.device("cuda", torch.cuda.current_device()))
+    _RECENT_COLLECTIVE_TENSORS.append(work)
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work if work is t else work.to(t.device)
 

@@ -56,7 +56,7 @@ from sarcube.training_arguments import add_finetune_arguments
 
 from .checkpoint import write_bytes
 from .config import Config, ConfigError
-from .distributed import env_rank
+from .distributed import all_reduce_sum, env_rank
 from .engine import Trainer
 from .layer_decay import param_groups_layer_decay
 from .loop_state import NonFiniteLossError, TrainResult
@@ -212,11 +212,7 @@ def evaluate_model(
     finally:
         model.train(was)
     cm.all_reduce()
-    total = torch.tensor([n], dtype=torch.int64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = total if torch.distributed.get_backend() != "nccl" else total.cuda()
-        torch.distributed.all_reduce(t)
-        total = t.cpu()
+    total = all_reduce_sum(torch.tensor([n], dtype=torch.int64, device=device)).cpu()
     m = cm.compute()
     names = TASK_CLASSES[task]
     if task == "water":
@@ -349,6 +345,7 @@ def run(
     storage_options = dict(storage_options or {})
     started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info, device = tdist.init_distributed(cfg.train.device)
+    succeeded = False
     try:
         man = read_manifest(manifest, storage_options)
         splits = man["splits"]
@@ -438,10 +435,11 @@ def run(
                         "best_val": res.best_value,
                     },
                 )
+        succeeded = True
         return FinetuneResult(train=res, test=test, report=report)
     finally:
         if started:
-            tdist.cleanup()
+            tdist.cleanup(succeeded)
 
 
 def _write_report(

@@ -334,6 +334,7 @@ def run(
 
     started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info, device = tdist.init_distributed(cfg.train.device)
+    succeeded = False
     try:
         if data is None:
             data = build_data(
@@ -369,10 +370,12 @@ def run(
                 trainer.global_batch,
                 trainer.lr,
             )
-        return trainer.fit(resume=resume, allow_changes=allow_changes)
+        result = trainer.fit(resume=resume, allow_changes=allow_changes)
+        succeeded = True
+        return result
     finally:
         if started:
-            tdist.cleanup()
+            tdist.cleanup(succeeded)
 
 
 def build_parser() -> argparse.ArgumentParser:
