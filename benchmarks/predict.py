@@ -109,8 +109,8 @@ def cube(work: Path, size: int) -> Path:
 def checkpoint(work: Path, profile: str) -> Path:
     """A best.pt-format checkpoint of the untrained segmenter of ``profile`` (cached)."""
     from training.config import load_config
-    from training.finetune import build_segmentation_model
     from training.run_folder import MODEL_FORMAT
+    from training.segmenter import build_segmentation_model
 
     path = work / f"{profile}.pt"
     if not path.exists():

@@ -51,9 +51,10 @@ from sarcube.classes import IGNORE_INDEX
 from training.config import ConfigError, load_config
 from training.distributed import DistInfo
 from training.engine import Trainer
-from training.finetune import SegmentationTask, build_loss, build_segmentation_model
+from training.finetune import SegmentationTask, build_loss
 from training.pretrain import build_model, make_task
 from training.sar_weight import sar_intensity_weight
+from training.segmenter import build_segmentation_model
 
 # Dense bf16 tensor-core peaks (FLOP/s), most specific name first.
 PEAK_BF16: list[tuple[str, float]] = [

@@ -289,7 +289,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training_arguments import check_evaluate_args
 
     check_evaluate_args(args)  # before torch is imported: bad input fails in a second
-    from training.finetune import run_evaluate_args
+    from training.evaluation import run_evaluate_args
 
     return run_evaluate_args(args)
 

@@ -611,8 +611,8 @@ CASES = [
 def ckpt(tmp_path_factory) -> Path:
     """A best.pt-format checkpoint of an untrained tiny segmenter."""
     from training.config import load_config
-    from training.finetune import build_segmentation_model
     from training.run_folder import MODEL_FORMAT
+    from training.segmenter import build_segmentation_model
 
     cfg = load_config("finetune_tiny", method="finetune")
     path = tmp_path_factory.mktemp("ck") / "best.pt"

@@ -19,14 +19,10 @@ import torch
 from sarcube.classes import NINE_CLASS_NAMES, nine_class_lut, water_lut
 from sarcube.shards import FORMAT, iter_samples, npy_bytes, read_manifest
 from training.config import load_config
-from training.finetune import (
-    build_loss,
-    build_segmentation_model,
-    evaluate,
-    load_model_checkpoint,
-    run,
-)
+from training.evaluation import evaluate
+from training.finetune import build_loss, run
 from training.models.swin import swin_tiny
+from training.segmenter import build_segmentation_model, load_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [

@@ -146,7 +146,7 @@ def test_segmenter_map_does_not_depend_on_the_block_partition(small_cube, tmp_pa
     """The real (tiny Swin UPerNet) model: a region cut into 256-px blocks equals the same region
     predicted as one block — no block-boundary artefacts."""
     from training.config import load_config
-    from training.finetune import build_segmentation_model
+    from training.segmenter import build_segmentation_model
 
     cfg = load_config("finetune_tiny", method="finetune")
     pr = Predictor(build_segmentation_model(cfg).eval(), "lulc", MEAN, STD, sha256="tiny")
@@ -418,8 +418,8 @@ def lulc_checkpoint(tmp_path_factory) -> Path:
     """A best.pt-format checkpoint of an untrained tiny segmenter (what `sarcube finetune`
     writes), without running a fine-tuning."""
     from training.config import load_config
-    from training.finetune import build_segmentation_model
     from training.run_folder import MODEL_FORMAT
+    from training.segmenter import build_segmentation_model
 
     cfg = load_config("finetune_tiny", method="finetune")
     model = build_segmentation_model(cfg)

@@ -215,7 +215,7 @@ def checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from training.config import load_config
-    from training.finetune import build_segmentation_model
+    from training.segmenter import build_segmentation_model
 
     cfg = load_config(
         "finetune_tiny", ["data.batch_size=4", "seg.eval_batch_size=4"], method="finetune"

@@ -142,7 +142,7 @@ def run_ablation(
         if best is None and exists(
             join_url(run_url, "best.pt"), storage_options
         ):  # validated before a resume
-            from .finetune import load_model_checkpoint
+            from .segmenter import load_model_checkpoint
 
             best = load_model_checkpoint(join_url(run_url, "best.pt"), storage_options).get(
                 "scores", {}
