@@ -410,7 +410,8 @@ def test_local_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 TEARDOWN_SCRIPT = """
-import gc, weakref
+import gc, sys, weakref
+from pathlib import Path
 import torch
 from training import distributed as tdist
 
@@ -428,7 +429,8 @@ gc.collect()
 assert alive() is not None
 tdist.cleanup(succeeded=True)
 del ddp  # the DDP reducer holds the last reference to the group: its destructor runs here
-print("rank", info.rank, "left the group")
+# a file per rank, not stdout: torchrun interleaves the ranks' output mid-line
+Path(sys.argv[1], f"rank{info.rank}").write_text("left the group")
 """
 
 
@@ -443,9 +445,11 @@ def test_two_ranks_tear_down_their_group_after_the_last_all_reduce(tmp_path):
     script.write_text(TEARDOWN_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=180)
+    done = tmp_path / "done"
+    done.mkdir()
+    p = subprocess.run(
+        [*cmd, str(script), str(done)], env=env, capture_output=True, text=True, timeout=180
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank")) == [
-        "rank 0 left the group",
-        "rank 1 left the group",
-    ]
+    assert sorted(f.name for f in done.iterdir()) == ["rank0", "rank1"]
+    assert {f.read_text() for f in done.iterdir()} == {"left the group"}
