@@ -1,7 +1,9 @@
-"""The ``sarcube`` command: a thin layer over the library functions.
+"""The ``sarcube`` command line: the parser (one ``_add_<name>_command`` per subcommand) and
+``main``.
 
-Each subcommand parses its options and calls one public function; errors caused by bad input
-(``SarcubeError``) are printed as one line naming the problem, with exit status 2.
+Each subcommand's work is a ``cmd_<name>`` in :mod:`sarcube.commands`, a thin layer over one
+library function; errors caused by bad input (``SarcubeError``) are printed as one line naming the
+problem, with exit status 2 (:func:`sarcube.errors.run_command`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__, defaults
-from .errors import InputError, run_command
-from .storage import add_storage_option_argument
-from .training_arguments import (
+from training.arguments import (
     add_evaluate_arguments,
     add_finetune_arguments,
     add_lock_arguments,
@@ -22,9 +21,9 @@ from .training_arguments import (
     add_pretrain_arguments,
 )
 
-
-def _bbox(values: Sequence[str]) -> tuple[float, float, float, float]:
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
+from . import __version__, commands, defaults
+from .errors import run_command
+from .storage import add_storage_option_argument
 
 
 def _add_synth_options(p: argparse.ArgumentParser) -> None:
@@ -57,291 +56,7 @@ def _add_synth_options(p: argparse.ArgumentParser) -> None:
     add_storage_option_argument(p)
 
 
-def _synth_kwargs(args: argparse.Namespace) -> dict:
-    from .storage import parse_storage_options
-
-    return dict(
-        bbox=_bbox(args.bbox),
-        dates=args.dates,
-        scenes_per_date=args.scenes_per_date,
-        seed=args.seed,
-        lulc_template=args.lulc_template,
-        looks=args.looks,
-        direction=args.direction,
-        storage_options=parse_storage_options(args.storage_option),
-    )
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import synthesize
-
-    res = synthesize(args.out, **_synth_kwargs(args))
-    print(
-        f"wrote {len(res.lulc_urls)} HR-LULC tiles and {len(res.scene_urls)} scenes under {res.out}"
-    )
-    for u in res.lulc_urls + res.scene_urls:
-        print(f"  {u}")
-    return 0
-
-
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingestion import ingest
-    from .storage import parse_storage_options
-
-    report = ingest(
-        scenes=args.scenes,
-        cube=args.cube,
-        lulc=args.lulc or (),
-        bbox=_bbox(args.bbox) if args.bbox else None,
-        resolution=args.resolution,
-        scheduler=args.scheduler,
-        workers=args.workers,
-        strict=args.strict,
-        storage_options=parse_storage_options(args.storage_option),
-        mosaic_date=args.mosaic_date,
-        edge_nodata_pct=args.edge_nodata_pct,
-        memory_limit=args.memory_limit,
-        wait=args.wait,
-        break_stale_lock=args.break_stale_lock,
-    )
-    print(report.summary())
-    return 0 if report.ok else 1
-
-
-def cmd_unlock(args: argparse.Namespace) -> int:
-    from .locking import break_lock
-    from .storage import parse_storage_options
-
-    print(break_lock(args.url, parse_storage_options(args.storage_option), force=args.force))
-    return 0
-
-
-def _check_io(
-    storage_options: dict, read: dict[str, str], write: dict[str, tuple[str, str]]
-) -> None:
-    """Up-front checks of a command's inputs and outputs (bucket there and allowed, paths of the
-    right kind), so that a bad URL is one line naming it before any work starts."""
-    from .storage import check_readable, check_writable
-
-    for what, url in read.items():
-        check_readable(url, storage_options, what)
-    for what, (url, kind) in write.items():
-        check_writable(url, storage_options, what, kind)
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from .sampling import SamplingParams, sample_patches
-    from .storage import parse_storage_options
-
-    params = SamplingParams(
-        n_anchors=args.n_anchors,
-        seed=args.seed,
-        exclude_full=tuple(args.exclude_full),
-        pretrain_months=tuple(args.pretrain_months),
-        finetune_months=tuple(args.finetune_months),
-        split=tuple(args.split),
-        max_nodata=args.max_nodata,
-        block=args.block,
-    )
-    storage_options = parse_storage_options(args.storage_option)
-    _check_io(storage_options, read={"--cube": args.cube}, write={"--out": (args.out, "file")})
-    res = sample_patches(args.cube, args.out, params, storage_options)
-    counts = res.index.groupby("split").size().to_dict()
-    print(
-        f"wrote {args.out}: {len(res.index)} patches "
-        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
-    )
-    for k, v in res.files.items():
-        if k != "index":
-            print(f"  {k}: {v}")
-    return 0
-
-
-def cmd_shards(args: argparse.Namespace) -> int:
-    from .shards import write_shards
-    from .storage import join_url, parse_storage_options
-
-    _check_io(
-        parse_storage_options(args.storage_option),
-        read={"--cube": args.cube, "--index": args.index},
-        write={"--out": (args.out, "dir")},
-    )
-    manifest = write_shards(
-        args.cube,
-        args.index,
-        args.out,
-        shard_size_mb=args.shard_size_mb,
-        min_shards_per_split=args.min_shards,
-        seed=args.seed,
-        storage_options=parse_storage_options(args.storage_option),
-        scheduler=args.scheduler,
-        workers=args.workers,
-        verify=args.verify,
-        wait=args.wait,
-        break_stale_lock=args.break_stale_lock,
-    )
-    for split, info in manifest["splits"].items():
-        n = sum(s["samples"] for s in info["shards"])
-        print(f"  {split}: {len(info['shards'])} shards, {n} samples")
-    print(f"manifest: {join_url(args.out, 'manifest.json')}")
-    return 0
-
-
-def _forwarded(args: argparse.Namespace) -> list[str]:
-    """The subcommand's own arguments as typed, without the launcher's ``--nproc``."""
-    out, skip = [], False
-    for tok in args.argv:
-        if skip:
-            skip = False
-        elif tok == "--nproc":
-            skip = True
-        elif not tok.startswith("--nproc="):
-            out.append(tok)
-    return out
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    return _launch("training.pretrain", _forwarded(args), args.nproc, args.command, args.verbose)
-
-
-def _launch(
-    module: str, argv: list[str], nproc: int, command: str = "", verbose: bool = False
-) -> int:
-    """``module``'s main in-process for one process, else ``torch.distributed.run`` with
-    ``nproc`` local ranks (gloo on CPU, NCCL on GPUs).
-
-    The arguments are checked here first (config, manifest, output), so that bad input is one
-    line before any rank starts. Secret storage options (``key``, ``secret``, ``token`` …) are
-    not put on the ranks' command lines, which every user of the machine can read, nor printed:
-    they travel in the ``SARCUBE_SECRET_STORAGE_OPTIONS`` environment variable, which the ranks'
-    entry points merge back."""
-    import importlib
-    import json
-    import os
-
-    from . import training_arguments as ta
-    from .storage import SECRET_OPTIONS_ENV, redact_argv, split_secret_storage_options
-
-    if nproc < 1:
-        raise InputError(f"--nproc must be ≥ 1, got {nproc}")
-    # the arguments checked before torch is imported or any rank starts (SarcubeError)
-    parser = argparse.ArgumentParser(prog=f"sarcube {command}")
-    kind = module.rsplit(".", 1)[-1]
-    getattr(ta, f"add_{kind}_arguments")(parser)
-    getattr(ta, f"check_{kind}_args")(parser.parse_intermixed_args(argv))
-    mod = importlib.import_module(module)  # the model side, imported lazily
-    prog = f"sarcube {command}" if command else None
-    if nproc == 1:
-        return mod.main(argv, prog=prog, verbose=verbose)
-    forwarded, secrets = split_secret_storage_options(argv)
-    shown = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        module,
-        *redact_argv(argv),
-    ]
-    print("launching: " + " ".join(shown), flush=True)
-    handed = {
-        SECRET_OPTIONS_ENV: json.dumps(secrets) if secrets else None,
-        "SARCUBE_PROG": prog,
-    }  # the ranks' error lines read "sarcube <command>: error: …"
-    saved = {k: os.environ.get(k) for k in handed}
-    for k, v in handed.items():
-        if v is not None:
-            os.environ[k] = v
-    try:
-        return _torchrun(
-            ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *forwarded], verbose
-        )
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _torchrun(args: list[str], verbose: bool = False) -> int:
-    """``torch.distributed.run`` in this process; a rank's failure is its exit status (each rank
-    printed its own one-line error), without torchrun's ChildFailedError traceback."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    if not verbose:
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        run(parse_args(args))
-    except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-    return 0
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    return _launch("training.finetune", _forwarded(args), args.nproc, args.command, args.verbose)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .training_arguments import check_evaluate_args
-
-    check_evaluate_args(args)  # before torch is imported: bad input fails in a second
-    from training.evaluation import run_evaluate_args
-
-    return run_evaluate_args(args)
-
-
-def cmd_ablation(args: argparse.Namespace) -> int:
-    from training.ablation import run_ablation
-    from training.config import ConfigError
-
-    from .storage import parse_storage_options
-
-    pre = args.pretrained
-    try:
-        res = run_ablation(
-            args.manifest,
-            pre,
-            args.out,
-            args.config,
-            args.overrides,
-            parse_storage_options(args.storage_option),
-        )
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        raise InputError(str(e)) from None
-    print(res["markdown"])
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .training_arguments import check_predict_args
-
-    check_predict_args(args)  # before torch is imported: bad input fails in a second
-    from training.predict import run_args
-
-    return run_args(args)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, workers=args.workers, **_synth_kwargs(args))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sarcube",
-        description="ALOS-2 SAR foundation-model pipeline: synth -> ingest -> sample -> shards -> "
-        "pretrain -> finetune -> evaluate -> predict.",
-    )
-    parser.add_argument("--version", action="version", version=f"sarcube {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_synth_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
         help="write synthetic ALOS-2 scenes and HR-LULC tiles",
@@ -352,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output directory or URL (local, s3://bucket/prefix)"
     )
     _add_synth_options(p)
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(func=commands.cmd_synth)
 
+
+def _add_ingest_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",
         help="ingest ALOS-2 scenes and HR-LULC tiles into the Zarr datacube",
@@ -410,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_storage_option_argument(p)
     add_lock_arguments(p)
-    p.set_defaults(func=cmd_ingest)
+    p.set_defaults(func=commands.cmd_ingest)
 
+
+def _add_sample_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample",
         help="category-aware patch sampling -> patch index (Parquet) + report",
@@ -459,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="split block size in patches (default %(default)s)",
     )
     add_storage_option_argument(p)
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=commands.cmd_sample)
 
+
+def _add_shards_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "shards",
         help="write WebDataset shards per split + manifest.json (Dask)",
@@ -500,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 2 per shard; kept shards are always hashed against the old manifest)",
     )
     add_lock_arguments(p)
-    p.set_defaults(func=cmd_shards)
+    p.set_defaults(func=commands.cmd_shards)
 
+
+def _add_pretrain_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain the Swin encoder (SAR-W-SimMIM / SAR-W-MixMAE) on shards",
@@ -512,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_pretrain_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=commands.cmd_pretrain)
 
+
+def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
         help="fine-tune the refined UPerNet (LULC or water) on shards",
@@ -524,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_finetune_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP ranks; default 1)")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=commands.cmd_finetune)
 
+
+def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate a fine-tuned checkpoint on a split (report)",
@@ -535,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         "panels.png to --out.",
     )
     add_evaluate_arguments(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=commands.cmd_evaluate)
 
+
+def _add_ablation_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablation",
         help="train + validate the variants of Table I (refinements)",
@@ -556,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="overrides for every variant, e.g. schedule.epochs=5",
     )
-    p.set_defaults(func=cmd_ablation)
+    p.set_defaults(func=commands.cmd_ablation)
 
+
+def _add_predict_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="map a region of the cube with a fine-tuned model (Zarr + COG)",
@@ -567,8 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cube's labels, a PNG panel, and optionally a COG.",
     )
     add_predict_arguments(p)
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=commands.cmd_predict)
 
+
+def _add_unlock_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "unlock",
         help="remove the write lock of a cube, shard prefix or run folder",
@@ -580,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="break even a live lock (its writer may corrupt)"
     )
     add_storage_option_argument(p)
-    p.set_defaults(func=cmd_unlock)
+    p.set_defaults(func=commands.cmd_unlock)
 
+
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the end-to-end demo on built-in synthetic data",
@@ -591,8 +326,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="output directory (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
     _add_synth_options(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=commands.cmd_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sarcube",
+        description="ALOS-2 SAR foundation-model pipeline: synth -> ingest -> sample -> shards -> "
+        "pretrain -> finetune -> evaluate -> predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"sarcube {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (
+        _add_synth_command,
+        _add_ingest_command,
+        _add_sample_command,
+        _add_shards_command,
+        _add_pretrain_command,
+        _add_finetune_command,
+        _add_evaluate_command,
+        _add_ablation_command,
+        _add_predict_command,
+        _add_unlock_command,
+        _add_demo_command,
+    ):
+        add_command(sub)
     from .security import add_tls_certs_parser
 
     add_tls_certs_parser(sub)

@@ -188,7 +188,7 @@ def test_every_command_has_help(command, capsys):
 def test_launcher_forwards_the_subcommand_arguments_without_nproc():
     """`sarcube finetune --nproc 2 …` hands torchrun's ranks exactly what was typed after the
     subcommand, minus --nproc, and the rank-side parser accepts it."""
-    from sarcube.cli import _forwarded
+    from sarcube.commands import _forwarded
     from training.finetune import build_parser as rank_parser
 
     raw = [

@@ -34,7 +34,7 @@ import torch
 from sarcube.storage import url_to_fs
 from sarcube.storage import write_bytes as storage_write_bytes
 
-from .config import Config, config_diff
+from .config import RESUME_MAY_CHANGE, RESUME_MAY_OVERRIDE, Config, config_diff
 
 __all__ = [
     "RESUME_MAY_CHANGE",
@@ -168,23 +168,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Resuming a run: which config keys may differ from the checkpoint's
 
-# Keys that may change between a run and its resume (everything else must match the checkpoint).
-RESUME_MAY_CHANGE: tuple[str, ...] = (
-    "train",
-    "data.num_workers",
-    "data.retries",
-    "data.timeout",
-    "data.skip_errors",
-    "data.max_bad_shards",
-    "seg.pretrained",
-    "seg.test_split",
-    "seg.panels",
-    "seg.eval_batch_size",
-)
-# Keys that may change on a resume when named as overrides on its command line (``--resume
-# optim.base_lr=1e-5``): the change is applied to the restored optimiser and schedule and
-# recorded in ``history.jsonl`` and the checkpoint's ``history``.
-RESUME_MAY_OVERRIDE: tuple[str, ...] = ("optim.base_lr", "schedule.epochs")
+# RESUME_MAY_CHANGE / RESUME_MAY_OVERRIDE live in training.config (no torch: the CLI checks a
+# resume's config before any rank starts) and are re-exported here.
 
 
 def check_resume_config(

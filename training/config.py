@@ -37,6 +37,8 @@ import yaml
 
 __all__ = [
     "CONFIG_DIR",
+    "RESUME_MAY_CHANGE",
+    "RESUME_MAY_OVERRIDE",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -493,3 +495,26 @@ def config_diff(
         if fa.get(k) != fb.get(k):
             out[k] = (fa.get(k), fb.get(k))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a run: which config keys may differ from the checkpoint's (training.checkpoint uses
+# them; they are here, beside the schema, because the CLI needs them without torch)
+
+# Keys that may change between a run and its resume (everything else must match the checkpoint).
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "train",
+    "data.num_workers",
+    "data.retries",
+    "data.timeout",
+    "data.skip_errors",
+    "data.max_bad_shards",
+    "seg.pretrained",
+    "seg.test_split",
+    "seg.panels",
+    "seg.eval_batch_size",
+)
+# Keys that may change on a resume when named as overrides on its command line (``--resume
+# optim.base_lr=1e-5``): the change is applied to the restored optimiser and schedule and
+# recorded in ``history.jsonl`` and the checkpoint's ``history``.
+RESUME_MAY_OVERRIDE: tuple[str, ...] = ("optim.base_lr", "schedule.epochs")

@@ -30,7 +30,7 @@ names, writes and the one-writer lock: :mod:`training.run_folder`. The loop's st
 types: :mod:`training.loop_state`.
 
 **Changes on a resume.** Besides ``train.*`` and the data loader settings, the keys of
-:data:`training.checkpoint.RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may
+:data:`training.config.RESUME_MAY_OVERRIDE` (``optim.base_lr``, ``schedule.epochs``) may
 differ from the checkpoint's when named as overrides of the resuming command
 (``Trainer.fit(allow_changes=…)``): the restored schedule is rescaled / extended, and the
 change is recorded in ``history.jsonl``.
@@ -451,7 +451,7 @@ class Trainer:
             resume: continue from ``{out}/checkpoint.pt`` exactly. Without it, an existing
                 checkpoint there is an error (nothing is overwritten by accident).
             allow_changes: config keys named as overrides on the resume's command line; those
-                in :data:`training.checkpoint.RESUME_MAY_OVERRIDE` (``optim.base_lr``,
+                in :data:`training.config.RESUME_MAY_OVERRIDE` (``optim.base_lr``,
                 ``schedule.epochs``) may differ from the checkpoint's (recorded in
                 ``history.jsonl``).
 

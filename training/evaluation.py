@@ -277,7 +277,7 @@ def evaluate(
 
 
 def run_evaluate_args(args: argparse.Namespace) -> int:
-    """``sarcube evaluate`` (arguments: ``sarcube.training_arguments.add_evaluate_arguments``)."""
+    """``sarcube evaluate`` (arguments: ``training.arguments.add_evaluate_arguments``)."""
     from sarcube.errors import run_command
     from sarcube.storage import storage_error_message
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from sarcube.classes import NINE_CLASS_NAMES, segmentation_task
 from sarcube.storage import is_remote, join_url
-from sarcube.training_arguments import add_finetune_arguments
+from training.arguments import add_finetune_arguments
 
 from .config import Config, ConfigError
 from .distributed import env_rank
@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> Config:
     """What can be checked before a rank starts
-    (:func:`sarcube.training_arguments.check_finetune_args`); returns the config."""
-    from sarcube.training_arguments import check_finetune_args
+    (:func:`training.arguments.check_finetune_args`); returns the config."""
+    from training.arguments import check_finetune_args
 
     return check_finetune_args(args)
 
@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, verbose: bo
 
 
 def _run_command_line(args: argparse.Namespace, prefix: str, main_rank: bool) -> int:
-    from sarcube.training_arguments import run_keywords
+    from training.arguments import run_keywords
 
     cfg = check_args(args)
     res = run(cfg, **run_keywords(args))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sarcube.training_arguments import (
+from training.arguments import (
     add_pretrain_arguments,
     check_pretrain_args,
     run_keywords,
@@ -328,7 +328,7 @@ def run(
 
     Joins the process group when launched with several ranks (torchrun / mpirun) and leaves it
     at the end. ``data`` replaces the ShardStream (tests). ``allow_changes``: config keys named
-    as overrides that a resume may change (:data:`training.engine.RESUME_MAY_OVERRIDE`).
+    as overrides that a resume may change (:data:`training.config.RESUME_MAY_OVERRIDE`).
     """
     from . import distributed as tdist
 
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> Config:
     """Everything about the arguments that can be checked before a rank starts
-    (:func:`sarcube.training_arguments.check_pretrain_args`); returns the config."""
+    (:func:`training.arguments.check_pretrain_args`); returns the config."""
     return check_pretrain_args(args)
 
 

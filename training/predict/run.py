@@ -367,8 +367,8 @@ def _run_jobs(
 
 def check_args(args: argparse.Namespace) -> None:
     """``predict``'s arguments before any work
-    (:func:`sarcube.training_arguments.check_predict_args`)."""
-    from sarcube.training_arguments import check_predict_args
+    (:func:`training.arguments.check_predict_args`)."""
+    from training.arguments import check_predict_args
 
     check_predict_args(args)
 
@@ -427,7 +427,7 @@ def run_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m training.predict``: the arguments of ``sarcube predict``; 2 on an error."""
-    from sarcube.training_arguments import add_predict_arguments
+    from training.arguments import add_predict_arguments
 
     package_doc = sys.modules[__package__].__doc__ or ""  # its first line says what predict is
     p = argparse.ArgumentParser(

@@ -2,8 +2,9 @@
 
 Used by ``sarcube pretrain|finetune|evaluate|predict`` (``sarcube.cli``) and by the modules' own
 entry points (``python -m training.pretrain`` / ``training.finetune``, what torchrun and mpirun
-launch). It lives on the data side so that building the CLI never imports ``training``, and it
-imports no torch, so ``sarcube --help`` stays fast.
+launch). It imports no torch and no module that does (only ``training.config`` and ``sarcube``),
+so ``sarcube --help`` and every argument check answer before torch loads
+(``tests/test_layering.py`` checks it).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from . import defaults
-from .storage import add_storage_option_argument
+from sarcube import defaults
+from sarcube.storage import add_storage_option_argument
 
 __all__ = [
     "add_evaluate_arguments",
@@ -164,7 +165,7 @@ def check_device(value: str, flag: str = "--device", allow_auto: bool = True) ->
     :class:`~sarcube.errors.InputError` naming the flag; ``cuda`` needs a CUDA build and device."""
     import re
 
-    from .errors import InputError
+    from sarcube.errors import InputError
 
     forms = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
     v = str(value).strip()
@@ -183,7 +184,7 @@ def check_device(value: str, flag: str = "--device", allow_auto: bool = True) ->
 def check_positive(value: int | None, flag: str, minimum: int = 1) -> None:
     """An :class:`~sarcube.errors.InputError` naming ``flag`` unless ``value`` ≥ ``minimum``
     (``None``: the default, accepted)."""
-    from .errors import InputError
+    from sarcube.errors import InputError
 
     if value is not None and value < minimum:
         raise InputError(f"{flag} must be ≥ {minimum}, got {value}")
@@ -210,8 +211,12 @@ def run_keywords(args: argparse.Namespace) -> dict[str, Any]:
 def storage_options_of(args: argparse.Namespace) -> dict:
     """``--storage-option`` pairs plus the secret ones a launcher handed over in the
     environment (``sarcube.storage.SECRET_OPTIONS_ENV``); a malformed pair is an InputError."""
-    from .errors import InputError
-    from .storage import RedactedOptions, parse_storage_options, secret_storage_options_from_env
+    from sarcube.errors import InputError
+    from sarcube.storage import (
+        RedactedOptions,
+        parse_storage_options,
+        secret_storage_options_from_env,
+    )
 
     try:
         pairs = [*args.storage_option, *secret_storage_options_from_env()]
@@ -221,7 +226,7 @@ def storage_options_of(args: argparse.Namespace) -> dict:
 
 
 def _exists(url: str, storage_options: dict) -> bool:
-    from .storage import url_to_fs
+    from sarcube.storage import url_to_fs
 
     fs, path = url_to_fs(url, storage_options)
     try:
@@ -233,8 +238,8 @@ def _exists(url: str, storage_options: dict) -> bool:
 def check_run_io(args: argparse.Namespace, storage_options: dict) -> None:
     """A training run's manifest can be read, ``--out`` written, and ``--resume`` fits what is
     there (a checkpoint to resume; none to overwrite without it)."""
-    from .errors import InputError
-    from .storage import check_readable, check_writable, join_url
+    from sarcube.errors import InputError
+    from sarcube.storage import check_readable, check_writable, join_url
 
     check_readable(args.manifest, storage_options, "--manifest")
     check_writable(args.out, storage_options, "--out", "dir")
@@ -250,8 +255,8 @@ def check_run_io(args: argparse.Namespace, storage_options: dict) -> None:
 def check_pretrain_split(split: str, manifest: str, storage_options: dict) -> None:
     """The split to pretrain on exists and holds valid SAR pixels: a split whose samples are all
     no data (``db_stats.pixels == 0``) would train on constant fill values without a word."""
-    from .errors import InputError
-    from .shards import read_manifest
+    from sarcube.errors import InputError
+    from sarcube.shards import read_manifest
 
     man = read_manifest(manifest, storage_options)
     splits = man.get("splits", {})
@@ -274,12 +279,12 @@ def check_pretrain_split(split: str, manifest: str, storage_options: dict) -> No
 def check_resume_config(args: argparse.Namespace, cfg, storage_options: dict) -> None:
     """On ``--resume``: the config differs from the run's (``OUT/config.yaml``) only where a
     resume may change it — ``train.*``, loader settings, and the keys of
-    ``training.engine.RESUME_MAY_OVERRIDE`` named as overrides (``optim.base_lr=1e-5``). The
+    ``training.config.RESUME_MAY_OVERRIDE`` named as overrides (``optim.base_lr=1e-5``). The
     engine checks the same against the checkpoint; this says it before any model is built."""
     import yaml
 
-    from .errors import InputError
-    from .storage import join_url, url_to_fs
+    from sarcube.errors import InputError
+    from sarcube.storage import join_url, url_to_fs
 
     if not args.resume:
         return
@@ -294,8 +299,7 @@ def check_resume_config(args: argparse.Namespace, cfg, storage_options: dict) ->
         return
     if not isinstance(old, dict):
         return
-    from training.checkpoint import RESUME_MAY_CHANGE, RESUME_MAY_OVERRIDE
-    from training.config import config_diff
+    from training.config import RESUME_MAY_CHANGE, RESUME_MAY_OVERRIDE, config_diff
 
     named = [o.split("=", 1)[0].strip() for o in args.overrides if "=" in o]
     allowed = tuple(k for k in named if k in RESUME_MAY_OVERRIDE)
@@ -311,9 +315,8 @@ def check_resume_config(args: argparse.Namespace, cfg, storage_options: dict) ->
 
 
 def _load_config(config, overrides, method):
+    from sarcube.errors import InputError
     from training.config import ConfigError, load_config  # yaml only: no torch
-
-    from .errors import InputError
 
     try:
         return load_config(config, overrides, method=method)
@@ -336,7 +339,7 @@ def check_finetune_args(args: argparse.Namespace):
     """``finetune``'s checks before a rank starts: config and overrides, the manifest, the
     pretrained weights, the output and ``--resume``. Returns the config (``seg.pretrained``
     set)."""
-    from .storage import check_readable
+    from sarcube.storage import check_readable
 
     overrides = list(args.overrides)
     if args.task:
@@ -355,7 +358,7 @@ def check_finetune_args(args: argparse.Namespace):
 def check_evaluate_args(args: argparse.Namespace) -> None:
     """``evaluate``'s arguments before any work: batch size, device, the checkpoint and manifest
     readable, the report directory writable."""
-    from .storage import check_readable, check_writable
+    from sarcube.storage import check_readable, check_writable
 
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.num_workers, "--num-workers", 0)
@@ -372,8 +375,8 @@ def check_predict_args(args: argparse.Namespace) -> None:
     readable, ``--out`` and ``--cog`` writable (a COG's directory must exist)."""
     from pathlib import Path
 
-    from .errors import InputError
-    from .storage import check_readable, check_writable, is_remote
+    from sarcube.errors import InputError
+    from sarcube.storage import check_readable, check_writable, is_remote
 
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.workers, "--workers", 0)
