@@ -79,7 +79,7 @@ CPD = 6000  # cells per degree of the synthetic cube's grid
 
 def random_cube(url: Path, size: int, seed: int = 0) -> None:
     """A one-date cube of ``size``² random dB (as ``tests/test_predict.py``), without no data."""
-    from sarcube.cube import create_cube
+    from sarcube.cube import create_cube, publish_view
     from sarcube.grid import CubeGrid
 
     grid = CubeGrid.from_bounds((140.0, 35.0, 140.0 + size / CPD, 35.0 + size / CPD))
@@ -92,7 +92,8 @@ def random_cube(url: Path, size: int, seed: int = 0) -> None:
     root["time"].resize((1,))
     root["time"][0] = 19247  # 2022-09-12
     root["hh_db"][0] = db
-    root.attrs["slices"] = {"2022-09-12": {"time_index": 0, "status": "complete"}}
+    root["sarcube"].attrs["slices"] = {"2022-09-12": {"time_index": 0, "status": "complete"}}
+    publish_view(root)
 
 
 def cube(work: Path, size: int) -> Path:

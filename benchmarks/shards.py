@@ -31,7 +31,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results
 
-from sarcube.cube import open_cube, open_group
+from sarcube.cube import cube_attrs, open_cube, open_group
 from sarcube.index import CODES, COLUMNS, HIST_COLUMNS, cube_fingerprint, patch_id, write_index
 from sarcube.ingestion import ingest
 from sarcube.shards import write_shards
@@ -91,7 +91,7 @@ def build_index(cube_url: str, index_url: str) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     meta = {
         "cube_url": cube_url,
-        "cube_fingerprint": cube_fingerprint(open_group(cube_url).attrs),
+        "cube_fingerprint": cube_fingerprint(cube_attrs(open_group(cube_url))),
         "seed": 0,
         "params": {"rule": "benchmark: every patch with valid SAR"},
     }

@@ -35,3 +35,8 @@ def __getattr__(name: str):
 
         return getattr(import_module(_API[name], __name__), name)
     raise AttributeError(f"module 'sarcube' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy names too, so that tab completion and dir(sarcube) list the public API
+    return sorted({*globals(), *_API})

@@ -45,7 +45,9 @@ def _add_synth_options(p: argparse.ArgumentParser) -> None:
         help="acquisition dates YYYY-MM-DD (default: %(default)s)",
     )
     p.add_argument("--scenes-per-date", type=int, default=1, help="frames per pass (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of every random draw (default %(default)s)"
+    )
     p.add_argument(
         "--lulc-template",
         default=None,
@@ -148,7 +150,12 @@ def _add_sample_command(sub: argparse._SubParsersAction) -> None:
         default=defaults.N_ANCHORS,
         help="anchors to draw (default %(default)s, as in the papers)",
     )
-    p.add_argument("--seed", type=int, default=defaults.SAMPLING_SEED)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.SAMPLING_SEED,
+        help="seed of the anchor draw and the split blocks' order (default %(default)s)",
+    )
     p.add_argument(
         "--exclude-full",
         type=int,
@@ -156,14 +163,29 @@ def _add_sample_command(sub: argparse._SubParsersAction) -> None:
         default=list(defaults.EXCLUDE_FULL),
         help="drop patches made only of these codes (default: forest %(default)s)",
     )
-    p.add_argument("--pretrain-months", type=int, nargs="+", default=list(defaults.PRETRAIN_MONTHS))
-    p.add_argument("--finetune-months", type=int, nargs="+", default=list(defaults.FINETUNE_MONTHS))
+    p.add_argument(
+        "--pretrain-months",
+        type=int,
+        nargs="+",
+        default=list(defaults.PRETRAIN_MONTHS),
+        metavar="M",
+        help="months (1-12) whose dates go to the pretrain split (default %(default)s)",
+    )
+    p.add_argument(
+        "--finetune-months",
+        type=int,
+        nargs="+",
+        default=list(defaults.FINETUNE_MONTHS),
+        metavar="M",
+        help="months whose dates go to train/val/test (default %(default)s)",
+    )
     p.add_argument(
         "--split",
         type=float,
         nargs=3,
         default=list(defaults.SPLIT_FRACTIONS),
         metavar=("TRAIN", "VAL", "TEST"),
+        help="shares of the fine-tuning patches, by spatial block (default %(default)s)",
     )
     p.add_argument(
         "--max-nodata",
@@ -316,6 +338,20 @@ def _add_unlock_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.cmd_unlock)
 
 
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="what a cube, predictions store or shard set holds",
+        description="Variables, dates with their slice status, bbox, resolution, chunking, "
+        "labels and size on disk of a cube or predictions store; splits, shards and samples of "
+        "a shard set. Read-only.",
+    )
+    p.add_argument("url", help="a cube / predictions store (.zarr) or a shard directory")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    add_storage_option_argument(p)
+    p.set_defaults(func=commands.cmd_info)
+
+
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -349,12 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
         _add_ablation_command,
         _add_predict_command,
         _add_unlock_command,
+        _add_info_command,
         _add_demo_command,
     ):
         add_command(sub)
     from .security import add_tls_certs_parser
 
     add_tls_certs_parser(sub)
+    for command in sub.choices.values():  # `sarcube ingest … -v` as well as `sarcube -v ingest`
+        command.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,  # absent: the top-level flag's value stands
+            help="debug logging and tracebacks",
+        )
     return parser
 
 

@@ -70,6 +70,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .info import describe, format_description
+    from .storage import parse_storage_options
+
+    d = describe(args.url, parse_storage_options(args.storage_option))
+    print(json.dumps(d, indent=2, sort_keys=True) if args.json else format_description(d))
+    return 0
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     from .locking import break_lock
     from .storage import parse_storage_options
@@ -150,14 +161,15 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
-    """The subcommand's own arguments as typed, without the launcher's ``--nproc``."""
+    """The subcommand's own arguments as typed, without the launcher's ``--nproc`` and ``-v``
+    (the ranks get the verbosity from ``args.verbose``)."""
     out, skip = [], False
     for tok in args.argv:
         if skip:
             skip = False
         elif tok == "--nproc":
             skip = True
-        elif not tok.startswith("--nproc="):
+        elif not tok.startswith("--nproc=") and tok not in ("-v", "--verbose"):
             out.append(tok)
     return out
 

@@ -14,9 +14,12 @@ One row per (date, patch):
 | ``nodata_frac`` | float32 | share of pixels with no SAR value or no label (code 0) |
 | ``anchors`` | int32 | sampling anchors that fell in the patch |
 | ``shard`` | str | shard file name it went into (empty until ``sarcube shards``) |
+| ``geometry`` | WKB | the patch footprint (a polygon of the bounds), EPSG:4326 |
 
-The table's Parquet metadata (key ``sarcube``) holds the cube URL and fingerprint, the sampling
-parameters and seed, so that shards are never cut from another cube by mistake.
+The file is **GeoParquet** (1.0, written by geopandas): geopandas, QGIS and DuckDB open it as a
+layer of patch footprints with their CRS. The table's Parquet metadata (key ``sarcube``) holds the
+cube URL and fingerprint, the sampling parameters and seed, so that shards are never cut from
+another cube by mistake.
 """  # noqa: E501 (markdown table row cannot be wrapped)
 
 from __future__ import annotations
@@ -86,7 +89,6 @@ def write_index(
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the index with its metadata (atomically for local paths)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .storage import local_output
@@ -94,11 +96,20 @@ def write_index(
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"index is missing columns {missing}")
-    table = pa.Table.from_pandas(df[list(COLUMNS)], preserve_index=False)
-    table = table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()}
-    )
+    import geopandas as gpd
+    import shapely
+
+    rows = df[list(COLUMNS)].reset_index(drop=True)
+    footprints = shapely.box(rows.lon_min, rows.lat_min, rows.lon_max, rows.lat_max)
+    gdf = gpd.GeoDataFrame(rows, geometry=footprints, crs="EPSG:4326")
     with local_output(url, storage_options) as local:
+        # geopandas writes the GeoParquet "geo" metadata; ours is added to the same schema (a
+        # second write of a small file: geopandas has no public way to pass schema metadata)
+        gdf.to_parquet(local, index=False, compression="zstd", schema_version="1.0.0")
+        table = pq.read_table(local)
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()}
+        )
         pq.write_table(table, local, compression="zstd")
 
 
@@ -121,7 +132,7 @@ def read_index(
         raise InputError(
             f"{url}: a Parquet file without sarcube metadata (not made by `sarcube sample`)"
         )
-    df = table.to_pandas()
+    df = table.drop_columns([c for c in ("geometry",) if c in table.column_names]).to_pandas()
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise InputError(f"{url}: patch index lacks columns {missing}")

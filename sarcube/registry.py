@@ -1,7 +1,8 @@
 """The cube's slice registry and its copy-on-write updates.
 
-The group attributes of a cube name, for each acquisition date, the *time slot* (index on the
-``time`` axis of ``hh_db`` and every other ``(time, y, x)`` layer) that holds its complete mosaic::
+The attributes of a cube's metadata group (``sarcube/``, :func:`sarcube.cube.metadata`) name, for
+each acquisition date, the *time slot* (index on the ``time`` axis of ``hh_db`` and every other
+``(time, y, x)`` layer) that holds its complete mosaic::
 
     slices:     {"2022-09-12": {"time_index": 0, "status": "complete", "inputs": {...},
                                 "sources": [...], "scenes": [...], "valid_cells": N}, ...}
@@ -10,11 +11,12 @@ The group attributes of a cube name, for each acquisition date, the *time slot* 
 
 A run never writes into a slot that ``slices`` points at. Changing a date (a new scene joins
 its mosaic) or adding one builds the mosaic in a *fresh* slot registered under ``attempts``; the
-switch is one atomic write of the group metadata (``commit``) that points ``slices`` at the new
-slot and frees the old one. A failure (a corrupt scene, a killed run, a lost lock) leaves
-``slices`` — and so what ``open_cube`` shows — exactly as before, byte for byte; the attempt's
-slot joins ``free_slots``. Free slots are cleared (their stored objects deleted) before reuse
-and at the end of each run, so abandoned attempts do not hold space for long.
+switch is one atomic write of that group's ``zarr.json`` (``commit``) that points ``slices`` at
+the new slot and frees the old one; ``slice_status`` and the consolidated metadata (what plain
+readers see) follow. A failure (a corrupt scene, a killed run, a lost lock) leaves ``slices`` —
+and so what ``open_cube`` shows — exactly as before, byte for byte; the attempt's slot joins
+``free_slots``. Free slots are cleared (their stored objects deleted) before reuse and at the end
+of each run, so abandoned attempts do not hold space for long.
 
 Only complete (or ``empty``: no valid pixel) entries are ever in ``slices``; the scenes of a
 failed attempt are not recorded anywhere, so a re-run without them (or with them fixed) starts
@@ -30,6 +32,7 @@ from typing import Any
 
 import zarr
 
+from .cube import metadata, publish_view
 from .storage import join_url, url_to_fs
 
 log = logging.getLogger("sarcube.registry")
@@ -46,7 +49,8 @@ class SliceRegistry:
 
     def __init__(self, root: zarr.Group):
         self.root = root
-        attrs = root.attrs.asdict()
+        self.meta = metadata(root)
+        attrs = self.meta.attrs.asdict()
         self.slices: dict[str, dict[str, Any]] = {}
         self.free: set[int] = {int(t) for t in attrs.get("free_slots", [])}
         for key, entry in (attrs.get("slices") or {}).items():
@@ -82,7 +86,7 @@ class SliceRegistry:
 
     def publish_attempts(self) -> None:
         """Write the attempts (before any pixel of them is written): a crash finds them here."""
-        self.root.attrs.update(
+        self.meta.attrs.update(
             {"attempts": self.attempts, "free_slots": sorted(self.free)},
         )
 
@@ -100,20 +104,23 @@ class SliceRegistry:
         self.free.add(int(self.attempts.pop(key)["time_index"]))
 
     def commit(self) -> None:
-        """One metadata write: the new slices become visible, abandoned slots free."""
+        """One metadata write: the new slices become visible, abandoned slots free; then the
+        view of plain readers (``slice_status``, consolidated metadata) follows."""
         for key in list(self.attempts):
             self.abandon(key)
-        self.root.attrs.update(
+        self.meta.attrs.update(
             {"slices": self.slices, "attempts": {}, "free_slots": sorted(self.free)}
         )
+        publish_view(self.root)
 
 
 def time_layers(root: zarr.Group) -> list[str]:
-    """Names of the arrays whose first dimension is ``time`` (hh_db, predictions …)."""
+    """Names of the raster arrays whose first dimension is ``time`` (hh_db, predictions …);
+    not the 1-D ``time`` and ``slice_status``, whose chunks hold every slot."""
     return [
         name
         for name, arr in root.arrays()
-        if name != "time" and (arr.metadata.dimension_names or ())[:1] == ("time",)
+        if arr.ndim >= 3 and (arr.metadata.dimension_names or ())[:1] == ("time",)
     ]
 
 

@@ -318,12 +318,12 @@ def sample_patches(
 ) -> SamplingResult:
     """Sample the cube's patches into a patch index (Parquet at ``out``) and a sampling report
     (``<out stem>_report.{json,md,png}`` next to it)."""
-    from .cube import CubeError, open_cube, open_group
+    from .cube import CubeError, cube_attrs, open_cube, open_group
 
     p = params or SamplingParams()
     p.validate()
     root = open_group(cube_url, storage_options)
-    if (root.attrs.get("labels") or {}).get("status") != "complete":
+    if (cube_attrs(root).get("labels") or {}).get("status") != "complete":
         raise CubeError(
             f"{cube_url}: the cube has no labels (ingest HR-LULC tiles with --lulc first)"
         )
@@ -404,7 +404,7 @@ def sample_patches(
     report = _report(df, bal, p, cube_url, hist)
     meta = {
         "cube_url": str(cube_url),
-        "cube_fingerprint": cube_fingerprint(root.attrs),
+        "cube_fingerprint": cube_fingerprint(cube_attrs(root)),
         "params": _params_json(p),
         "sarcube_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

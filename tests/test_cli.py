@@ -31,6 +31,20 @@ def test_every_subcommand_has_help(command):
     assert out.returncode == 0 and "usage: sarcube" in out.stdout
 
 
+def test_every_option_of_every_subcommand_says_what_it_is():
+    """A newcomer's --help: every option has a help text (the parser itself, no subprocess)."""
+    import argparse
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [
+        f"sarcube {name} {'/'.join(action.option_strings) or action.dest}"
+        for name, parser in sub.choices.items()
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert bare == []
+
+
 def test_bad_bbox_is_one_line_no_traceback(tmp_path):
     out = run("synth", "--out", str(tmp_path / "o"), "--bbox", "140.2", "36.0", "140.1", "36.1")
     assert out.returncode == 2

@@ -245,7 +245,7 @@ CASES = [
     BadInput(
         "predict-device-banana",
         ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--device", "banana"),
-        r"--device 'banana': not a device; expected cpu, cuda or cuda:N",
+        r"--device 'banana': not a device; expected auto, cpu, cuda or cuda:N",
         "predict --device banana",
     ),
     BadInput(

@@ -183,7 +183,7 @@ def test_s3_outage_mid_ingest_then_rerun(outage_s3, small_synth, small_cube, das
     np.testing.assert_array_equal(got.time.values, want.time.values)
     np.testing.assert_array_equal(got.hh_db.values, want.hh_db.values)
     np.testing.assert_array_equal(got.lulc.values, want.lulc.values)
-    attrs = json.loads(fs.cat_file("faults/cube.zarr/zarr.json"))["attributes"]
+    attrs = json.loads(fs.cat_file("faults/cube.zarr/sarcube/zarr.json"))["attributes"]
     assert attrs["attempts"] == {}
     assert not fs.exists(f"faults/cube.zarr/{LOCK_NAME}")
 

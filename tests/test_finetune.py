@@ -152,6 +152,10 @@ def test_evaluate_command_matches_the_runs_val_scores(lulc_run, small_shards, tm
     best = next(r for r in res.train.val if r["epoch"] == res.train.best_epoch)
     assert rep["scores"]["miou"] == pytest.approx(best["miou"], abs=1e-12)
     assert rep["scores"]["macc"] == pytest.approx(best["macc"], abs=1e-12)
+    # the run was fine-tuned from a pretrained encoder (lulc_run): the report says so, as the
+    # run's own test report does
+    assert rep["method"] == "pretrained"
+    assert json.loads((out / "test" / "report.json").read_text())["method"] == "pretrained"
 
 
 def test_pretrained_encoder_is_loaded_exactly(encoder_file):

@@ -293,7 +293,7 @@ def test_all_nan_chunks_are_not_stored(small_synth, tmp_path, dask_client):
 def test_registry_records_scenes_and_hashes(small_synth, small_cube):
     import hashlib
 
-    slices = open_group(small_cube).attrs["slices"]
+    slices = open_group(small_cube)["sarcube"].attrs["slices"]
     assert sorted(slices) == ["2022-09-12", "2022-10-10", "2022-11-07"]
     for url in small_synth.scene_urls:
         date = dt.datetime.strptime(Path(url).name.split("-")[3], "%y%m%d").date().isoformat()

@@ -68,7 +68,7 @@ def reference(frames, dask_cluster, tmp_path_factory):
 
 def registry(cube: str) -> dict:
     """The slice registry and label status from the group's zarr.json, without times."""
-    attrs = json.loads((Path(cube) / "zarr.json").read_text())["attributes"]
+    attrs = json.loads((Path(cube) / "sarcube" / "zarr.json").read_text())["attributes"]
     keep = ("time_index", "status", "scenes", "inputs", "valid_cells", "sources")
     slices = {d: {k: e.get(k) for k in keep} for d, e in attrs["slices"].items()}
     labels = {k: attrs["labels"].get(k) for k in ("status", "tiles", "coverage", "labelled_cells")}
@@ -87,14 +87,14 @@ def shard_files(cube: str, *parts: str) -> dict[str, tuple[int, int, bytes]]:
 
 
 def time_index_of(cube: str, date: str) -> int:
-    return json.loads((Path(cube) / "zarr.json").read_text())["attributes"]["slices"][date][
-        "time_index"
-    ]
+    return json.loads((Path(cube) / "sarcube" / "zarr.json").read_text())["attributes"]["slices"][
+        date
+    ]["time_index"]
 
 
 def shards_by_date(cube: str) -> set[str]:
     """Stored hh_db shard objects named by date instead of time slot ({date}/{row}/{col})."""
-    attrs = json.loads((Path(cube) / "zarr.json").read_text())["attributes"]
+    attrs = json.loads((Path(cube) / "sarcube" / "zarr.json").read_text())["attributes"]
     date_of = {str(e["time_index"]): d for d, e in attrs["slices"].items()}
     out = set()
     for k in shard_files(cube, "hh_db", "c"):
@@ -134,7 +134,7 @@ def assert_same_cube(got: str, want: str, same_slots: bool = True) -> None:
 def _read_registry(cube: Path) -> dict | None:
     """Committed slices and in-progress attempts ('writing') by date, read from zarr.json."""
     try:
-        attrs = json.loads((cube / "zarr.json").read_text())["attributes"]
+        attrs = json.loads((cube / "sarcube" / "zarr.json").read_text())["attributes"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return None
     if "slices" not in attrs:

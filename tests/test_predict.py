@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import rasterio
 import torch
 from torch import nn
 
-from sarcube.cube import create_cube, open_cube, open_group
+from sarcube.cube import PREDICTIONS_FORMAT, create_cube, open_cube, open_group, publish_view
 from sarcube.grid import CubeGrid
 from training.predict import (
     NODATA,
@@ -68,7 +69,8 @@ def random_cube(url: Path, size: int, seed: int = 0, nodata_box: bool = True) ->
     root["time"].resize((1,))
     root["time"][0] = 19247  # 2022-09-12
     root["hh_db"][0] = db
-    root.attrs["slices"] = {"2022-09-12": {"time_index": 0, "status": "complete"}}
+    root["sarcube"].attrs["slices"] = {"2022-09-12": {"time_index": 0, "status": "complete"}}
+    publish_view(root)
     return db
 
 
@@ -127,7 +129,7 @@ def test_pointwise_model_stitches_exactly_to_the_whole_region(cube1k, tmp_path):
     )
     assert res.blocks == 4 and res.skipped == 0
     want_cls, want_p = whole_region(model, db)
-    got = open_group(str(out), formats=("sarcube-predictions/1",))
+    got = open_group(str(out), formats=(PREDICTIONS_FORMAT,))
     np.testing.assert_array_equal(got["pred_lulc"][0], want_cls)
     q = got["prob_lulc"][0].astype(np.float64)  # (9, H, W) uint8 = round(254 p)
     ok = np.isfinite(db)
@@ -156,11 +158,11 @@ def test_segmenter_map_does_not_depend_on_the_block_partition(small_cube, tmp_pa
     b = predict(small_cube, pr, str(tmp_path / "b.zarr"), block=512, **kw)
     assert a.region == b.region and a.blocks > b.blocks
     r0, r1, c0, c1 = a.region
-    pa = open_group(str(tmp_path / "a.zarr"), formats=("sarcube-predictions/1",))["pred_lulc"]
-    pb = open_group(str(tmp_path / "b.zarr"), formats=("sarcube-predictions/1",))["pred_lulc"]
-    t = json.loads((tmp_path / "a.zarr" / "zarr.json").read_text())["attributes"]["slices"][
-        "2022-09-12"
-    ]["time_index"]
+    pa = open_group(str(tmp_path / "a.zarr"), formats=(PREDICTIONS_FORMAT,))["pred_lulc"]
+    pb = open_group(str(tmp_path / "b.zarr"), formats=(PREDICTIONS_FORMAT,))["pred_lulc"]
+    t = json.loads((tmp_path / "a.zarr" / "sarcube" / "zarr.json").read_text())["attributes"][
+        "slices"
+    ]["2022-09-12"]["time_index"]
     ma, mb = pa[t, r0:r1, c0:c1], pb[t, r0:r1, c0:c1]
     assert (ma != NODATA).mean() > 0.5
     # equal up to windows batched differently (float32 sums in another order): ≤ 0.05 % of pixels
@@ -173,7 +175,7 @@ def test_nodata_stays_nodata_and_does_not_smear(cube1k, tmp_path):
     url, db = cube1k
     pr = Predictor(pointwise_model(1), "lulc", MEAN, STD, sha256="pw1")
     predict(str(url), pr, str(tmp_path / "p.zarr"), block=1024, progress=False, panel=False)
-    m = open_group(str(tmp_path / "p.zarr"), formats=("sarcube-predictions/1",))["pred_lulc"][0]
+    m = open_group(str(tmp_path / "p.zarr"), formats=(PREDICTIONS_FORMAT,))["pred_lulc"][0]
     assert (m[~np.isfinite(db)] == NODATA).all()
     assert (m[np.isfinite(db)] != NODATA).all()
 
@@ -259,8 +261,8 @@ def test_killed_run_resumes_to_identical_output(cube1k, tmp_path):
     p3 = run_script(tmp_path, "ref", **{**kw, "out": str(ref), "delay": 0.0})
     _, err = p3.communicate(timeout=300)
     assert p3.returncode == 0, err[-2000:]
-    a = open_group(str(out), formats=("sarcube-predictions/1",))["pred_lulc"][0]
-    b = open_group(str(ref), formats=("sarcube-predictions/1",))["pred_lulc"][0]
+    a = open_group(str(out), formats=(PREDICTIONS_FORMAT,))["pred_lulc"][0]
+    b = open_group(str(ref), formats=(PREDICTIONS_FORMAT,))["pred_lulc"][0]
     np.testing.assert_array_equal(a, b)
     assert len(list(markers.glob("*.json"))) == 16
 
@@ -326,7 +328,7 @@ def test_region_larger_than_a_worker_memory_limit(tmp_path, dask_cluster):
         )
         assert list(client.run(os.getpid).values()) == pid0  # the same worker process throughout
     assert res.blocks == 36 and res.megapixels == pytest.approx(6144**2 / 1e6)
-    m = open_group(str(tmp_path / "p.zarr"), formats=("sarcube-predictions/1",))["pred_lulc"]
+    m = open_group(str(tmp_path / "p.zarr"), formats=(PREDICTIONS_FORMAT,))["pred_lulc"]
     assert (m[0, ::512, ::512] != NODATA).all()
 
 
@@ -350,6 +352,25 @@ def test_cog_layout_crs_overviews_colours(cube1k, tmp_path):
     want, _ = whole_region(pointwise_model(), db)
     np.testing.assert_array_equal(data, want)
     assert t.a == pytest.approx(1 / 6000) and t.c == pytest.approx(140.0)
+
+
+@pytest.mark.skipif(
+    shutil.which("gdalinfo") is None, reason="needs GDAL's command line: apt-get install gdal-bin"
+)
+def test_gdal_reads_the_cog_class_names_description_and_nodata(cube1k, tmp_path):
+    """GDAL's own command line (not rasterio) on the COG: the legend a GIS shows."""
+    from sarcube.classes import NINE_CLASS_NAMES
+
+    url, _ = cube1k
+    pr = Predictor(pointwise_model(), "lulc", MEAN, STD, sha256="pw")
+    cog = tmp_path / "map.tif"
+    predict(str(url), pr, str(tmp_path / "p.zarr"), cog=str(cog), progress=False, panel=False)
+    p = subprocess.run(["gdalinfo", "-json", str(cog)], capture_output=True, text=True, check=True)
+    (band,) = json.loads(p.stdout)["bands"]
+    assert band["categories"] == list(NINE_CLASS_NAMES)
+    assert band["description"].startswith("predicted 9-class land cover")
+    assert band["noDataValue"] == 255 and band["colorInterpretation"] == "Palette"
+    assert json.loads(p.stdout)["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
 
 
 def test_region_scores_equal_an_independent_confusion_matrix(small_cube, tmp_path):
@@ -484,9 +505,9 @@ def test_markers_follow_the_slice_and_one_writer_per_store(tmp_path):
     kw = dict(block=256, progress=False, panel=False)
     assert predict(str(url), pr, out, **kw).skipped == 0
     assert predict(str(url), pr, out, **kw).skipped == 4  # unchanged: every block done
-    root = zarr.open_group(str(url), mode="r+")
-    entry = root.attrs["slices"]["2022-09-12"]
-    root.attrs["slices"] = {"2022-09-12": {**entry, "inputs": {"another-scene": "ab12"}}}
+    meta = zarr.open_group(str(url), mode="r+", use_consolidated=False)["sarcube"]
+    entry = meta.attrs["slices"]["2022-09-12"]
+    meta.attrs["slices"] = {"2022-09-12": {**entry, "inputs": {"another-scene": "ab12"}}}
     assert predict(str(url), pr, out, **kw).skipped == 0  # the slice changed: all redone
 
     with StoreLock(out, command="sarcube predict (other)"):

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from helpers.shard_index import build_index
 
-from sarcube.cube import open_cube, open_group
+from sarcube.cube import cube_attrs, open_cube, open_group
 from sarcube.index import (
     CODES,
     HIST_COLUMNS,
@@ -271,7 +271,7 @@ def test_index_from_another_cube_is_refused(small_synth, small_cube, index, tmp_
         client=dask_client,
         progress=False,
     )
-    fp_other = cube_fingerprint(open_group(other).attrs)
+    fp_other = cube_fingerprint(cube_attrs(open_group(other)))
     fp_index = read_index(index)[1]["cube_fingerprint"]
     assert fp_other != fp_index
     out = tmp_path / "out"

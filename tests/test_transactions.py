@@ -34,7 +34,7 @@ SARCUBE = [sys.executable, "-m", "sarcube.cli"]
 
 
 def _attrs(cube: str) -> dict:
-    return json.loads((Path(cube) / "zarr.json").read_text())["attributes"]
+    return json.loads((Path(cube) / "sarcube" / "zarr.json").read_text())["attributes"]
 
 
 def _stored(cube: str, arrays: tuple[str, ...] = ("hh_db", "lulc")) -> dict[str, bytes]:
@@ -142,12 +142,12 @@ def test_killed_attempt_leaves_the_slice_and_is_reclaimed(one_date_cube, dask_cl
 
     cube, scene = one_date_cube
     before = open_cube(cube).hh_db.values
-    root = zarr.open_group(cube, mode="r+")
-    (date,) = root.attrs["slices"]
+    root = zarr.open_group(cube, mode="r+", use_consolidated=False)
+    (date,) = root["sarcube"].attrs["slices"]
     root["hh_db"].resize((2, *root["hh_db"].shape[1:]))
     root["time"].resize((2,))
     root["hh_db"][1] = np.float32(-7.0)  # half-written garbage in slot 1
-    root.attrs.update({"attempts": {date: {"time_index": 1, "status": "writing"}}})
+    root["sarcube"].attrs.update({"attempts": {date: {"time_index": 1, "status": "writing"}}})
     np.testing.assert_array_equal(open_cube(cube).hh_db.values, before)
 
     r = ingest([scene], cube, client=dask_client, progress=False)

@@ -89,7 +89,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes (default 0)")
-    p.add_argument("--panels", type=int, default=4, help="SAR | prediction | truth panels")
+    p.add_argument(
+        "--panels",
+        type=int,
+        default=4,
+        help="samples drawn in panels.png as SAR | prediction | truth (default %(default)s)",
+    )
     p.add_argument("--method", default=None, help="first cell of the table row")
     add_storage_option_argument(p)
 
@@ -135,7 +140,11 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         default=defaults.PREDICT_BATCH,
         help="windows per forward pass (default %(default)s)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda when available, else cpu), cpu, cuda, cuda:N (default auto)",
+    )
     p.add_argument(
         "--workers", type=int, default=0, help="Dask worker processes (default 0: this process)"
     )
@@ -384,7 +393,7 @@ def check_predict_args(args: argparse.Namespace) -> None:
         raise InputError(f"--overlap must be in [0, 255] pixels, got {args.overlap}")
     if args.block < 256 or args.block % 256:
         raise InputError(f"--block must be a positive multiple of 256 pixels, got {args.block}")
-    check_device(args.device, allow_auto=False)
+    check_device(args.device)
     storage_options = storage_options_of(args)
     check_readable(args.cube, storage_options, "--cube")
     check_readable(args.checkpoint, storage_options, "--checkpoint")

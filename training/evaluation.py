@@ -253,6 +253,9 @@ def evaluate(
             f"lists {listed} ({manifest})"
         )
     report: dict[str, Any] = {}
+    if method is None:  # from the run's own config: segmenter_from_checkpoint clears it in cfg
+        trained_from = (ck.get("config") or {}).get("seg", {}).get("pretrained")
+        method = "pretrained" if trained_from else "no pretraining"
     if info.rank == 0:
         report = write_report(
             res,

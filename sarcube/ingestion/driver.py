@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..cluster import check_cluster_arguments, dask_client, run_tasks, task_key
-from ..cube import create_cube
+from ..cube import create_cube, metadata
 from ..errors import InputError
 from ..grid import CubeGrid
 from ..sources import LulcSource, SceneSource, SourceError, expand_urls, inspect_lulc, inspect_scene
@@ -101,10 +101,9 @@ def _scenes_by_date(
 ) -> dict[dt.date, list[SceneSource]]:
     """The scenes that fall on the cube grid and on label coverage, by date; each other scene
     one line in ``report.problems``."""
+    labels = metadata(root).attrs.get("labels", {}) if root is not None else {}
     coverage = [t.bounds for t in tiles] or (
-        [tuple(root.attrs["labels"]["coverage"])]
-        if root is not None and root.attrs.get("labels", {}).get("coverage")
-        else []
+        [tuple(labels["coverage"])] if labels.get("coverage") else []
     )
     by_date: dict[dt.date, list[SceneSource]] = defaultdict(list)
     for s in scenes:

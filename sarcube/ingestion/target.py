@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..cube import CubeError, cube_grid, open_group
+from ..cube import CubeError, cube_grid, metadata, open_group
 from ..errors import InputError
 from ..grid import DEFAULT_CELLS_PER_DEGREE, CubeGrid, parse_resolution
 from ..storage import is_local_fs, url_to_fs
@@ -60,7 +60,7 @@ def check_cube_destination(cube: str, storage_options: Mapping[str, Any]) -> Non
 
 def has_content(root) -> bool:
     """True when the cube holds a slice or complete labels."""
-    attrs = root.attrs.asdict()
+    attrs = metadata(root).attrs.asdict()
     return bool(attrs.get("slices")) or attrs.get("labels", {}).get("status") == "complete"
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from affine import Affine
 
 from .. import defaults
-from ..cube import write_region
+from ..cube import open_zarr_group, write_region
 from ..errors import InputError
 from ..grid import CubeGrid
 from ..sources import LulcSource, SceneSource, SourceError
@@ -147,10 +147,6 @@ def ingest_sar_block(
 
     Returns the number of valid cube cells each scene contributed.
     """
-    import zarr
-
-    from ..cube import zarr_store
-
     r0, r1, c0, c1 = block
     total = np.zeros((r1 - r0, c1 - c0), dtype=np.float64)
     count = np.zeros((r1 - r0, c1 - c0), dtype=np.int32)
@@ -170,7 +166,7 @@ def ingest_sar_block(
     with np.errstate(divide="ignore", invalid="ignore"):
         db = (10.0 * np.log10(total / count)).astype(np.float32)
     db[count == 0] = np.nan
-    root = zarr.open_group(zarr_store(cube_url, storage_options), mode="r+", zarr_format=3)
+    root = open_zarr_group(cube_url, storage_options, mode="r+")
     write_region(
         root["hh_db"], (slice(time_index, time_index + 1), slice(r0, r1), slice(c0, c1)), db[None]
     )
@@ -236,13 +232,9 @@ def label_block(
 
 def ingest_label_block(cube_url: str, storage_options, grid: CubeGrid, block, tiles) -> int:
     """Write lulc[block]; returns the number of labelled cells."""
-    import zarr
-
-    from ..cube import zarr_store
-
     r0, r1, c0, c1 = block
     codes = label_block(grid, block, tiles, storage_options)
-    root = zarr.open_group(zarr_store(cube_url, storage_options), mode="r+", zarr_format=3)
+    root = open_zarr_group(cube_url, storage_options, mode="r+")
     write_region(root["lulc"], (slice(r0, r1), slice(c0, c1)), codes)
     return int((codes > 0).sum())
 

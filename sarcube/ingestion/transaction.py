@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..cluster import run_tasks, task_key
-from ..cube import date_to_days
+from ..cube import date_to_days, metadata, publish_view
 from ..registry import SliceRegistry, clear_slots, time_layers
 from ..sources import SceneSource, SourceError
 from .report import IngestError, IngestReport
@@ -59,10 +59,11 @@ def source_from_json(d: Mapping[str, Any]) -> SceneSource:
 def ingest_labels(client, root, cube, storage_options, grid, tiles, progress) -> str:
     """Write the label layer from ``tiles`` unless the same tiles are in already; returns what
     happened, for the report. Raises IngestError when a block failed."""
+    meta = metadata(root)
     if not tiles:
-        return "kept" if root.attrs.get("labels", {}).get("status") == "complete" else "none"
+        return "kept" if meta.attrs.get("labels", {}).get("status") == "complete" else "none"
     sig = {t.name: t.sha256 for t in sorted(tiles, key=lambda t: t.name)}
-    reg = dict(root.attrs.get("labels", {}))
+    reg = dict(meta.attrs.get("labels", {}))
     if reg.get("status") == "complete" and reg.get("tiles") == sig:
         return "unchanged"
     b = [t.bounds for t in tiles]
@@ -72,7 +73,7 @@ def ingest_labels(client, root, cube, storage_options, grid, tiles, progress) ->
         max(x[2] for x in b),
         max(x[3] for x in b),
     ]
-    root.attrs["labels"] = {"status": "writing", "tiles": sig, "coverage": coverage}
+    meta.attrs["labels"] = {"status": "writing", "tiles": sig, "coverage": coverage}
     futs = {
         blk: client.submit(
             ingest_label_block,
@@ -89,15 +90,16 @@ def ingest_labels(client, root, cube, storage_options, grid, tiles, progress) ->
     results = run_tasks(client, futs, "labels", progress)
     errors = [r for r in results.values() if isinstance(r, Exception)]
     if errors:
-        root.attrs["labels"] = {**root.attrs["labels"], "status": "failed"}
+        meta.attrs["labels"] = {**meta.attrs["labels"], "status": "failed"}
         raise IngestError(f"writing labels failed: {type(errors[0]).__name__}: {errors[0]}")
     labelled = sum(results.values())
-    root.attrs["labels"] = {
+    meta.attrs["labels"] = {
         "status": "complete",
         "tiles": sig,
         "coverage": coverage,
         "labelled_cells": labelled,
     }
+    publish_view(root)
     return f"{len(tiles)} tiles, {labelled} labelled cells"
 
 
@@ -255,7 +257,8 @@ def ingest_slices(
     garbage = set(registry.free)
     pending = _plan_attempts(registry, by_date, report)
     if not pending:
-        if root.attrs.get("attempts") or garbage != set(root.attrs.get("free_slots", [])):
+        meta = metadata(root).attrs
+        if meta.get("attempts") or garbage != set(meta.get("free_slots", [])):
             lock.check()
             registry.commit()  # forget a dead run's attempts; their slots are free
         reclaim(cube, root, storage_options, registry, garbage)

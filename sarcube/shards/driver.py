@@ -176,7 +176,7 @@ def write_shards(
     writer holds ``out_url``.
     """
     from ..cluster import check_cluster_arguments, dask_client
-    from ..cube import open_group
+    from ..cube import cube_attrs, cube_grid, open_group
     from ..locking import StoreLock
 
     storage_options = RedactedOptions(
@@ -193,9 +193,9 @@ def write_shards(
     df, meta, index_url = load_index(index_url_or_df, storage_options)
     meta.pop("shards_url", None)  # set by an earlier run of this function
     root = open_group(cube_url, storage_options)
-    patch = int(root.attrs["grid"].get("chunk", 256))
+    patch = cube_grid(root).chunk
     t_index = check_index(df, meta, root, cube_url, index_url or "(DataFrame)", splits)
-    fingerprint = cube_fingerprint(root.attrs)
+    fingerprint = cube_fingerprint(cube_attrs(root))
     plans = plan_shards(
         df, t_index, fingerprint, splits, shard_size_mb, min_shards_per_split, seed, patch
     )

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..cube import cube_attrs, metadata
 from ..errors import InputError
 from ..index import HIST_COLUMNS, SPLITS, cube_fingerprint, patch_id, read_index
 from .layout import ShardError
@@ -49,7 +50,7 @@ def check_index(
 
     Raises ShardError for an index of another cube, an empty index or split, or dates that are
     not complete slices; InputError for a malformed index."""
-    fp = cube_fingerprint(root.attrs)
+    fp = cube_fingerprint(cube_attrs(root))
     fp_index = meta.get("cube_fingerprint")
     if fp_index != fp:
         raise ShardError(
@@ -126,7 +127,7 @@ def _check_patches(used: pd.DataFrame, root, index_name: str) -> None:
 
 def _complete_dates(used: pd.DataFrame, root, cube_url: str, index_name: str) -> dict[str, int]:
     """Date -> raw time index of the used dates, each a complete slice of the cube."""
-    slices = root.attrs.get("slices") or {}
+    slices = metadata(root).attrs.get("slices") or {}
     complete = {d: int(v["time_index"]) for d, v in slices.items() if v.get("status") == "complete"}
     dates = sorted({pd.Timestamp(t).strftime("%Y-%m-%d") for t in used["time"]})
     absent = [d for d in dates if d not in complete]

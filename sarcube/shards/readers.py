@@ -84,11 +84,11 @@ def recut_patch(
 
     Raises CubeError when its date is not a complete slice, InputError when it is outside the
     cube's patch grid."""
-    from ..cube import CubeError, cube_grid, open_group
+    from ..cube import CubeError, cube_grid, metadata, open_group
 
     date, row, col = parse_patch_id(patch_id)
     root = open_group(cube_url, storage_options)
-    slices = root.attrs.get("slices") or {}
+    slices = metadata(root).attrs.get("slices") or {}
     entry = slices.get(date.strftime("%Y-%m-%d"))
     if not entry or entry.get("status") != "complete":
         raise CubeError(

@@ -72,13 +72,10 @@ def read_patch(
 
 def _open_cube_arrays(cube_url: str, storage_options: Mapping[str, Any]):
     """(hh_db, lulc) of the cube, read-only."""
-    import zarr
 
-    from ..cube import zarr_store
+    from ..cube import open_zarr_group
 
-    root = zarr.open_group(
-        zarr_store(cube_url, storage_options, read_only=True), mode="r", zarr_format=3
-    )
+    root = open_zarr_group(cube_url, storage_options)
     return root["hh_db"], root["lulc"]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sarcube.cube import open_cube, open_group
+from sarcube.cube import cube_attrs, open_cube, open_group
 from sarcube.index import CODES, COLUMNS, HIST_COLUMNS, cube_fingerprint, patch_id
 
 # September patches: split by 2 × 2-patch blocks (the cube is 4 × 4 patches)
@@ -67,7 +67,7 @@ def build_index(cube_url: str) -> tuple[pd.DataFrame, dict]:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     meta = {
         "cube_url": cube_url,
-        "cube_fingerprint": cube_fingerprint(open_group(cube_url).attrs),
+        "cube_fingerprint": cube_fingerprint(cube_attrs(open_group(cube_url))),
         "seed": 0,
         "params": {"rule": "test: all patches"},
     }

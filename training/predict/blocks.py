@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sarcube.classes import IGNORE_INDEX, segmentation_task
-from sarcube.cube import PREDICTIONS_FORMAT, open_group
+from sarcube.cube import FORMAT, PREDICTIONS_FORMAT, open_group
 
 from .predictor import Predictor, cached_predictor
 from .scoring import confusion_matrix
@@ -110,9 +110,7 @@ class BlockJob:
 def _write_pixels(job: BlockJob, task: str, cls: np.ndarray, prob: np.ndarray, valid) -> None:
     """The block's classes (and uint8 probabilities) into the output layer(s)."""
     r0, r1, c0, c1 = job.block
-    dst = open_group(
-        job.out, job.storage_options, mode="r+", formats=(PREDICTIONS_FORMAT, "sarcube-cube/1")
-    )
+    dst = open_group(job.out, job.storage_options, mode="r+", formats=(PREDICTIONS_FORMAT, FORMAT))
     dst[job.layer][job.t, r0:r1, c0:c1] = cls
     if job.prob_layer:
         q = np.where(np.isfinite(prob), np.rint(np.clip(prob, 0, 1) * 254), NODATA).astype(np.uint8)

@@ -1,8 +1,10 @@
 """A prediction layer as pictures: PNG panels for a look, a Cloud-Optimized GeoTIFF for GIS.
 
 With every run, a PNG panel per date, SAR | prediction | truth | errors (truth and errors when
-the cube has labels), at most ~1024 px wide, beside the output store. ``--cog`` writes a
-Cloud-Optimized GeoTIFF (EPSG:4326, overviews by mode, the JAXA-like colour table).
+the cube has labels), at most ~1024 px wide, with a legend of the classes, beside the output
+store. ``--cog`` writes a Cloud-Optimized GeoTIFF (EPSG:4326, overviews by mode, the JAXA-like
+colour table, nodata 255, a band description, and the class names as GDAL category names in the
+``<cog>.aux.xml`` sidecar, which GDAL, QGIS and ArcGIS read as the legend).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sarcube.classes import IGNORE_INDEX, segmentation_task
-from sarcube.cube import PREDICTIONS_FORMAT, cube_grid, open_group
+from sarcube.cube import FORMAT, PREDICTIONS_FORMAT, cube_grid, open_group
 from sarcube.storage import is_remote, join_url, write_bytes
 
 from ..reports import class_colors
@@ -61,9 +63,10 @@ def _panel_images(src, dst, layer: str, t: int, region, step: int, task: str, la
     return panels
 
 
-def _save_figure(panels, k: int, title: str, path: Path) -> None:
-    """The panels side by side, as a PNG at ``path``."""
+def _save_figure(panels, k: int, title: str, path: Path, names: Sequence[str] = ()) -> None:
+    """The panels side by side, as a PNG at ``path``; a legend of the class ``names``."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
     for ax, (name, a, cm) in zip(np.atleast_1d(axes), panels, strict=True):
@@ -78,7 +81,14 @@ def _save_figure(panels, k: int, title: str, path: Path) -> None:
         ax.set_title(name, fontsize=10)
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    cmaps = [cm for name, _, cm in panels if name == "prediction"]
+    if names and cmaps:
+        handles = [Patch(color=cmaps[0](i), label=n) for i, n in enumerate(names)]
+        handles.append(Patch(facecolor="white", edgecolor="0.6", label="no data"))
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=9)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -101,7 +111,7 @@ def write_panels(
     from matplotlib.colors import ListedColormap
 
     src = open_group(cube, storage_options)
-    dst = open_group(out, storage_options, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
+    dst = open_group(out, storage_options, formats=(PREDICTIONS_FORMAT, FORMAT))
     r0, r1, c0, c1 = region
     step = max(1, math.ceil(max(r1 - r0, c1 - c0) / 1024))
     k = segmentation_task(task).num_classes
@@ -114,7 +124,8 @@ def write_panels(
     for d, t in dates:
         panels = _panel_images(src, dst, layer, t, region, step, task, labels, cmap)
         path = base / f"{Path(out.rstrip('/')).stem}_{layer}_{d}.png"
-        _save_figure(panels, k, f"{task} map, {d} (1 px = {step} cube px)", path)
+        names = segmentation_task(task).class_names
+        _save_figure(panels, k, f"{task} map, {d} (1 px = {step} cube px)", path, names)
         if tmpdir is not None:  # beside the store, like a local one (nothing in the cwd)
             url = join_url(out.rstrip("/").rsplit("/", 1)[0], path.name)
             write_bytes(url, path.read_bytes(), storage_options)
@@ -170,6 +181,7 @@ def _write_tiled_geotiff(
                     window=Window(c - c0, r - r0, cc - c, rr - r),
                 )
         dst.write_colormap(1, colors)
+        dst.set_band_description(1, str(arr.attrs.get("long_name", f"predicted {task}")))
         dst.update_tags(
             1,
             **{
@@ -178,6 +190,20 @@ def _write_tiled_geotiff(
                 if k2 in ("task", "checkpoint", "checkpoint_sha256", "flag_meanings")
             },
         )
+
+
+def _write_category_names(tif: Path, names: Sequence[str]) -> None:
+    """GDAL category names (pixel value i -> ``names[i]``) for band 1 of ``tif``, in its PAM
+    sidecar ``<tif>.aux.xml``. Written by hand because rasterio has no API for
+    ``GDALSetRasterCategoryNames``; GDAL's COG driver carries the sidecar over to the COG."""
+    from xml.etree import ElementTree as ET
+
+    root = ET.Element("PAMDataset")
+    band = ET.SubElement(root, "PAMRasterBand", band="1")
+    cats = ET.SubElement(band, "CategoryNames")
+    for name in names:
+        ET.SubElement(cats, "Category").text = str(name)
+    ET.ElementTree(root).write(str(tif) + ".aux.xml", encoding="UTF-8", xml_declaration=False)
 
 
 def export_cog(
@@ -192,17 +218,21 @@ def export_cog(
 ) -> str:
     """Write ``layer[time_index]`` over ``region`` as a Cloud-Optimized GeoTIFF at ``path``
     (local, or a URL: written locally then uploaded): EPSG:4326, 512² tiles, deflate, nodata 255,
-    overviews by mode, a colour table of the class colours. Copied block by block into a tiled
-    GeoTIFF, then through GDAL's COG driver (memory: one block)."""
+    overviews by mode, a colour table of the class colours, the layer's ``long_name`` as band
+    description and the class names as category names (``<path>.aux.xml``, uploaded beside a
+    remote COG). Copied block by block into a tiled GeoTIFF, then through GDAL's COG driver
+    (memory: one block)."""
     from rasterio.shutil import copy as rio_copy
 
     storage_options = dict(storage_options or {})
-    root = open_group(out, storage_options, formats=(PREDICTIONS_FORMAT, "sarcube-cube/1"))
+    root = open_group(out, storage_options, formats=(PREDICTIONS_FORMAT, FORMAT))
     grid = cube_grid(root)
     region = region or (0, grid.height, 0, grid.width)
     tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-cog-"))
     tmp = tmpdir / "map.tif"
     _write_tiled_geotiff(tmp, root[layer], grid, region, time_index, block)
+    task = root[layer].attrs.get("task", "lulc")
+    _write_category_names(tmp, segmentation_task(task).class_names)
     remote = is_remote(str(path))
     local = tmpdir / "cog.tif" if remote else Path(path)
     local.parent.mkdir(parents=True, exist_ok=True)
@@ -217,5 +247,8 @@ def export_cog(
     )
     if remote:
         write_bytes(str(path), local.read_bytes(), storage_options)
+        sidecar = Path(f"{local}.aux.xml")
+        if sidecar.exists():
+            write_bytes(f"{path}.aux.xml", sidecar.read_bytes(), storage_options)
     shutil.rmtree(tmpdir, ignore_errors=True)
     return str(path)

@@ -4,8 +4,8 @@
 
     sarcube predict --cube cube.zarr --checkpoint runs/lulc/best.pt --out cube.zarr \\
         [--bbox W S E N] [--time 2022-09-12 | 2022-09-01/2022-10-31] [--task lulc|water] \\
-        [--overlap 128] [--batch-size 16] [--device cpu|cuda] [--workers N] [--probabilities] \\
-        [--cog map.tif]
+        [--overlap 128] [--batch-size 16] [--device auto|cpu|cuda] [--workers N] \\
+        [--probabilities] [--cog map.tif]
 
 **Out of core.** The region (bbox snapped outward to whole 256-px chunks) is cut into blocks of
 ``block`` × ``block`` pixels aligned to the chunks (:mod:`training.predict.blocks`: each reads its
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sarcube import defaults
-from sarcube.cube import cube_grid, open_group
+from sarcube.cube import FORMAT, PREDICTIONS_FORMAT, cube_attrs, cube_grid, open_group, publish_view
 from sarcube.grid import CubeGrid
 from sarcube.locking import StoreLock
 from sarcube.storage import RedactedOptions
@@ -44,6 +44,8 @@ from .store import marker_is_current, marker_url, prepare_output, read_marker, s
 from .windows import WINDOW, region_blocks
 
 __all__ = ["PredictResult", "check_args", "main", "predict", "run_args"]
+
+OUTPUT_FORMATS = (PREDICTIONS_FORMAT, FORMAT)  # a predictions store, or the cube itself
 
 
 @dataclass
@@ -97,7 +99,7 @@ def _dates_of(item: str, done: Sequence[tuple[str, int]]) -> list[tuple[str, int
 
 def _select_dates(root, time: str | Sequence[str] | None) -> list[tuple[str, int]]:
     """(date, time index) of the complete slices ``time`` asks for (default: all of them)."""
-    slices = root.attrs.get("slices", {})
+    slices = cube_attrs(root).get("slices", {})
     done = sorted(
         (d, int(v["time_index"])) for d, v in slices.items() if v.get("status") == "complete"
     )
@@ -211,7 +213,7 @@ def predict(
     task: str | None = None,
     overlap: int = defaults.PREDICT_OVERLAP,
     batch_size: int = defaults.PREDICT_BATCH,
-    device: str = "cpu",
+    device: str = "auto",
     probabilities: bool = False,
     cog: str | None = None,
     workers: int = 0,
@@ -235,7 +237,8 @@ def predict(
         task: ``lulc`` / ``water``; checked against the checkpoint.
         overlap: pixels shared by neighbouring 256² windows (0 … 255; default 128 = 50 %).
         batch_size: windows per forward pass.
-        device: ``cpu`` or ``cuda`` (``cuda``: blocks run in this process on the GPU).
+        device: ``auto`` (``cuda`` when torch sees a GPU, else ``cpu``), ``cpu`` or ``cuda``
+            (``cuda``: blocks run in this process on the GPU).
         probabilities: also write uint8 class probabilities.
         cog: also export the map of the first date as a Cloud-Optimized GeoTIFF here.
         workers / client / scheduler: run blocks on a Dask cluster (``workers`` local processes,
@@ -254,13 +257,18 @@ def predict(
     stride = WINDOW - int(overlap)
     if block < WINDOW or block % 256:
         raise PredictError(f"block must be a positive multiple of 256 pixels, got {block}")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     root = _open_source(cube, storage_options)
     grid = cube_grid(root)
     dates = _select_dates(root, time)
     region = _region(grid, bbox)
     pr, spec = _resolve_predictor(checkpoint, storage_options, task, device)
-    labels = "lulc" in root and bool(root.attrs.get("labels"))
-    slice_ids = {d: slice_id(root.attrs["slices"][d]) for d, _ in dates}
+    meta = cube_attrs(root)
+    labels = "lulc" in root and bool(meta.get("labels"))
+    slice_ids = {d: slice_id(meta["slices"][d]) for d, _ in dates}
     # One writer per output store (the cube itself by default: then ingest and predict exclude
     # each other too); the markers beside it are covered by the same lock.
     with StoreLock(
@@ -288,6 +296,8 @@ def predict(
         t0 = _time.perf_counter()
         results = _run_jobs(pr, spec, jobs, device, workers, client, scheduler, progress)
         seconds = _time.perf_counter() - t0
+        # every block written: plain readers (consolidated metadata) see the new layers now
+        publish_view(open_group(out, storage_options, mode="r+", formats=OUTPUT_FORMATS))
     results.update(done)
     mpx = sum((j.block[1] - j.block[0]) * (j.block[3] - j.block[2]) for j in jobs) / 1e6
     res = PredictResult(

@@ -24,7 +24,15 @@ from typing import Any
 
 from sarcube import __version__
 from sarcube.classes import segmentation_task
-from sarcube.cube import PREDICTIONS_FORMAT, open_group, zarr_store
+from sarcube.cube import (
+    PREDICTIONS_FORMAT,
+    SLICE_STATUS,
+    cube_grid,
+    metadata,
+    open_group,
+    root_attrs,
+    zarr_store,
+)
 from sarcube.grid import CubeGrid
 from sarcube.storage import is_remote, join_url, put_bytes, url_to_fs
 
@@ -63,6 +71,7 @@ def layer_attrs(pr: Predictor, overlap: int, stride: int) -> dict[str, Any]:
         "flag_values": list(range(len(names))),
         "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
         "nodata": NODATA,
+        "_FillValue": NODATA,
         "task": pr.task,
         "checkpoint": pr.checkpoint,
         "checkpoint_sha256": pr.sha256,
@@ -71,7 +80,7 @@ def layer_attrs(pr: Predictor, overlap: int, stride: int) -> dict[str, Any]:
         "stride": stride,
         "blend": "sin^2 window weight x valid share of the window; probabilities averaged",
         "sarcube_version": __version__,
-        "coordinates": "spatial_ref",
+        "coordinates": f"spatial_ref {SLICE_STATUS}",
         "grid_mapping": "spatial_ref",
     }
 
@@ -99,7 +108,9 @@ def _open_predictions_store(
                 "sarcube predictions store; choose another path"
             ) from None
         # "a", not "w-": the folder may already hold this run's lock object
-        root = zarr.open_group(zarr_store(out, storage_options), mode="a", zarr_format=3)
+        root = zarr.open_group(
+            zarr_store(out, storage_options), mode="a", zarr_format=3, use_consolidated=False
+        )
         for name in ("y", "x", "spatial_ref"):
             a = src[name]
             dst = root.create_array(
@@ -112,17 +123,14 @@ def _open_predictions_store(
             )
             dst[...] = a[...]
             dst.attrs.update(dict(a.attrs))
-        root.attrs.update(
+        root.attrs.update(root_attrs(PREDICTIONS_FORMAT, grid, "sarcube predicted maps"))
+        root.create_group("sarcube").attrs.update(
             {
-                "format": PREDICTIONS_FORMAT,
-                "sarcube_version": __version__,
-                "grid": grid.to_attrs(),
-                "crs": "EPSG:4326",
                 "slices": {},
                 "source_cube": cube if is_remote(cube) else os.path.abspath(cube),
             }
         )
-    if root.attrs.get("grid") != grid.to_attrs():
+    if cube_grid(root) != grid:
         raise PredictError(f"--out {out}: a predictions store of another grid than {cube}")
     return root
 
@@ -143,10 +151,11 @@ def _sync_time_axis(root, src, t_len: int, dates: Sequence[tuple[str, int]]) -> 
     if root["time"].shape[0] < t_len:
         root["time"].resize((t_len,))
     root["time"][:t_len] = src["time"][:t_len]
-    slices = dict(root.attrs.get("slices", {}))
+    meta = metadata(root)
+    slices = dict(meta.attrs.get("slices", {}))
     for d, t in dates:
         slices[d] = {"time_index": t, "status": "complete"}
-    root.attrs["slices"] = slices
+    meta.attrs["slices"] = slices
 
 
 def _layer_specs(
