@@ -49,9 +49,11 @@ from .radiometry import CALIBRATION_FACTORS_DB, CALIBRATION_FORMULA
 from .storage import is_remote, redact
 
 # Zarr warns about any object it does not know when it lists a group; the write lock
-# (sarcube.locking) is ours and is there only while a writer runs.
+# (sarcube.locking, there only while a writer runs) and the STAC record (sarcube.stac) are ours.
 warnings.filterwarnings(
-    "ignore", message=r"Object at \.sarcube-lock\.json is not recognized", category=UserWarning
+    "ignore",
+    message=r"Object at (\.sarcube-lock|collection|item)\.json is not recognized",
+    category=UserWarning,
 )
 
 # Zarr v3 consolidated metadata is not in the v3 spec yet; zarr says so on every write of it.

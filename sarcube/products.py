@@ -123,7 +123,9 @@ class LulcTileName:
 
 
 def _basename(name_or_url: str) -> str:
-    return PurePosixPath(str(name_or_url).rstrip("/")).name
+    # an archive member's URL (tar://DIR/NAME::ARCHIVE): the member's name
+    head = str(name_or_url).split("::", 1)[0]
+    return PurePosixPath(head.rstrip("/")).name
 
 
 def parse_scene_name(name_or_url: str) -> SceneName:

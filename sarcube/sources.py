@@ -26,10 +26,12 @@ from .products import (
     parse_scene_name,
 )
 from .radiometry import calibration_factor
-from .storage import gdal_path, rasterio_env, url_to_fs
+from .storage import archive_protocol, gdal_path, member_url, rasterio_env, url_to_fs
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 RASTER_SUFFIXES = (".tif", ".tiff")
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+INPUT_SUFFIXES = RASTER_SUFFIXES + ARCHIVE_SUFFIXES
 
 
 class SourceError(InputError):
@@ -110,7 +112,12 @@ def _describe_fs_error(url: str, e: Exception) -> str:
 def expand_urls(
     urls: Iterable[str], storage_options: Mapping[str, Any] | None = None
 ) -> tuple[list[str], list[str]]:
-    """Expand paths/globs/directories/prefixes to GeoTIFF URLs. Returns (urls, problems)."""
+    """Expand paths/globs/directories/prefixes to GeoTIFF URLs. Returns (urls, problems).
+
+    A JAXA delivery archive (``.zip``, ``.tar.gz``, ``.tgz``, ``.tar``; given, or found under a
+    directory or prefix) is read in place: its HH scenes and mosaic tiles become member URLs
+    (``tar://MEMBER::ARCHIVE``), which GDAL opens as ``/vsitar/`` or ``/vsizip/``; the archive's
+    other layers (HV, date, mask, incidence) are not inputs and are skipped."""
     found: list[str] = []
     problems: list[str] = []
     for url in urls:
@@ -126,19 +133,49 @@ def expand_urls(
                 hits = sorted(fs.glob(path))
                 if not hits:
                     problems.append(f"{url}: no file matches this pattern")
-                found.extend(to_url(h) for h in hits if h.lower().endswith(RASTER_SUFFIXES))
+                hits = [to_url(h) for h in hits if h.lower().endswith(INPUT_SUFFIXES)]
             elif fs.isdir(path):
-                hits = sorted(p for p in fs.find(path) if p.lower().endswith(RASTER_SUFFIXES))
+                hits = [
+                    to_url(p) for p in sorted(fs.find(path)) if p.lower().endswith(INPUT_SUFFIXES)
+                ]
                 if not hits:
                     problems.append(f"{url}: no .tif file under this directory/prefix")
-                found.extend(to_url(h) for h in hits)
             elif fs.exists(path):
-                found.append(to_url(path))
+                hits = [to_url(path)]
             else:
+                hits = []
                 problems.append(f"{url}: not found")
+            for hit in hits:
+                if not archive_protocol(hit):
+                    found.append(hit)
+                    continue
+                try:
+                    found.extend(_archive_members(hit, storage_options))
+                except SourceError as e:
+                    problems.append(str(e))
         except Exception as e:  # any fsspec/botocore failure becomes one line naming the URL
             problems.append(_describe_fs_error(url, e))
     return list(dict.fromkeys(found)), problems
+
+
+def _archive_members(archive: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """Member URLs of the HH scenes and mosaic tiles inside a delivery archive."""
+    fs, _ = url_to_fs(member_url(archive, ""), storage_options)
+    out = []
+    for member in sorted(fs.find("")):
+        if not member.lower().endswith(RASTER_SUFFIXES):
+            continue
+        for parse in (parse_scene_name, parse_mosaic_name):
+            try:
+                name = parse(member)
+            except ProductNameError:
+                continue
+            if name.polarization == "HH":
+                out.append(member_url(archive, member))
+            break
+    if not out:
+        raise SourceError(f"{archive}: no HH scene or mosaic tile inside this archive")
+    return out
 
 
 def file_sha256(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -152,11 +189,13 @@ def file_sha256(url: str, storage_options: Mapping[str, Any] | None = None) -> s
 
 
 def _mosaic_date(url: str, storage_options) -> dt.date | None:
-    """Acquisition date of a mosaic tile from its JAXA XML beside it (``…_F02DAR.xml``)."""
-    m = re.match(r"^(.*/)?([NS]\d{2}[EW]\d{3}_\d{2})_sl_H[HV]_(\w+)\.tiff?$", url)
+    """Acquisition date of a mosaic tile from its JAXA XML beside it (``…_F02DAR.xml``; in a
+    delivery archive, the XML inside the same archive)."""
+    head, sep, archive = url.partition("::")
+    m = re.match(r"^(.*/)?([NS]\d{2}[EW]\d{3}_\d{2})_sl_H[HV]_(\w+)\.tiff?$", head)
     if not m:
         return None
-    xml_url = f"{m[1] or ''}{m[2]}_{m[3]}.xml"
+    xml_url = f"{m[1] or ''}{m[2]}_{m[3]}.xml{sep}{archive}"
     try:
         fs, path = url_to_fs(xml_url, storage_options)
         if not fs.exists(path):

@@ -31,11 +31,46 @@ def is_remote(url: str) -> bool:
     return scheme not in ("", "file") and len(scheme) > 1  # len>1: Windows drive letters
 
 
+# JAXA delivers products as archives: a scene inside one is addressed as fsspec's chained URL
+# ``tar://MEMBER::ARCHIVE`` / ``zip://MEMBER::ARCHIVE`` (ARCHIVE local or s3://), read in place
+ARCHIVE_PROTOCOLS = {".zip": "zip", ".tar.gz": "tar", ".tgz": "tar", ".tar": "tar"}
+_VSI = {"zip": "/vsizip/", "tar": "/vsitar/"}
+
+
+def archive_protocol(url: str) -> str | None:
+    """``zip`` / ``tar`` for a delivery archive's URL (by its suffix), else None."""
+    low = str(url).lower()
+    return next((p for suffix, p in ARCHIVE_PROTOCOLS.items() if low.endswith(suffix)), None)
+
+
+def member_url(archive_url: str, member: str) -> str:
+    """The URL of ``member`` inside the archive at ``archive_url``."""
+    return f"{archive_protocol(archive_url)}://{member.lstrip('/')}::{archive_url}"
+
+
+def split_member_url(url: str) -> tuple[str, str, str] | None:
+    """``(protocol, member, archive URL)`` of an archive member's URL, else None."""
+    head, sep, archive = str(url).partition("::")
+    proto, _, member = head.partition("://")
+    if not sep or proto not in _VSI:
+        return None
+    return proto, member, archive
+
+
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None):
-    """(filesystem, path) for a URL; local paths are made absolute."""
+    """(filesystem, path) for a URL; local paths are made absolute; an archive member's URL
+    (``tar://MEMBER::ARCHIVE``) gets the storage options for its archive's protocol."""
     import fsspec  # on first use: the command-line parser imports this module (fast --help)
 
     url = str(url)
+    parts = split_member_url(url)
+    if parts is not None:
+        proto, member, archive = parts
+        if not is_remote(archive):
+            archive = os.path.abspath(archive.removeprefix("file://"))
+        outer = urlparse(archive).scheme if is_remote(archive) else "file"
+        kwargs = {outer: dict(storage_options)} if storage_options else {}
+        return fsspec.core.url_to_fs(f"{proto}://{member}::{archive}", **kwargs)
     if not is_remote(url):
         url = os.path.abspath(url.removeprefix("file://"))
     return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
@@ -147,8 +182,13 @@ def endpoint_url(storage_options: Mapping[str, Any] | None) -> str | None:
 
 
 def gdal_path(url: str) -> str:
-    """A path GDAL opens: ``s3://bucket/key`` -> ``/vsis3/bucket/key``; local paths unchanged."""
+    """A path GDAL opens: ``s3://bucket/key`` -> ``/vsis3/bucket/key``; local paths unchanged;
+    an archive member ``tar://M::A`` -> ``/vsitar/{A as GDAL opens it}/M`` (zip: ``/vsizip/``)."""
     url = str(url)
+    parts = split_member_url(url)
+    if parts is not None:
+        proto, member, archive = parts
+        return f"{_VSI[proto]}{gdal_path(archive)}/{member}"
     parsed = urlparse(url)
     if parsed.scheme == "s3":
         return f"/vsis3/{parsed.netloc}{parsed.path}"

@@ -572,7 +572,7 @@ CASES = [
     ),
     BadInput(
         "predict-locked-cube",
-        ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}"),
+        ("predict", "--cube", "{cube}", "--checkpoint", "{ckpt}", "--out", "{cube}"),
         r"locked by another writer: sarcube test-holder",
         "predict into the cube while another writer holds it",
         "cube_locked",

@@ -173,3 +173,30 @@ def test_the_readmes_geotiff_snippet_writes_one_date_with_nodata(small_cube, tmp
         data = src.read(1)
         assert src.transform.a == pytest.approx(1 / 6000)
     np.testing.assert_array_equal(data, hh.values)
+
+
+def test_webdataset_reads_the_shards_as_the_manifest_schema_says(small_shards):
+    """webdataset's own pipeline (and numpy, json) on the shards; the manifest's sample_schema
+    is what the samples hold."""
+    import io
+
+    import webdataset as wds
+
+    manifest = json.loads((Path(small_shards) / "manifest.json").read_text())
+    schema = manifest["sample_schema"]
+    for split in ("pretrain", "train"):
+        urls = [str(Path(small_shards) / s["name"]) for s in manifest["splits"][split]["shards"]]
+        n = 0
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+            n += 1
+            meta = json.loads(sample["json"])
+            assert sorted(meta) == schema["json"]["keys"]
+            sar = np.load(io.BytesIO(sample["sar.npy"]), allow_pickle=False)
+            assert sar.dtype == np.dtype(schema["sar.npy"]["dtype"]) and sar.shape == (256, 256)
+            assert sample["__key__"] == meta["id"]
+            if split in schema["lulc.npy"]["splits"]:
+                lulc = np.load(io.BytesIO(sample["lulc.npy"]), allow_pickle=False)
+                assert lulc.dtype == np.uint8 and lulc.shape == (256, 256) and lulc.max() <= 14
+            else:
+                assert "lulc.npy" not in sample
+        assert n == manifest["splits"][split]["samples"]

@@ -460,7 +460,9 @@ def lulc_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def test_cli_predicts_with_a_checkpoint_into_the_cube(small_cube, lulc_checkpoint, tmp_path):
+def test_cli_predicts_beside_the_cube_by_default_and_into_it_when_asked(
+    small_cube, lulc_checkpoint, tmp_path
+):
     import shutil
 
     from sarcube.cli import main
@@ -484,7 +486,31 @@ def test_cli_predicts_with_a_checkpoint_into_the_cube(small_cube, lulc_checkpoin
         ]
     )
     assert rc == 0
+    assert "pred_lulc" not in open_cube(str(cube))  # a shared cube is not written by default
+    beside = open_cube(str(tmp_path / "cube.predictions.zarr"))
+    assert "pred_lulc" in beside
+    rc = main(
+        [
+            "predict",
+            "--cube",
+            str(cube),
+            "--checkpoint",
+            str(lulc_checkpoint),
+            "--out",
+            str(cube),
+            "--bbox",
+            *bbox,
+            "--time",
+            "2022-09-01/2022-09-30",
+            "--batch-size",
+            "4",
+        ]
+    )
+    assert rc == 0
     ds = open_cube(str(cube))
+    np.testing.assert_array_equal(
+        ds.pred_lulc.sel(time="2022-09-12").values, beside.pred_lulc.sel(time="2022-09-12").values
+    )
     assert "pred_lulc" in ds and ds.pred_lulc.shape == ds.hh_db.shape
     assert ds.pred_lulc.attrs["task"] == "lulc"
     sep = ds.pred_lulc.sel(time="2022-09-12").values
@@ -515,4 +541,4 @@ def test_markers_follow_the_slice_and_one_writer_per_store(tmp_path):
             predict(str(url), pr, out, **kw)
     with StoreLock(str(url)):  # into the cube itself: the cube's lock (ingest excludes it)
         with pytest.raises(LockHeldError):
-            predict(str(url), pr, None, **kw)
+            predict(str(url), pr, str(url), **kw)

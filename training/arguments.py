@@ -105,7 +105,10 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, help="best.pt / checkpoint.pt of `sarcube finetune`"
     )
     p.add_argument(
-        "--out", default=None, help="Zarr for the layer: the cube (default) or another store"
+        "--out",
+        default=None,
+        help="Zarr store for the layer (default: CUBE_STEM.predictions.zarr beside the cube); "
+        "the cube's own URL writes into the cube",
     )
     p.add_argument(
         "--bbox",

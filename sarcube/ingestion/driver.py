@@ -24,6 +24,7 @@ from ..cube import create_cube, metadata
 from ..errors import InputError
 from ..grid import CubeGrid
 from ..sources import LulcSource, SceneSource, SourceError, expand_urls, inspect_lulc, inspect_scene
+from ..stac import write_cube_collection, write_stac_record
 from ..storage import RedactedOptions
 from .report import IngestError, IngestReport, problem_lines
 from .target import (
@@ -247,6 +248,9 @@ def ingest(
                 lock,
                 strict,
             )
+            # 4. the STAC Collection beside the data, rebuilt from what is now committed
+            lock.check()
+            write_stac_record(lambda: write_cube_collection(cube, storage_options))
         finally:
             if created and (not has_content(root) or (strict and report.problems)):
                 remove_store(cube, storage_options)  # a failed first run leaves nothing behind

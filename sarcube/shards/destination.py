@@ -56,6 +56,9 @@ def prepare_destination(out_url: str, storage_options: Mapping[str, Any]) -> dic
         fs.rm_file(manifest)
     elif fs.exists(kept):  # an earlier re-run was killed after removing the manifest
         previous = read_bytes(fs, kept)
+    item = join_url(path, "item.json")  # the STAC record (sarcube.stac) goes with the manifest
+    if fs.exists(item):
+        fs.rm_file(item)
     return recorded_hashes(previous)
 
 

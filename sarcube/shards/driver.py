@@ -25,6 +25,7 @@ import pandas as pd
 from .. import defaults
 from ..errors import InputError
 from ..index import SPLITS, cube_fingerprint, write_index
+from ..stac import write_shards_item, write_stac_record
 from ..storage import RedactedOptions, is_remote, join_url
 from .destination import check_destination, commit_manifest, prepare_destination, remove_stale
 from .inputs import check_index, load_index
@@ -239,6 +240,8 @@ def write_shards(
         )
         lock.check()  # never commit a manifest after losing the lock
         commit_manifest(out_url, storage_options, manifest)
+        # the STAC Item beside the manifest, rebuilt from it
+        write_stac_record(lambda: write_shards_item(out_url, storage_options))
         msg = _summary(results, removed, out_url)
         log.info(msg)
         if progress:

@@ -7,7 +7,14 @@ A sample (``__key__`` = patch id ``YYYYMMDD-rRRRR-cCCCC``)::
     {key}.lulc.npy   uint8 (256, 256) JAXA codes, fine-tuning splits (train/val/test) only
     {key}.sar.npy    float16 (256, 256) HH dB (NaN = no data), ``np.load(..., allow_pickle=False)``
 
-Shards are named ``{split}-{n:06d}.tar``.
+Shards are named ``{split}-{n:06d}.tar``. The same schema is in every manifest
+(``sample_schema``, :data:`SAMPLE_SCHEMA`), for readers without sarcube.
+
+**No channel axis** in ``sar.npy``: the shards hold one polarisation (HH), and ``(H, W)`` is what
+``np.load`` and GDAL-style tools give for one band. Adding the axis would change the bytes (and
+sha256) of every shard set already written for a purely cosmetic gain; sarcube's loader adds it
+(``ShardStream`` batches are ``(B, 1, H, W)``), and a webdataset or TorchGeo user writes
+``sar[None]``.
 
 Determinism: the same cube content, index and seed give byte-identical shards, wherever the cube
 and the shards live. Members are written in a fixed order within a sample (``json``,
@@ -36,6 +43,41 @@ from ..errors import SarcubeError
 from ..index import CODES, FINETUNE_SPLITS, HIST_COLUMNS
 
 FORMAT = "sarcube-shards/1"
+# What a sample holds, for the manifest's readers (the module docstring says the same in prose).
+SAMPLE_SCHEMA: dict[str, Any] = {
+    "__key__": "patch id YYYYMMDD-rRRRR-cCCCC (date of the cube slice, patch-grid row and col)",
+    "sar.npy": {
+        "dtype": "float16",
+        "shape": ["H", "W"],
+        "units": "dB (HH backscatter, sigma0 or gamma0 as in the cube)",
+        "nodata": "NaN",
+        "channel_axis": None,
+    },
+    "lulc.npy": {
+        "dtype": "uint8",
+        "shape": ["H", "W"],
+        "values": "JAXA HR-LULC codes 1-14, 0 = no data",
+        "splits": list(FINETUNE_SPLITS),
+    },
+    "json": {
+        "keys": [
+            "anchors",
+            "bounds",
+            "class_histogram",
+            "col",
+            "crs",
+            "cube_fingerprint",
+            "id",
+            "nodata_frac",
+            "row",
+            "split",
+            "time",
+        ],
+        "bounds": "W, S, E, N in degrees (EPSG:4326)",
+    },
+    "encoding": "USTAR tar; npy written with allow_pickle=False; JSON with sorted keys",
+}
+
 MANIFEST = "manifest.json"
 PREVIOUS_MANIFEST = ".sarcube-previous-manifest.json"  # the last one, while a re-run writes
 INDEX_COPY = "index.parquet"

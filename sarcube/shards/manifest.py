@@ -31,7 +31,16 @@ from .. import __version__
 from ..classes import NINE_CLASS_NAMES, nine_class_lut
 from ..index import CODES, HIST_COLUMNS
 from ..storage import join_url, redact, url_to_fs
-from .layout import CRS, FORMAT, INDEX_COPY, MANIFEST, ShardError, members_of, read_bytes
+from .layout import (
+    CRS,
+    FORMAT,
+    INDEX_COPY,
+    MANIFEST,
+    SAMPLE_SCHEMA,
+    ShardError,
+    members_of,
+    read_bytes,
+)
 from .plan import ShardPlan
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +123,7 @@ def build_manifest(
             "min(max(ceil(split bytes / shard size), min_shards_per_split), samples)"
         ),
         "patch_size": patch,
+        "sample_schema": SAMPLE_SCHEMA,
         "crs": CRS,
         "storage_options": redact(storage_options),
         "splits": {},

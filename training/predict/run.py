@@ -2,7 +2,7 @@
 
 ::
 
-    sarcube predict --cube cube.zarr --checkpoint runs/lulc/best.pt --out cube.zarr \\
+    sarcube predict --cube cube.zarr --checkpoint runs/lulc/best.pt [--out cube.predictions.zarr] \\
         [--bbox W S E N] [--time 2022-09-12 | 2022-09-01/2022-10-31] [--task lulc|water] \\
         [--overlap 128] [--batch-size 16] [--device auto|cpu|cuda] [--workers N] \\
         [--probabilities] [--cog map.tif]
@@ -34,13 +34,21 @@ from sarcube import defaults
 from sarcube.cube import FORMAT, PREDICTIONS_FORMAT, cube_attrs, cube_grid, open_group, publish_view
 from sarcube.grid import CubeGrid
 from sarcube.locking import StoreLock
+from sarcube.stac import write_predictions_item, write_stac_record
 from sarcube.storage import RedactedOptions
 
 from .blocks import BlockJob, run_block
 from .export import export_cog, write_panels
 from .predictor import PredictError, Predictor, load_predictor
 from .scoring import region_scores
-from .store import marker_is_current, marker_url, prepare_output, read_marker, slice_id
+from .store import (
+    marker_is_current,
+    marker_url,
+    prepare_output,
+    read_marker,
+    same_store,
+    slice_id,
+)
 from .windows import WINDOW, region_blocks
 
 __all__ = ["PredictResult", "check_args", "main", "predict", "run_args"]
@@ -203,6 +211,13 @@ def _plan(
     return jobs, done
 
 
+def default_output(cube: str) -> str:
+    """The predictions store of ``cube`` when no ``out`` is given: ``x/cube.zarr`` ->
+    ``x/cube.predictions.zarr`` (beside it, never inside a shared cube)."""
+    base = str(cube).rstrip("/")
+    return (base[: -len(".zarr")] if base.endswith(".zarr") else base) + ".predictions.zarr"
+
+
 def predict(
     cube: str,
     checkpoint: str | Predictor,
@@ -231,7 +246,9 @@ def predict(
     Args:
         cube: the cube URL.
         checkpoint: ``best.pt`` / ``checkpoint.pt`` of ``sarcube finetune``, or a ``Predictor``.
-        out: where the layer goes: the cube itself (default) or a separate store.
+        out: where the layer goes: a separate predictions store (default
+            :func:`default_output`: ``<cube stem>.predictions.zarr`` beside the cube), or the
+            cube itself when ``out`` names it (a shared cube is then written to: say so).
         bbox: W S E N degrees (EPSG:4326); default the whole cube. Snapped out to 256-px chunks.
         time: a date, ``DATE/DATE`` range, or a list of them; default every complete slice.
         task: ``lulc`` / ``water``; checked against the checkpoint.
@@ -251,7 +268,7 @@ def predict(
         storage_options or {}
     )  # Dask's repr of a failed task shows no secret
     cube = str(cube)
-    out = cube if out is None else str(out)
+    out = default_output(cube) if out is None else str(out)
     if not 0 <= int(overlap) < WINDOW:
         raise PredictError(f"--overlap must be in [0, {WINDOW - 1}] pixels, got {overlap}")
     stride = WINDOW - int(overlap)
@@ -298,6 +315,12 @@ def predict(
         seconds = _time.perf_counter() - t0
         # every block written: plain readers (consolidated metadata) see the new layers now
         publish_view(open_group(out, storage_options, mode="r+", formats=OUTPUT_FORMATS))
+        if not same_store(cube, out):  # a predictions store: its STAC Item (the cube: its own)
+            write_stac_record(
+                lambda: write_predictions_item(
+                    out, layer, storage_options, str(cog) if cog else None
+                )
+            )
     results.update(done)
     mpx = sum((j.block[1] - j.block[0]) * (j.block[3] - j.block[2]) for j in jobs) / 1e6
     res = PredictResult(

@@ -47,6 +47,7 @@ __all__ = [
     "marker_url",
     "prepare_output",
     "read_marker",
+    "same_store",
     "slice_id",
     "write_marker",
 ]
@@ -85,7 +86,7 @@ def layer_attrs(pr: Predictor, overlap: int, stride: int) -> dict[str, Any]:
     }
 
 
-def _same_store(cube: str, out: str) -> bool:
+def same_store(cube: str, out: str) -> bool:
     if is_remote(out):
         return cube.rstrip("/") == out.rstrip("/")
     return os.path.abspath(cube) == os.path.abspath(out)
@@ -190,7 +191,7 @@ def prepare_output(
     """Create (or check) the output layer(s); returns (layer, prob layer)."""
     src = open_group(cube, storage_options)
     t_len = src["hh_db"].shape[0]
-    if _same_store(cube, out):
+    if same_store(cube, out):
         root = open_group(out, storage_options, mode="r+")
     else:
         root = _open_predictions_store(cube, out, storage_options, src, grid)

@@ -1,0 +1,84 @@
+"""STAC records of the cube, a predictions store and a shard set: validated offline with
+stac-pydantic (the STAC core models; the extension schemas need the network), and their figures
+checked against the artefacts' own files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("stac_pydantic")
+
+
+def test_the_cube_collection_is_valid_stac_with_its_dates_and_grid(small_cube, tmp_path):
+    import shutil
+
+    from stac_pydantic import Collection
+
+    from sarcube.stac import write_cube_collection
+
+    cube = tmp_path / "cube.zarr"
+    shutil.copytree(small_cube, cube)
+    target = write_cube_collection(str(cube))
+    d = json.loads(Path(target).read_text())
+    Collection.model_validate(d)
+    registry = json.loads((cube / "sarcube" / "zarr.json").read_text())["attributes"]["slices"]
+    dims = d["cube:dimensions"]
+    assert [v[:10] for v in dims["time"]["values"]] == sorted(registry)
+    root = json.loads((cube / "zarr.json").read_text())["attributes"]
+    assert d["extent"]["spatial"]["bbox"][0] == pytest.approx(
+        [root[f"geospatial_{k}"] for k in ("lon_min", "lat_min", "lon_max", "lat_max")]
+    )
+    assert dims["x"]["step"] == pytest.approx(1 / 6000) and dims["y"]["reference_system"] == 4326
+    assert d["cube:variables"]["hh_db"]["unit"] == "dB"
+    assert any("datacube" in e for e in d["stac_extensions"])
+    assert write_cube_collection(str(cube)) == target  # rebuilt: the same bytes
+    assert json.loads(Path(target).read_text()) == d
+
+
+def test_a_predictions_store_gets_a_valid_item_with_its_classes(small_cube, tmp_path):
+    import torch
+    from stac_pydantic import Item
+
+    from sarcube.classes import NINE_CLASS_NAMES
+    from training.predict import Predictor, predict
+
+    torch.manual_seed(0)
+    pr = Predictor(torch.nn.Conv2d(1, 9, 1).eval(), "lulc", -12.0, 5.0, sha256="ab" * 32)
+    out = tmp_path / "maps.zarr"
+    cog = tmp_path / "map.tif"
+    predict(small_cube, pr, str(out), time="2022-09-12", cog=str(cog), progress=False, panel=False)
+    d = json.loads((out / "item.json").read_text())
+    Item.model_validate(d)
+    assert d["properties"]["sarcube:dates"] == ["2022-09-12"]
+    assert d["properties"]["datetime"].startswith("2022-09-12")
+    zarr_asset, cog_asset = d["assets"]["zarr"], d["assets"]["cog"]
+    assert cog_asset["href"] == str(cog) and cog.exists()
+    names = [c["description"] for c in zarr_asset["classification:classes"] if not c.get("nodata")]
+    assert names == list(NINE_CLASS_NAMES)
+    assert zarr_asset["raster:bands"][0]["nodata"] == 255
+    assert d["properties"]["proj:code"] == "EPSG:4326"
+    shape = json.loads((out / "pred_lulc" / "zarr.json").read_text())["shape"][1:]
+    assert d["properties"]["proj:shape"] == shape
+
+
+def test_a_shard_set_gets_a_valid_item_that_lists_every_shard(small_shards, tmp_path):
+    import shutil
+
+    from stac_pydantic import Item
+
+    from sarcube.stac import write_shards_item
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    d = json.loads(Path(write_shards_item(str(shards))).read_text())
+    Item.model_validate(d)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    listed = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
+    assert {a["href"] for k, a in d["assets"].items() if k != "manifest"} == listed
+    assert sorted(p.name for p in shards.glob("*.tar")) == sorted(listed)
+    for name, sp in manifest["splits"].items():
+        assert d["properties"]["sarcube:splits"][name]["samples"] == sp["samples"]
+    assert d["properties"]["sarcube:cube"]["fingerprint"] == manifest["cube"]["fingerprint"]
