@@ -470,42 +470,13 @@ def test_cli_predicts_beside_the_cube_by_default_and_into_it_when_asked(
     cube = tmp_path / "cube.zarr"
     shutil.copytree(small_cube, cube)
     bbox = ["140.30", str(36.00 + 1792 / 12000), str(140.30 + 256 / 12000), "36.1706"]
-    rc = main(
-        [
-            "predict",
-            "--cube",
-            str(cube),
-            "--checkpoint",
-            str(lulc_checkpoint),
-            "--bbox",
-            *bbox,
-            "--time",
-            "2022-09-01/2022-09-30",
-            "--batch-size",
-            "4",
-        ]
-    )
-    assert rc == 0
+    argv = ["predict", "--cube", str(cube), "--checkpoint", str(lulc_checkpoint), "--bbox", *bbox]
+    argv += ["--time", "2022-09-01/2022-09-30", "--batch-size", "4"]
+    assert main(argv) == 0
     assert "pred_lulc" not in open_cube(str(cube))  # a shared cube is not written by default
     beside = open_cube(str(tmp_path / "cube.predictions.zarr"))
     assert "pred_lulc" in beside
-    rc = main(
-        [
-            "predict",
-            "--cube",
-            str(cube),
-            "--checkpoint",
-            str(lulc_checkpoint),
-            "--out",
-            str(cube),
-            "--bbox",
-            *bbox,
-            "--time",
-            "2022-09-01/2022-09-30",
-            "--batch-size",
-            "4",
-        ]
-    )
+    rc = main([*argv, "--out", str(cube)])
     assert rc == 0
     ds = open_cube(str(cube))
     np.testing.assert_array_equal(
