@@ -45,6 +45,12 @@ def _when(date: str) -> dt.datetime:
     return dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc)
 
 
+def _grid_id(grid: Mapping[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(dict(grid), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _complete_dates(meta: Mapping[str, Any]) -> list[str]:
     return sorted(d for d, e in (meta.get("slices") or {}).items() if e.get("status") == "complete")
 
@@ -76,13 +82,18 @@ def cube_collection(url: str, storage_options: Mapping[str, Any] | None = None):
         [[_when(dates[0]), _when(dates[-1])]] if dates else [[None, None]]
     )
     collection = pystac.Collection(
-        id=f"sarcube-cube-{cube_fingerprint(meta)}",
+        # a stable id (the grid, which a cube never changes), so that a catalogue updates one
+        # Collection per cube; the content's fingerprint changes with every ingest
+        id=f"sarcube-cube-{_grid_id(meta['grid'])}",
         title=str(root.attrs.get("title", "sarcube datacube")),
         description="ALOS-2 PALSAR-2 HH backscatter (dB) and JAXA HR-LULC labels on one "
         f"EPSG:4326 grid of 1/{grid.cells_per_degree} degree; complete slices only.",
         extent=pystac.Extent(pystac.SpatialExtent([[w, s, e, n]]), pystac.TemporalExtent(temporal)),
         license="other",
-        extra_fields={"sarcube:format": root.attrs.get("format")},
+        extra_fields={
+            "sarcube:format": root.attrs.get("format"),
+            "sarcube:fingerprint": cube_fingerprint(meta),
+        },
     )
     step = 1.0 / grid.cells_per_degree
     dims: dict[str, dict[str, Any]] = {

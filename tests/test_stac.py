@@ -34,6 +34,10 @@ def test_the_cube_collection_is_valid_stac_with_its_dates_and_grid(small_cube, t
     assert dims["x"]["step"] == pytest.approx(1 / 6000) and dims["y"]["reference_system"] == 4326
     assert d["cube:variables"]["hh_db"]["unit"] == "dB"
     assert any("datacube" in e for e in d["stac_extensions"])
+    from sarcube.cube import cube_attrs, open_group
+    from sarcube.index import cube_fingerprint
+
+    assert d["sarcube:fingerprint"] == cube_fingerprint(cube_attrs(open_group(str(cube))))
     assert write_cube_collection(str(cube)) == target  # rebuilt: the same bytes
     assert json.loads(Path(target).read_text()) == d
 
