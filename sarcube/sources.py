@@ -13,12 +13,14 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from .classes import DEFAULT_TABLE
 from .errors import InputError
+from .product_metadata import ProductMetadataError, read_scene_metadata
 from .products import (
     ProductNameError,
     parse_lulc_name,
@@ -55,6 +57,8 @@ class SceneSource:
     bounds_4326: tuple[float, float, float, float]
     sha256: str
     name_fields: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # from the product's own summary.txt / CEOS leader file, where the delivery has them
+    product_metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -161,9 +165,11 @@ def expand_urls(
 def _archive_members(archive: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     """Member URLs of the HH scenes and mosaic tiles inside a delivery archive."""
     fs, _ = url_to_fs(member_url(archive, ""), storage_options)
-    out = []
+    out, ceos = [], []
     for member in sorted(fs.find("")):
         if not member.lower().endswith(RASTER_SUFFIXES):
+            if PurePosixPath(member).name.startswith("IMG-HH-"):
+                ceos.append(member)
             continue
         for parse in (parse_scene_name, parse_mosaic_name):
             try:
@@ -173,6 +179,11 @@ def _archive_members(archive: str, storage_options: Mapping[str, Any] | None) ->
             if name.polarization == "HH":
                 out.append(member_url(archive, member))
             break
+    if not out and ceos:
+        raise SourceError(
+            f"{archive}: {ceos[0]} is a CEOS-format image; sarcube reads the GeoTIFF delivery "
+            "(order the product as GeoTIFF)"
+        )
     if not out:
         raise SourceError(f"{archive}: no HH scene or mosaic tile inside this archive")
     return out
@@ -322,6 +333,12 @@ def inspect_scene(
         if name.polarization != "HH":
             raise SourceError(f"{url}: polarization {name.polarization}; the cube holds HH")
         kind, product_id, date, nodata = f"L{name.level}", name.product_id, name.date, 0
+        try:
+            product_metadata, leader_cf = read_scene_metadata(url, name, storage_options)
+        except ProductMetadataError as e:
+            raise SourceError(str(e)) from None
+        except Exception as e:  # an unreadable metadata file: one line naming it
+            raise SourceError(_describe_fs_error(url, e)) from None
         name_fields = {
             "mode": name.mode,
             "look": name.look,
@@ -347,10 +364,15 @@ def inspect_scene(
             ) from None
         kind, product_id, date, nodata = "mosaic", tile.product_id, mosaic_day, 1  # no data: DN 1
         name_fields = {"year": tile.year, "version": tile.version}
+        product_metadata, leader_cf = {}, None
     try:
         cf = calibration_factor(kind)
     except KeyError as e:
         raise SourceError(f"{url}: {e.args[0]}") from None
+    # the product's own calibration factor (CEOS leader file) over the published table's
+    if leader_cf is not None:
+        cf = leader_cf
+    product_metadata["cf_db_source"] = "leader file" if leader_cf is not None else "table"
 
     with rasterio_env(storage_options):
         try:
@@ -391,6 +413,7 @@ def inspect_scene(
                 ),
                 sha256="",
                 name_fields=name_fields,
+                product_metadata=product_metadata,
             )
     try:
         digest = file_sha256(url, storage_options)
