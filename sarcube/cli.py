@@ -352,6 +352,39 @@ def _add_info_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.cmd_info)
 
 
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="one layer of a cube or predictions store as a COG or netCDF file",
+        description="Write hh_db, lulc or a pred_* layer over a bbox and date as a "
+        "Cloud-Optimized GeoTIFF (one date; nodata, band description, colour table and class "
+        "names for class layers) or a CF netCDF-4 file (any dates), on the cube's own pixels.",
+    )
+    p.add_argument("--cube", required=True, help="the cube or predictions store (.zarr) URL")
+    p.add_argument("--var", required=True, help="the variable: hh_db, lulc, pred_lulc, ...")
+    p.add_argument("--out", required=True, help="the output file: .tif (COG) or .nc (netCDF)")
+    p.add_argument(
+        "--time",
+        metavar="YYYY-MM-DD",
+        help="the date (a complete slice); needed for a COG of several dates (default: every "
+        "date for netCDF)",
+    )
+    p.add_argument(
+        "--bbox",
+        nargs=4,
+        type=float,
+        metavar=("W", "S", "E", "N"),
+        help="degrees (EPSG:4326); every cube cell it touches (default: the whole store)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("cog", "netcdf"),
+        help="the output format (default: from the --out suffix)",
+    )
+    add_storage_option_argument(p)
+    p.set_defaults(func=commands.cmd_export)
+
+
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -386,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_predict_command,
         _add_unlock_command,
         _add_info_command,
+        _add_export_command,
         _add_demo_command,
     ):
         add_command(sub)

@@ -81,6 +81,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_layer
+    from .storage import parse_storage_options
+
+    done = export_layer(
+        args.cube,
+        args.var,
+        args.out,
+        time=args.time,
+        bbox=args.bbox,
+        format=args.format,
+        storage_options=parse_storage_options(args.storage_option),
+    )
+    dates = ", ".join(done["dates"]) or "no time axis"
+    h, w = done["shape"]
+    print(f"wrote {done['path']} ({done['format']}, {done['variable']}, {dates}, {h} x {w} px)")
+    return 0
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     from .locking import break_lock
     from .storage import parse_storage_options

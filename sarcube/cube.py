@@ -377,8 +377,9 @@ def open_cube(
     place and date as usual:
     ``cube.sel(time="2022-09", y=slice(36.2, 36.0), x=slice(140.0, 140.3))``
     (y decreases: north first). ``cube.sarcube`` gives patch access by (time, row, col) and bbox.
-    A separate store of predictions (``sarcube predict --out``) opens the same way, on the same
-    grid: its ``y``/``x`` equal the cube's, its slices are the predicted dates.
+    A separate store of predictions (``sarcube predict``) opens the same way, on a window of the
+    cube's grid: its ``y``/``x`` equal the cube's there (``cube.sel(y=pred.y, x=pred.x)`` lines
+    them up), its slices are the predicted dates.
     """
     root = open_group(url, storage_options, formats=(FORMAT, PREDICTIONS_FORMAT))
     slices = metadata(root).attrs.get("slices", {})

@@ -270,7 +270,7 @@ def run_demo(
     )
     print("                              per_class.png, panels.png (SAR | prediction | truth)")
     print(
-        "  predictions.zarr            pred_lulc on the cube's grid: sarcube.open_cube('"
+        "  predictions.zarr            pred_lulc of the predicted date: sarcube.open_cube('"
         + str(out / "predictions.zarr")
         + "')"
     )

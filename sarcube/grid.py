@@ -145,6 +145,38 @@ class CubeGrid:
             90.0 - (self.row0 + row0) / n,
         )
 
+    def bbox_window(
+        self, bbox: tuple[float, float, float, float], snap_to_chunks: bool = False
+    ) -> tuple[int, int, int, int]:
+        """The cube pixels (row0, row1, col0, col1) of every cell that ``bbox`` (W, S, E, N
+        degrees) touches, clipped to the cube; ``snap_to_chunks`` widens them to whole chunks.
+
+        Raises InputError when the bbox is empty or does not overlap the cube.
+        """
+        w, s, e, n = (float(v) for v in bbox)
+        if not (w < e and s < n):
+            raise InputError(f"--bbox {w} {s} {e} {n}: empty (need W < E and S < N)")
+        cpd, eps = self.cells_per_degree, 1e-7  # a bbox on the grid lines takes no extra cell
+        r0 = math.floor((90.0 - n) * cpd + eps) - self.row0
+        r1 = math.ceil((90.0 - s) * cpd - eps) - self.row0
+        c0 = math.floor((w + 180.0) * cpd + eps) - self.col0
+        c1 = math.ceil((e + 180.0) * cpd - eps) - self.col0
+        r0, r1, c0, c1 = max(r0, 0), min(r1, self.height), max(c0, 0), min(c1, self.width)
+        if r0 >= r1 or c0 >= c1:
+            raise InputError(
+                f"--bbox {w} {s} {e} {n} does not overlap the cube "
+                f"(cube bounds W S E N: {' '.join(f'{v:.4f}' for v in self.bounds)})"
+            )
+        if not snap_to_chunks:
+            return r0, r1, c0, c1
+        ch = self.chunk
+        return (
+            r0 // ch * ch,
+            min(-(-r1 // ch) * ch, self.height),
+            c0 // ch * ch,
+            min(-(-c1 // ch) * ch, self.width),
+        )
+
     def shard_blocks(self) -> list[tuple[int, int, int, int]]:
         """(row0, row1, col0, col1) of every shard, in row-major order."""
         s = self.shard

@@ -203,6 +203,27 @@ CASES = [
         "predict: the server refuses the credentials (403)",
         "forbidden",
     ),
+    # -- export ---------------------------------------------------------------------------------
+    BadInput(
+        "export-unknown-variable",
+        ("export", "--cube", "{cube}", "--var", "sigma0", "--out", "{tmp}/x.tif"),
+        r"\{cube\}: no variable 'sigma0'; expected one of hh_db, lulc",
+        "export: a variable the cube does not hold",
+    ),
+    BadInput(
+        "export-cog-of-several-dates",
+        ("export", "--cube", "{cube}", "--var", "hh_db", "--out", "{tmp}/x.tif"),
+        r"\{cube\}: hh_db has 3 dates \(2022-09-12, 2022-10-10, 2022-11-07\); a GeoTIFF holds "
+        r"one: choose it with --time YYYY-MM-DD",
+        "export: a COG of a layer with several dates and no --time",
+    ),
+    BadInput(
+        "export-unknown-suffix",
+        ("export", "--cube", "{cube}", "--var", "lulc", "--out", "{tmp}/x.png"),
+        r"\{tmp\}/x\.png: cannot tell the format from the name; expected a \.tif \(COG\) or "
+        r"\.nc \(netCDF\) file",
+        "export: an output name that is neither .tif nor .nc",
+    ),
     # -- numbers and devices ----------------------------------------------------------------------
     BadInput(
         "evaluate-batch-size-0",
@@ -849,6 +870,7 @@ def test_cases_cover_every_command():
         "evaluate",
         "predict",
         "unlock",
+        "export",
     }
 
 

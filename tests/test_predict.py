@@ -160,15 +160,54 @@ def test_segmenter_map_does_not_depend_on_the_block_partition(small_cube, tmp_pa
     r0, r1, c0, c1 = a.region
     pa = open_group(str(tmp_path / "a.zarr"), formats=(PREDICTIONS_FORMAT,))["pred_lulc"]
     pb = open_group(str(tmp_path / "b.zarr"), formats=(PREDICTIONS_FORMAT,))["pred_lulc"]
-    t = json.loads((tmp_path / "a.zarr" / "sarcube" / "zarr.json").read_text())["attributes"][
-        "slices"
-    ]["2022-09-12"]["time_index"]
-    ma, mb = pa[t, r0:r1, c0:c1], pb[t, r0:r1, c0:c1]
+    # each store holds the region and the date only
+    assert pa.shape == pb.shape == (1, r1 - r0, c1 - c0)
+    ma, mb = pa[0], pb[0]
     assert (ma != NODATA).mean() > 0.5
     # equal up to windows batched differently (float32 sums in another order): ≤ 0.05 % of pixels
     assert (ma != mb).mean() <= 5e-4, (ma != mb).sum()
-    # outside the region nothing was written
-    assert (pa[t, :r0] == NODATA).all() and (pa[t, r1:] == NODATA).all()
+
+
+def test_a_predictions_store_is_sized_to_the_bbox_and_dates(small_cube, tmp_path):
+    """Plain xarray on a store of a small bbox and one date: that window of the cube's grid and
+    that date; values equal the pointwise model on the cube's pixels there; a later date is
+    appended; a bbox outside the store is refused and changes nothing."""
+    import xarray as xr
+
+    model = pointwise_model(4)
+    pr = Predictor(model, "lulc", MEAN, STD, sha256="pw4")
+    out = tmp_path / "s.zarr"
+    bbox = (140.31, 36.14, 140.33, 36.16)
+    kw = {"bbox": bbox, "progress": False, "panel": False}
+    res = predict(small_cube, pr, str(out), time="2022-10-10", **kw)
+    ds, cube = xr.open_zarr(out), xr.open_zarr(small_cube)
+    r0, r1, c0, c1 = res.region
+    assert r0 % 256 == c0 % 256 == 0 and (r1 - r0, c1 - c0) == (256, 256)  # one chunk holds it
+    assert ds.pred_lulc.shape == (1, 256, 256)
+    np.testing.assert_array_equal(ds.y.values, cube.y.values[r0:r1])
+    np.testing.assert_array_equal(ds.x.values, cube.x.values[c0:c1])
+    assert ds.y.values.min() < bbox[1] < bbox[3] < ds.y.values.max()
+    assert ds.x.values.min() < bbox[0] < bbox[2] < ds.x.values.max()
+    assert [str(t)[:10] for t in ds.time.values] == ["2022-10-10"]
+    db = open_cube(small_cube).hh_db.sel(time="2022-10-10").values[r0:r1, c0:c1]
+    want, _ = whole_region(model, db)
+    want = np.where(np.isfinite(db), want, NODATA)
+    raw = xr.open_zarr(out, mask_and_scale=False).pred_lulc.values[0]
+    np.testing.assert_array_equal(raw, want)
+
+    predict(small_cube, pr, str(out), time="2022-09-12", **kw)
+    ds = open_cube(str(out))
+    assert [str(t)[:10] for t in ds.time.values] == ["2022-09-12", "2022-10-10"]
+    assert ds.pred_lulc.shape == (2, 256, 256)
+    before = sorted(
+        (p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
+    )
+    with pytest.raises(PredictError, match=r"the store covers W 140\.3[0-9]* .* and cannot grow"):
+        predict(small_cube, pr, str(out), bbox=(140.41, 36.11, 140.42, 36.12), progress=False)
+    assert (
+        sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+        == before
+    )
 
 
 def test_nodata_stays_nodata_and_does_not_smear(cube1k, tmp_path):
@@ -479,10 +518,11 @@ def test_cli_predicts_beside_the_cube_by_default_and_into_it_when_asked(
     rc = main([*argv, "--out", str(cube)])
     assert rc == 0
     ds = open_cube(str(cube))
-    np.testing.assert_array_equal(
-        ds.pred_lulc.sel(time="2022-09-12").values, beside.pred_lulc.sel(time="2022-09-12").values
-    )
     assert "pred_lulc" in ds and ds.pred_lulc.shape == ds.hh_db.shape
+    # the store beside holds the bbox's window of the cube's grid; the same pixels as in the cube
+    assert beside.pred_lulc.shape == (1, 256, 256)
+    window = ds.pred_lulc.sel(time="2022-09-12", y=beside.y, x=beside.x)
+    np.testing.assert_array_equal(window.values, beside.pred_lulc.sel(time="2022-09-12").values)
     assert ds.pred_lulc.attrs["task"] == "lulc"
     sep = ds.pred_lulc.sel(time="2022-09-12").values
     assert (sep != NODATA).any() and (ds.pred_lulc.sel(time="2022-10-10").values == NODATA).all()

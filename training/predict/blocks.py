@@ -15,7 +15,7 @@ data, and pixels outside the cube, are no data (255).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from sarcube.cube import FORMAT, PREDICTIONS_FORMAT, open_group
 
 from .predictor import Predictor, cached_predictor
 from .scoring import confusion_matrix
-from .store import NODATA, write_marker
+from .store import NODATA, Placement, write_marker
 from .windows import WINDOW, blend_weight, read_window, window_starts
 
 __all__ = ["BlockJob", "predict_array", "run_block"]
@@ -105,20 +105,22 @@ class BlockJob:
     slice_id: str = (
         ""  # the cube slice's identity (its slot and scenes): markers of another are stale
     )
+    placement: Placement = field(default_factory=Placement)  # cube pixels, slots -> ``out``
 
 
 def _write_pixels(job: BlockJob, task: str, cls: np.ndarray, prob: np.ndarray, valid) -> None:
     """The block's classes (and uint8 probabilities) into the output layer(s)."""
-    r0, r1, c0, c1 = job.block
+    r0, r1, c0, c1 = job.placement.region(job.block)
+    t = job.placement.t(job.t)
     dst = open_group(job.out, job.storage_options, mode="r+", formats=(PREDICTIONS_FORMAT, FORMAT))
-    dst[job.layer][job.t, r0:r1, c0:c1] = cls
+    dst[job.layer][t, r0:r1, c0:c1] = cls
     if job.prob_layer:
         q = np.where(np.isfinite(prob), np.rint(np.clip(prob, 0, 1) * 254), NODATA).astype(np.uint8)
         q[:, ~valid] = NODATA
         if segmentation_task(task).binary:
-            dst[job.prob_layer][job.t, r0:r1, c0:c1] = q[0]
+            dst[job.prob_layer][t, r0:r1, c0:c1] = q[0]
         else:
-            dst[job.prob_layer][job.t, :, r0:r1, c0:c1] = q
+            dst[job.prob_layer][t, :, r0:r1, c0:c1] = q
 
 
 def run_block(

@@ -10,7 +10,6 @@ colour table, nodata 255, a band description, and the class names as GDAL catego
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,10 +19,11 @@ import numpy as np
 
 from sarcube.classes import IGNORE_INDEX, segmentation_task
 from sarcube.cube import FORMAT, PREDICTIONS_FORMAT, cube_grid, open_group
+from sarcube.export import band_style, write_cog
 from sarcube.storage import is_remote, join_url, write_bytes
 
 from ..reports import class_colors
-from .store import NODATA
+from .store import NODATA, Placement
 
 __all__ = ["export_cog", "write_panels"]
 
@@ -43,12 +43,15 @@ def _decimated(arr, index: tuple, region: tuple[int, int, int, int], step: int, 
     return np.concatenate(parts, axis=0)
 
 
-def _panel_images(src, dst, layer: str, t: int, region, step: int, task: str, labels: bool, cmap):
-    """(title, image, colour map) of each panel of time index ``t``."""
+def _panel_images(
+    src, dst, layer: str, t: int, region, step: int, task: str, labels: bool, cmap, placement
+):
+    """(title, image, colour map) of each panel of the cube's time index ``t``."""
     from matplotlib.colors import ListedColormap
 
     sar = _decimated(src["hh_db"], (t,), region, step)
-    pred = _decimated(dst[layer], (t,), region, step).astype(float)
+    pred = _decimated(dst[layer], (placement.t(t),), placement.region(region), step)
+    pred = pred.astype(float)
     pred[pred == NODATA] = np.nan
     panels = [("SAR HH (dB)", sar, "gray"), ("prediction", pred, cmap)]
     if labels:
@@ -102,9 +105,11 @@ def write_panels(
     region: tuple[int, int, int, int],
     task: str,
     labels: bool,
+    placement: Placement | None = None,
 ) -> list[Path | str]:
     """SAR | prediction | truth | errors PNG per date (at most ~1024 px wide), next to the layer
-    (a local path, or for a remote ``out`` a URL beside the store: nothing in the cwd)."""
+    (a local path, or for a remote ``out`` a URL beside the store: nothing in the cwd).
+    ``dates`` and ``region`` are the cube's; ``placement`` maps them into ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +127,9 @@ def write_panels(
     base.mkdir(parents=True, exist_ok=True)
     paths: list = []
     for d, t in dates:
-        panels = _panel_images(src, dst, layer, t, region, step, task, labels, cmap)
+        panels = _panel_images(
+            src, dst, layer, t, region, step, task, labels, cmap, placement or Placement()
+        )
         path = base / f"{Path(out.rstrip('/')).stem}_{layer}_{d}.png"
         names = segmentation_task(task).class_names
         _save_figure(panels, k, f"{task} map, {d} (1 px = {step} cube px)", path, names)
@@ -142,70 +149,6 @@ def write_panels(
 # The COG
 
 
-def _write_tiled_geotiff(
-    tmp: Path, arr, grid, region: tuple[int, int, int, int], time_index: int, block: int
-) -> None:
-    """``arr[time_index]`` over ``region`` into a tiled GeoTIFF at ``tmp``, block by block,
-    with the class colour table and the layer's provenance as tags."""
-    import rasterio
-    from rasterio.windows import Window
-
-    r0, r1, c0, c1 = region
-    task = arr.attrs.get("task", "lulc")
-    k = segmentation_task(task).num_classes
-    colors = {
-        i: (*(round(255 * v) for v in c[:3]), 255) for i, c in enumerate(class_colors(task, k))
-    }
-    colors[NODATA] = (0, 0, 0, 0)
-    profile = {
-        "driver": "GTiff",
-        "width": c1 - c0,
-        "height": r1 - r0,
-        "count": 1,
-        "dtype": "uint8",
-        "crs": "EPSG:4326",
-        "transform": grid.window_transform(r0, c0),
-        "nodata": NODATA,
-        "tiled": True,
-        "blockxsize": 512,
-        "blockysize": 512,
-        "compress": "deflate",
-    }
-    with rasterio.open(tmp, "w", **profile) as dst:
-        for r in range(r0, r1, block):
-            for c in range(c0, c1, block):
-                rr, cc = min(r + block, r1), min(c + block, c1)
-                dst.write(
-                    np.asarray(arr[time_index, r:rr, c:cc]),
-                    1,
-                    window=Window(c - c0, r - r0, cc - c, rr - r),
-                )
-        dst.write_colormap(1, colors)
-        dst.set_band_description(1, str(arr.attrs.get("long_name", f"predicted {task}")))
-        dst.update_tags(
-            1,
-            **{
-                k2: str(v)
-                for k2, v in arr.attrs.items()
-                if k2 in ("task", "checkpoint", "checkpoint_sha256", "flag_meanings")
-            },
-        )
-
-
-def _write_category_names(tif: Path, names: Sequence[str]) -> None:
-    """GDAL category names (pixel value i -> ``names[i]``) for band 1 of ``tif``, in its PAM
-    sidecar ``<tif>.aux.xml``. Written by hand because rasterio has no API for
-    ``GDALSetRasterCategoryNames``; GDAL's COG driver carries the sidecar over to the COG."""
-    from xml.etree import ElementTree as ET
-
-    root = ET.Element("PAMDataset")
-    band = ET.SubElement(root, "PAMRasterBand", band="1")
-    cats = ET.SubElement(band, "CategoryNames")
-    for name in names:
-        ET.SubElement(cats, "Category").text = str(name)
-    ET.ElementTree(root).write(str(tif) + ".aux.xml", encoding="UTF-8", xml_declaration=False)
-
-
 def export_cog(
     out: str,
     path: str,
@@ -217,38 +160,24 @@ def export_cog(
     block: int = 1024,
 ) -> str:
     """Write ``layer[time_index]`` over ``region`` as a Cloud-Optimized GeoTIFF at ``path``
-    (local, or a URL: written locally then uploaded): EPSG:4326, 512² tiles, deflate, nodata 255,
-    overviews by mode, a colour table of the class colours, the layer's ``long_name`` as band
-    description and the class names as category names (``<path>.aux.xml``, uploaded beside a
-    remote COG). Copied block by block into a tiled GeoTIFF, then through GDAL's COG driver
-    (memory: one block)."""
-    from rasterio.shutil import copy as rio_copy
-
+    (local, or a URL: written locally then uploaded) with ``sarcube.export.write_cog``:
+    EPSG:4326, 512² tiles, deflate, nodata 255, overviews by mode, a colour table of the class
+    colours, the layer's ``long_name`` as band description and the class names as category names
+    (``<path>.aux.xml``, uploaded beside a remote COG). Memory: one block."""
     storage_options = dict(storage_options or {})
     root = open_group(out, storage_options, formats=(PREDICTIONS_FORMAT, FORMAT))
     grid = cube_grid(root)
-    region = region or (0, grid.height, 0, grid.width)
-    tmpdir = Path(tempfile.mkdtemp(prefix="sarcube-cog-"))
-    tmp = tmpdir / "map.tif"
-    _write_tiled_geotiff(tmp, root[layer], grid, region, time_index, block)
-    task = root[layer].attrs.get("task", "lulc")
-    _write_category_names(tmp, segmentation_task(task).class_names)
-    remote = is_remote(str(path))
-    local = tmpdir / "cog.tif" if remote else Path(path)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    rio_copy(
-        str(tmp),
-        str(local),
-        driver="COG",
-        COMPRESS="DEFLATE",
-        BLOCKSIZE=512,
-        OVERVIEW_RESAMPLING="MODE",
-        RESAMPLING="NEAREST",
+    r0, r1, c0, c1 = region or (0, grid.height, 0, grid.width)
+    arr = root[layer]
+    attrs = dict(arr.attrs)
+    keep = ("task", "checkpoint", "checkpoint_sha256", "flag_meanings")
+    return write_cog(
+        str(path),
+        lambda a, b, c, d: arr[time_index, r0 + a : r0 + b, c0 + c : c0 + d],
+        (r1 - r0, c1 - c0),
+        grid.window_transform(r0, c0),
+        band_style(attrs, layer),
+        tags={k: str(v) for k, v in attrs.items() if k in keep},
+        storage_options=storage_options,
+        block=block,
     )
-    if remote:
-        write_bytes(str(path), local.read_bytes(), storage_options)
-        sidecar = Path(f"{local}.aux.xml")
-        if sidecar.exists():
-            write_bytes(f"{path}.aux.xml", sidecar.read_bytes(), storage_options)
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    return str(path)

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import logging
-import math
 import sys
 import time as _time
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from typing import Any
 
 from sarcube import defaults
 from sarcube.cube import FORMAT, PREDICTIONS_FORMAT, cube_attrs, cube_grid, open_group, publish_view
+from sarcube.errors import InputError
 from sarcube.grid import CubeGrid
 from sarcube.locking import StoreLock
 from sarcube.stac import write_predictions_item, write_stac_record
@@ -127,27 +127,10 @@ def _region(grid: CubeGrid, bbox: Sequence[float] | None) -> tuple[int, int, int
     clipped to the cube and snapped outward to whole chunks."""
     if bbox is None:
         return 0, grid.height, 0, grid.width
-    w, s, e, n = (float(v) for v in bbox)
-    if not (w < e and s < n):
-        raise PredictError(f"--bbox {w} {s} {e} {n}: empty (need W < E and S < N)")
-    cpd = grid.cells_per_degree
-    r0 = math.floor((90.0 - n) * cpd + 1e-7) - grid.row0
-    r1 = math.ceil((90.0 - s) * cpd - 1e-7) - grid.row0
-    c0 = math.floor((w + 180.0) * cpd + 1e-7) - grid.col0
-    c1 = math.ceil((e + 180.0) * cpd - 1e-7) - grid.col0
-    r0, r1, c0, c1 = max(r0, 0), min(r1, grid.height), max(c0, 0), min(c1, grid.width)
-    if r0 >= r1 or c0 >= c1:
-        raise PredictError(
-            f"--bbox {w} {s} {e} {n} does not overlap the cube "
-            f"(cube bounds W S E N: {' '.join(f'{v:.4f}' for v in grid.bounds)})"
-        )
-    ch = grid.chunk
-    return (
-        r0 // ch * ch,
-        min(-(-r1 // ch) * ch, grid.height),
-        c0 // ch * ch,
-        min(-(-c1 // ch) * ch, grid.width),
-    )
+    try:
+        return grid.bbox_window(tuple(bbox), snap_to_chunks=True)  # type: ignore[arg-type]
+    except InputError as e:
+        raise PredictError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +274,8 @@ def predict(
     with StoreLock(
         out, storage_options, command="sarcube predict", wait=wait, break_stale=break_stale_lock
     ):
-        layer, prob_layer = prepare_output(
-            cube, out, storage_options, grid, pr, dates, overlap, stride, probabilities
+        layer, prob_layer, placement = prepare_output(
+            cube, out, storage_options, grid, pr, dates, overlap, stride, probabilities, region
         )
         blocks = region_blocks(region, block)
         # every block's job: this with its time index, block, marker and slice filled in
@@ -308,6 +291,7 @@ def predict(
             batch_size=batch_size,
             labels=labels,
             marker="",
+            placement=placement,
         )
         jobs, done = _plan(template, dates, blocks, pr.sha256, slice_ids)
         t0 = _time.perf_counter()
@@ -340,15 +324,17 @@ def predict(
     if panel:
         res.panels = [
             str(p)
-            for p in write_panels(cube, out, storage_options, layer, dates, region, pr.task, labels)
+            for p in write_panels(
+                cube, out, storage_options, layer, dates, region, pr.task, labels, placement
+            )
         ]
     if cog:
         export_cog(
             out,
             cog,
             layer=layer,
-            time_index=dates[0][1],
-            region=region,
+            time_index=placement.t(dates[0][1]),
+            region=placement.region(region),
             storage_options=storage_options,
         )
         res.cog = str(cog)

@@ -1,11 +1,15 @@
 """The prediction layers' Zarr schema and the per-block resume markers.
 
 **Outputs.** ``pred_lulc`` (uint8, 9 classes in Table II order, 255 no data) or ``pred_water``
-(uint8 0/1, 255), shaped ``(time, y, x)`` like ``hh_db`` and chunked 256², either in the cube
-itself (``out`` = the cube) or in a separate store on the cube's grid (``open_cube`` opens both;
-``y``/``x`` equal the cube's); ``prob_lulc`` ``(time, class, y, x)`` / ``prob_water`` ``(time,
-y, x)`` as uint8 ``round(254·p)`` with ``--probabilities``; the checkpoint and settings in the
-layer's attributes.
+(uint8 0/1, 255), shaped ``(time, y, x)`` and chunked 256², either in the cube itself (``out`` =
+the cube: the cube's shape and time slots) or in a separate predictions store sized to what was
+asked: its grid is the requested region (chunk-snapped, a window of the cube's grid: its
+``y``/``x`` equal the cube's there) and its time axis holds the predicted dates only
+(``open_cube`` opens both). A later run into the same store may add dates (appended) and predict
+any region inside the store's grid; a region outside it is refused (the grid of a store is fixed
+at creation). ``prob_lulc`` ``(time, class, y, x)`` / ``prob_water`` ``(time, y, x)`` as uint8
+``round(254·p)`` with ``--probabilities``; the checkpoint and settings in the layer's attributes.
+A :class:`Placement` maps cube pixels and time slots to the store's.
 
 **Resume.** After a block's pixels are written a marker
 ``<out>.predict/<layer>/t<T>-r<R>-c<C>.json`` (with the block's confusion matrix and the
@@ -20,7 +24,10 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from sarcube import __version__
 from sarcube.classes import segmentation_task
@@ -43,6 +50,7 @@ __all__ = [
     "LAYERS",
     "NODATA",
     "PROB_LAYERS",
+    "Placement",
     "marker_is_current",
     "marker_url",
     "prepare_output",
@@ -55,6 +63,28 @@ __all__ = [
 LAYERS = {"lulc": "pred_lulc", "water": "pred_water"}
 PROB_LAYERS = {"lulc": "prob_lulc", "water": "prob_water"}
 NODATA = 255
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where cube pixels and time slots land in the output store.
+
+    Attributes:
+        row, col: the cube pixel (row, col) of the store's pixel (0, 0).
+        times: cube time index -> the store's time index (identity when absent: the cube).
+    """
+
+    row: int = 0
+    col: int = 0
+    times: Mapping[int, int] = field(default_factory=dict)
+
+    def t(self, cube_t: int) -> int:
+        return int(self.times.get(cube_t, cube_t))
+
+    def region(self, region: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """A region in cube pixels (r0, r1, c0, c1) as the store's pixels."""
+        r0, r1, c0, c1 = region
+        return r0 - self.row, r1 - self.row, c0 - self.col, c1 - self.col
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,13 +122,61 @@ def same_store(cube: str, out: str) -> bool:
     return os.path.abspath(cube) == os.path.abspath(out)
 
 
-def _open_predictions_store(
-    cube: str, out: str, storage_options: Mapping[str, Any], src, grid: CubeGrid
-):
-    """The separate predictions store ``out`` on the cube's grid, created (with the cube's
-    ``y``/``x``/``spatial_ref``) if it does not exist; ``PredictError`` if it is another store."""
+def _region_grid(grid: CubeGrid, region: tuple[int, int, int, int]) -> CubeGrid:
+    """The window ``region`` (cube pixels, chunk-snapped) of the cube's grid, as a grid."""
+    r0, r1, c0, c1 = region
+    return CubeGrid(
+        grid.cells_per_degree,
+        grid.row0 + r0,
+        grid.col0 + c0,
+        r1 - r0,
+        c1 - c0,
+        grid.chunk,
+        grid.shard_chunks,
+    )
+
+
+def _create_predictions_store(cube: str, out: str, storage_options, src, grid: CubeGrid):
+    """A new predictions store on ``grid`` (a window of the cube's), with ``y``/``x``, the
+    cube's ``spatial_ref`` and an empty time axis."""
     import zarr
 
+    # "a", not "w-": the folder may already hold this run's lock object
+    root = zarr.open_group(
+        zarr_store(out, storage_options), mode="a", zarr_format=3, use_consolidated=False
+    )
+    for name, values in (("y", grid.y_coords()), ("x", grid.x_coords())):
+        a = root.create_array(
+            name, shape=values.shape, chunks=values.shape, dtype="float64", dimension_names=(name,)
+        )
+        a[:] = values
+        a.attrs.update(dict(src[name].attrs))
+    sr = src["spatial_ref"]
+    dst = root.create_array("spatial_ref", shape=(), dtype=sr.dtype, fill_value=sr.fill_value)
+    dst[()] = sr[()]
+    dst.attrs.update(dict(sr.attrs))
+    tarr = root.create_array(
+        "time", shape=(0,), chunks=(1024,), dtype="int64", fill_value=0, dimension_names=("time",)
+    )
+    tarr.attrs.update(dict(src["time"].attrs))
+    root.attrs.update(root_attrs(PREDICTIONS_FORMAT, grid, "sarcube predicted maps"))
+    root.create_group("sarcube").attrs.update(
+        {"slices": {}, "source_cube": cube if is_remote(cube) else os.path.abspath(cube)}
+    )
+    return root
+
+
+def _open_predictions_store(
+    cube: str,
+    out: str,
+    storage_options: Mapping[str, Any],
+    src,
+    grid: CubeGrid,
+    region: tuple[int, int, int, int],
+):
+    """The separate predictions store ``out``: opened, or created on ``region`` of the cube's
+    grid; ``PredictError`` if it is another kind of store, of another grid, or does not hold
+    ``region``. Returns (root, placement's row, col)."""
     try:
         root = open_group(out, storage_options, mode="r+", formats=(PREDICTIONS_FORMAT,))
     except Exception:
@@ -108,61 +186,48 @@ def _open_predictions_store(
                 f"--out {out}: a Zarr store that is neither this cube nor a "
                 "sarcube predictions store; choose another path"
             ) from None
-        # "a", not "w-": the folder may already hold this run's lock object
-        root = zarr.open_group(
-            zarr_store(out, storage_options), mode="a", zarr_format=3, use_consolidated=False
+        root = _create_predictions_store(
+            cube, out, storage_options, src, _region_grid(grid, region)
         )
-        for name in ("y", "x", "spatial_ref"):
-            a = src[name]
-            dst = root.create_array(
-                name,
-                shape=a.shape,
-                chunks=a.chunks,
-                dtype=a.dtype,
-                fill_value=a.fill_value,
-                dimension_names=a.metadata.dimension_names,
-            )
-            dst[...] = a[...]
-            dst.attrs.update(dict(a.attrs))
-        root.attrs.update(root_attrs(PREDICTIONS_FORMAT, grid, "sarcube predicted maps"))
-        root.create_group("sarcube").attrs.update(
-            {
-                "slices": {},
-                "source_cube": cube if is_remote(cube) else os.path.abspath(cube),
-            }
-        )
-    if cube_grid(root) != grid:
+    have = cube_grid(root)
+    row, col = have.row0 - grid.row0, have.col0 - grid.col0
+    r0, r1, c0, c1 = region
+    same_lattice = (have.cells_per_degree, have.chunk) == (grid.cells_per_degree, grid.chunk)
+    if not same_lattice or row % grid.chunk or col % grid.chunk:
         raise PredictError(f"--out {out}: a predictions store of another grid than {cube}")
-    return root
-
-
-def _sync_time_axis(root, src, t_len: int, dates: Sequence[tuple[str, int]]) -> None:
-    """A separate store's time axis: the cube's raw axis (same indices), its predicted dates
-    listed as complete slices."""
-    if "time" not in root:
-        tarr = root.create_array(
-            "time",
-            shape=(0,),
-            chunks=(1024,),
-            dtype="int64",
-            fill_value=0,
-            dimension_names=("time",),
+    if not (row <= r0 and r1 <= row + have.height and col <= c0 and c1 <= col + have.width):
+        w, s, e, n = have.bounds
+        raise PredictError(
+            f"--out {out}: the store covers W {w:.4f} S {s:.4f} E {e:.4f} N {n:.4f} and cannot "
+            "grow; predict this --bbox into another store (--out), or delete this one"
         )
-        tarr.attrs.update(dict(src["time"].attrs))
-    if root["time"].shape[0] < t_len:
-        root["time"].resize((t_len,))
-    root["time"][:t_len] = src["time"][:t_len]
+    return root, row, col
+
+
+def _sync_time_axis(root, src, dates: Sequence[tuple[str, int]]) -> dict[int, int]:
+    """A separate store's time axis: the dates it already holds keep their slots, new ones are
+    appended; returns cube time index -> store time index for ``dates``."""
     meta = metadata(root)
     slices = dict(meta.attrs.get("slices", {}))
+    tarr = root["time"]
+    times = {}
     for d, t in dates:
-        slices[d] = {"time_index": t, "status": "complete"}
+        if d not in slices:
+            slot = tarr.shape[0]
+            tarr.resize((slot + 1,))
+            tarr[slot] = int(np.asarray(src["time"][t]))
+            slices[d] = {"time_index": slot, "status": "complete"}
+        slices[d]["cube_time_index"] = t
+        times[t] = int(slices[d]["time_index"])
     meta.attrs["slices"] = slices
+    return times
 
 
 def _layer_specs(
     task: str, layer: str, prob_layer: str | None, t_len: int, grid: CubeGrid
 ) -> list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[str, ...]]]:
-    """(name, shape, chunks, dimension names) of the class layer and the probability layer."""
+    """(name, shape, chunks, dimension names) of the class layer and the probability layer on
+    the output store's grid."""
     h, w, ch = grid.height, grid.width, grid.chunk
     specs: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[str, ...]]] = [
         (layer, (t_len, h, w), (1, ch, ch), ("time", "y", "x"))
@@ -187,18 +252,26 @@ def prepare_output(
     overlap: int,
     stride: int,
     probabilities: bool,
-) -> tuple[str, str | None]:
-    """Create (or check) the output layer(s); returns (layer, prob layer)."""
+    region: tuple[int, int, int, int] | None = None,
+) -> tuple[str, str | None, Placement]:
+    """Create (or check) the output layer(s) for ``dates`` × ``region`` (cube pixels, chunk
+    snapped; default the whole cube); returns (layer, prob layer, placement)."""
     src = open_group(cube, storage_options)
-    t_len = src["hh_db"].shape[0]
+    region = region or (0, grid.height, 0, grid.width)
     if same_store(cube, out):
         root = open_group(out, storage_options, mode="r+")
+        t_len, placement, out_grid = src["hh_db"].shape[0], Placement(), grid
     else:
-        root = _open_predictions_store(cube, out, storage_options, src, grid)
-        _sync_time_axis(root, src, t_len, dates)
+        root, row, col = _open_predictions_store(cube, out, storage_options, src, grid, region)
+        times = _sync_time_axis(root, src, dates)
+        t_len, placement, out_grid = (
+            root["time"].shape[0],
+            Placement(row, col, times),
+            cube_grid(root),
+        )
     layer, prob_layer = LAYERS[pr.task], PROB_LAYERS[pr.task] if probabilities else None
     attrs = layer_attrs(pr, overlap, stride)
-    for name, shape, chunks, dims in _layer_specs(pr.task, layer, prob_layer, t_len, grid):
+    for name, shape, chunks, dims in _layer_specs(pr.task, layer, prob_layer, t_len, out_grid):
         if name in root:
             a = root[name]
             if a.shape[0] < t_len:
@@ -220,7 +293,7 @@ def prepare_output(
             if name == layer
             else {**attrs, "long_name": f"probability × 254 ({pr.task})", "scale_factor": 1 / 254}
         )
-    return layer, prob_layer
+    return layer, prob_layer, placement
 
 
 # ---------------------------------------------------------------------------------------------
